@@ -1,0 +1,785 @@
+"""Qwen2 from scratch in pure MLX: the forward pass, a KV cache, sampling and a command line.
+
+The model is a set of pure functions over one nested parameter dict that keeps the
+checkpoint's own key names: params["model"]["layers"][i]["self_attn"]["q_proj"]["weight"].
+It follows week 1 of the tiny-llm course: softmax and linear, attention, RoPE, grouped-query
+attention, RMSNorm and the SwiGLU MLP, the transformer block, the whole model, then text.
+
+Shape legend, used in every comment below:
+    B batch          L query length (new tokens)     S key length (cached + new tokens)
+    E hidden size    H query heads                   K key/value heads
+    G = H // K       D head dim (E // H)             F MLP hidden size
+    V vocabulary size
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import NamedTuple
+
+import click
+import mlx.core as mx
+
+# ---------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------
+
+
+class Config(NamedTuple):
+    """A Qwen2 config with Hugging Face field names (a NamedTuple, so mx.compile accepts it)."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1e6
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = True
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+def config_from_dict(d: dict) -> Config:
+    """Build a Config from a checkpoint's config.json dict; unknown keys are ignored."""
+    return Config(**{k: d[k] for k in Config._fields if k in d})
+
+
+# ---------------------------------------------------------------------------------------------
+# Day 1: softmax, linear, attention
+# ---------------------------------------------------------------------------------------------
+
+
+def softmax(x: mx.array, axis: int = -1) -> mx.array:
+    """exp(x) / sum(exp(x)), stable: subtracting the max changes nothing but the overflow."""
+    e = mx.exp(x - mx.max(x, axis=axis, keepdims=True))
+    return e / mx.sum(e, axis=axis, keepdims=True)
+
+
+def linear(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
+    """[..., in] @ [out, in].T (+ [out]) -> [..., out]"""
+    y = x @ weight.T
+    return y if bias is None else y + bias
+
+
+def causal_mask(L: int, S: int, offset: mx.array | int | None = None) -> mx.array:
+    """[L, S] boolean, True where query i may see key j, aligned bottom-right.
+
+    Query i sits at position offset + i, so it sees keys j <= offset + i; the default
+    offset S - L is tril(k=S-L), right for a query shorter than the keys (decode).
+    Keys past offset + L (unfilled cache slots) are never seen.
+    """
+    offset = S - L if offset is None else offset
+    return mx.arange(S)[None, :] <= (mx.arange(L) + offset)[:, None]
+
+
+def scaled_dot_product_attention(
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    scale: float | None = None,
+    mask: mx.array | str | None = None,
+) -> mx.array:
+    """softmax(q @ k.T * scale + mask) @ v, grouped: [B, H, L, D], [B, K, S, D] -> [B, H, L, D].
+
+    Each of the K key/value heads serves G = H // K query heads by broadcasting (no repeat).
+    mask: None, "causal", a boolean array (True = attend) or an additive array,
+    broadcastable to [B, H, L, S].
+    """
+    B, H, L, D = q.shape
+    K, S = k.shape[1], k.shape[2]
+    scale = D**-0.5 if scale is None else scale
+    q = q.reshape(B, K, H // K, L, D)  # [B, K, G, L, D]
+    k, v = k[:, :, None], v[:, :, None]  # [B, K, 1, S, D]
+    scores = (q * scale) @ k.swapaxes(-1, -2)  # [B, K, G, L, S]
+    scores = scores.astype(mx.float32)  # softmax in float32, as mx.fast does
+    if isinstance(mask, str):
+        mask = causal_mask(L, S)
+    if mask is not None:
+        if mask.ndim == 4:  # [B or 1, H or 1, L, S] -> [B or 1, K or 1, G or 1, L, S]
+            mask = mask.reshape(mask.shape[0], -1, 1 if mask.shape[1] == 1 else H // K, L, S)
+        if mask.dtype == mx.bool_:
+            scores = mx.where(mask, scores, -mx.inf)
+        else:
+            scores = scores + mask
+    out = softmax(scores).astype(v.dtype) @ v  # [B, K, G, L, D]
+    return out.reshape(B, H, L, D)
+
+
+# ---------------------------------------------------------------------------------------------
+# Day 2: rotary position embedding
+# ---------------------------------------------------------------------------------------------
+
+
+def rope(x: mx.array, theta: float, offset: mx.array | int = 0, traditional: bool = False) -> mx.array:
+    """Rotate each pair of features by position * theta^(-2i/D): [B, H, L, D] -> [B, H, L, D].
+
+    Qwen2 pairs feature i with i + D/2 (split halves); the traditional form pairs 2i with 2i+1.
+    offset is the position of the first query (an mx.array, so a compiled step traces once).
+    """
+    L, D = x.shape[-2], x.shape[-1]
+    inv_freq = theta ** (-mx.arange(0, D, 2, dtype=mx.float32) / D)  # [D/2]
+    positions = mx.arange(L, dtype=mx.float32) + offset  # [L]
+    angles = positions[:, None] * inv_freq[None, :]  # [L, D/2]
+    cos, sin = mx.cos(angles), mx.sin(angles)
+    if traditional:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+    else:
+        x1, x2 = x[..., : D // 2], x[..., D // 2 :]
+    r1 = x1 * cos - x2 * sin  # [B, H, L, D/2]
+    r2 = x2 * cos + x1 * sin
+    if traditional:
+        out = mx.stack([r1, r2], axis=-1).reshape(x.shape)
+    else:
+        out = mx.concatenate([r1, r2], axis=-1)
+    return out.astype(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Day 4: RMSNorm, SiLU and the SwiGLU MLP
+# ---------------------------------------------------------------------------------------------
+
+
+def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
+    """x / sqrt(mean(x^2) + eps) * weight: [..., E] -> [..., E]."""
+    x32 = x.astype(mx.float32)  # accumulate in float32: bfloat16 squares lose too much
+    normed = x32 * mx.rsqrt(mx.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return normed.astype(x.dtype) * weight
+
+
+def silu(x: mx.array) -> mx.array:
+    """x * sigmoid(x)"""
+    return x / (1 + mx.exp(-x))
+
+
+def mlp(x: mx.array, gate_proj: dict, up_proj: dict, down_proj: dict) -> mx.array:
+    """SwiGLU: down(silu(gate(x)) * up(x)), no biases: [B, L, E] -> [B, L, F] -> [B, L, E]."""
+    return linear(silu(linear(x, **gate_proj)) * linear(x, **up_proj), **down_proj)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fast kernels: mx.fast at the same call sites (--kernels fast)
+# ---------------------------------------------------------------------------------------------
+
+
+def fast_rms_norm(x, weight, eps):
+    return mx.fast.rms_norm(x, weight, eps)
+
+
+def fast_rope(x, theta, offset=0, traditional=False):
+    return mx.fast.rope(x, x.shape[-1], traditional=traditional, base=theta, scale=1.0, offset=offset)
+
+
+def fast_attention(q, k, v, scale=None, mask=None):
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+
+
+KERNELS = {
+    "reference": (rms_norm, rope, scaled_dot_product_attention),
+    "fast": (fast_rms_norm, fast_rope, fast_attention),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Day 3: the Qwen2 attention layer, with a KV cache that is plain data
+# ---------------------------------------------------------------------------------------------
+
+
+def self_attention(
+    x: mx.array,
+    q_proj: dict,
+    k_proj: dict,
+    v_proj: dict,
+    o_proj: dict,
+    config: Config,
+    kv: tuple | None,
+    offset: mx.array,
+    kernels: str = "reference",
+) -> tuple[mx.array, tuple | None]:
+    """Grouped-query attention: [B, L, E] -> [B, L, E], and the layer's updated (keys, values).
+
+    kv is this layer's cache, ([B, K, S, D], [B, K, S, D]) preallocated to capacity S, of
+    which the first offset positions hold earlier tokens; None attends to x alone.
+    """
+    _, rope_fn, attention_fn = KERNELS[kernels]
+    B, L, _ = x.shape
+    H, K, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    # Qwen2 gives q, k and v a bias (o_proj has none)
+    q = linear(x, **q_proj).reshape(B, L, H, D).transpose(0, 2, 1, 3)  # [B, H, L, D]
+    k = linear(x, **k_proj).reshape(B, L, K, D).transpose(0, 2, 1, 3)  # [B, K, L, D]
+    v = linear(x, **v_proj).reshape(B, L, K, D).transpose(0, 2, 1, 3)  # [B, K, L, D]
+    q = rope_fn(q, config.rope_theta, offset)
+    k = rope_fn(k, config.rope_theta, offset)
+    if kv is None:
+        mask = "causal" if L > 1 else None
+    else:
+        keys = mx.slice_update(kv[0], k, offset, axes=(2,))  # [B, K, S, D]
+        values = mx.slice_update(kv[1], v, offset, axes=(2,))
+        kv, k, v = (keys, values), keys, values
+        mask = causal_mask(L, keys.shape[2], offset)  # [L, S]: hides unfilled slots too
+    out = attention_fn(q, k, v, scale=D**-0.5, mask=mask)  # [B, H, L, D]
+    out = out.transpose(0, 2, 1, 3).reshape(B, L, H * D)  # [B, L, E]
+    return linear(out, **o_proj), kv
+
+
+# ---------------------------------------------------------------------------------------------
+# Day 5: the block and the whole model
+# ---------------------------------------------------------------------------------------------
+
+
+def block(
+    x: mx.array,
+    layer: dict,
+    config: Config,
+    kv: tuple | None,
+    offset: mx.array,
+    kernels: str = "reference",
+) -> tuple[mx.array, tuple | None]:
+    """Pre-norm transformer block: [B, L, E] -> [B, L, E]."""
+    norm = KERNELS[kernels][0]
+    eps = config.rms_norm_eps
+    a, kv = self_attention(
+        norm(x, layer["input_layernorm"]["weight"], eps), **layer["self_attn"],
+        config=config, kv=kv, offset=offset, kernels=kernels,
+    )
+    h = x + a
+    out = h + mlp(norm(h, layer["post_attention_layernorm"]["weight"], eps), **layer["mlp"])
+    return out, kv
+
+
+def hidden_states(
+    params: dict, config: Config, tokens: mx.array, cache: dict | None = None, kernels: str = "reference"
+) -> tuple[mx.array, dict | None]:
+    """Token ids [B, L] -> final-normed hidden states [B, L, E], and the updated cache."""
+    model = params["model"]
+    x = model["embed_tokens"]["weight"][tokens]  # [B, L, E]
+    offset = mx.array(0) if cache is None else cache["offset"]
+    new_kv = []
+    for i, layer in enumerate(model["layers"]):
+        kv = None if cache is None else cache["layers"][i]
+        x, kv = block(x, layer, config, kv, offset, kernels)
+        new_kv.append(kv)
+    x = KERNELS[kernels][0](x, model["norm"]["weight"], config.rms_norm_eps)
+    if cache is not None:
+        cache = {"layers": new_kv, "offset": offset + tokens.shape[1]}
+    return x, cache
+
+
+def output_logits(params: dict, h: mx.array) -> mx.array:
+    """[..., E] -> [..., V] through lm_head, or the embedding matrix when embeddings are tied."""
+    head = params["lm_head"] if "lm_head" in params else params["model"]["embed_tokens"]
+    return linear(h, head["weight"])
+
+
+def forward(
+    params: dict, config: Config, tokens: mx.array, cache: dict | None = None, kernels: str = "reference"
+) -> tuple[mx.array, dict | None]:
+    """Token ids [B, L] -> logits [B, L, V], and the cache with these L tokens added."""
+    h, cache = hidden_states(params, config, tokens, cache, kernels)
+    return output_logits(params, h), cache
+
+
+# ---------------------------------------------------------------------------------------------
+# The KV cache: preallocated per-layer arrays, grown in blocks
+# ---------------------------------------------------------------------------------------------
+
+CACHE_BLOCK = 256  # positions added at a time; the compiled step traces once per capacity
+
+
+def new_cache(config: Config, batch: int = 1, dtype=mx.float32) -> dict:
+    """An empty cache: per layer (keys, values) of [B, K, 0, D], and offset 0."""
+    shape = (batch, config.num_key_value_heads, 0, config.head_dim)
+    layers = [(mx.zeros(shape, dtype), mx.zeros(shape, dtype)) for _ in range(config.num_hidden_layers)]
+    return {"layers": layers, "offset": mx.array(0)}
+
+
+def cache_capacity(cache: dict) -> int:
+    return cache["layers"][0][0].shape[2]
+
+
+def reserve(cache: dict, length: int, block_size: int = CACHE_BLOCK) -> dict:
+    """Grow every layer's arrays to hold `length` positions, rounded up to whole blocks."""
+    have = cache_capacity(cache)
+    if length <= have:
+        return cache
+    want = -(-length // block_size) * block_size
+
+    def grow(a):  # [B, K, have, D] -> [B, K, want, D]
+        pad = mx.zeros((*a.shape[:2], want - have, a.shape[3]), a.dtype)
+        return mx.concatenate([a, pad], axis=2)
+
+    return {"layers": [(grow(k), grow(v)) for k, v in cache["layers"]], "offset": cache["offset"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Days 6 and 7: prefill, one compiled decode step, sampling, generation
+# ---------------------------------------------------------------------------------------------
+
+PREFILL_CHUNK = 512  # prompt tokens per forward call during prefill
+
+
+def prefill(params, config, tokens, cache, kernels="reference", chunk=PREFILL_CHUNK):
+    """Run the prompt [B, L] into the cache in chunks -> (logits of its last token [B, V], cache)."""
+    cache = reserve(cache, int(cache["offset"].item()) + tokens.shape[1])
+    for start in range(0, tokens.shape[1], chunk):
+        h, cache = hidden_states(params, config, tokens[:, start : start + chunk], cache, kernels)
+        if start + chunk < tokens.shape[1]:
+            mx.eval(cache)  # only the cache: no logits for the prompt's inner tokens
+    return output_logits(params, h[:, -1]), cache
+
+
+def decode_step(params, config, token, cache, kernels="reference"):
+    """One token per sequence [B, 1] -> (logits [B, V], cache). Compiled below."""
+    h, cache = hidden_states(params, config, token, cache, kernels)
+    return output_logits(params, h[:, -1]), cache
+
+
+compiled_decode_step = mx.compile(decode_step)
+
+
+class Sampling(NamedTuple):
+    """How the next token is drawn; each default turns its filter off (temp 0 is greedy)."""
+
+    temp: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    repetition_context: int = 20
+
+
+def apply_repetition_penalty(logits: mx.array, recent: mx.array, penalty: float) -> mx.array:
+    """Make recently seen tokens less likely: [B, V], [N] -> [B, V] (positive / p, negative * p)."""
+    seen = logits[:, recent]  # [B, N]
+    logits[:, recent] = mx.where(seen < 0, seen * penalty, seen / penalty)
+    return logits
+
+
+def apply_top_k(logprobs: mx.array, k: int) -> mx.array:
+    """Keep the k most likely tokens: [B, V] -> [B, V] with the rest at -inf."""
+    drop = mx.argpartition(-logprobs, kth=k - 1, axis=-1)[:, k:]
+    return mx.put_along_axis(logprobs, drop, mx.array(-mx.inf, logprobs.dtype), axis=-1)
+
+
+def apply_top_p(logprobs: mx.array, p: float) -> mx.array:
+    """Keep the smallest set of most likely tokens whose probability reaches p: [B, V] -> [B, V]."""
+    ascending = mx.sort(logprobs, axis=-1)
+    probs = mx.exp(ascending.astype(mx.float32))
+    mass_above = mx.cumsum(probs, axis=-1, reverse=True, inclusive=False)  # of likelier tokens
+    total = mass_above[:, :1] + probs[:, :1]
+    dropped = (mass_above >= p * total).sum(axis=-1, keepdims=True)  # [B, 1]
+    threshold = mx.take_along_axis(ascending, dropped, axis=-1)
+    return mx.where(logprobs < threshold, -mx.inf, logprobs)
+
+
+def apply_min_p(logprobs: mx.array, p: float) -> mx.array:
+    """Keep tokens at least p times as likely as the most likely one: [B, V] -> [B, V]."""
+    floor = mx.max(logprobs, axis=-1, keepdims=True) + math.log(p)
+    return mx.where(logprobs < floor, -mx.inf, logprobs)
+
+
+def sample(logits: mx.array, s: Sampling) -> mx.array:
+    """Logits [B, V] -> next token ids [B], after the filters that s turns on."""
+    if s.temp == 0:
+        return mx.argmax(logits, axis=-1)
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    if 0 < s.top_p < 1:
+        logprobs = apply_top_p(logprobs, s.top_p)
+    if s.min_p > 0:
+        logprobs = apply_min_p(logprobs, s.min_p)
+    if s.top_k > 0:
+        logprobs = apply_top_k(logprobs, s.top_k)
+    return mx.random.categorical(logprobs * (1 / s.temp))
+
+
+# The random state goes in and comes out, so a compiled sampler draws fresh numbers each call.
+compiled_sample = mx.compile(sample, inputs=mx.random.state, outputs=mx.random.state)
+
+
+def pick_next(logits: mx.array, recent: mx.array | None, s: Sampling) -> mx.array:
+    """Logits [1, V] and recent token ids [N] -> the next token [1]."""
+    if recent is not None and s.repetition_penalty != 1:
+        logits = apply_repetition_penalty(logits, recent, s.repetition_penalty)
+    return compiled_sample(logits, s)
+
+
+def generate_tokens(
+    params: dict,
+    config: Config,
+    prompt: list[int],
+    cache: dict,
+    sampling: Sampling = Sampling(),
+    max_tokens: int = 256,
+    max_kv_size: int | None = None,
+    eos_ids: frozenset = frozenset(),
+    kernels: str = "reference",
+    report: dict | None = None,
+):
+    """Yield generated token ids for `prompt` (the tokens after what the cache already holds).
+
+    report, when given, is filled with the stats (mlx_lm's definitions), the final cache and
+    the finish reason: "stop" (an end-of-sequence id), "length" (max_tokens) or "context"
+    (the cache reached max_kv_size).
+    """
+    report = {} if report is None else report
+    max_kv_size = max_kv_size or config.max_position_embeddings
+    pos = prompt_end = int(cache["offset"].item()) + len(prompt)  # tokens in the cache
+    if not prompt:
+        raise ValueError("the prompt is empty: give at least one token")
+    if pos > max_kv_size:
+        raise ValueError(f"the prompt needs {pos} tokens of context but --max-kv-size is {max_kv_size}")
+    penalize = sampling.repetition_penalty != 1
+    recent = mx.array(prompt[-sampling.repetition_context :]) if penalize else None
+
+    tic = time.perf_counter()
+    logits, cache = prefill(params, config, mx.array(prompt)[None], cache, kernels)
+    y = pick_next(logits, recent, sampling)
+    mx.async_eval(y)
+    n, finish, t_first, generated = 0, "length", tic, []
+    while True:
+        next_y = None
+        if n + 1 < max_tokens and pos < max_kv_size:
+            # build token n+1's graph before handing out token n, so the two overlap
+            cache = reserve(cache, pos + 1)
+            logits, cache = compiled_decode_step(params, config, y[:, None], cache, kernels)
+            pos += 1
+            if penalize:
+                recent = mx.concatenate([recent, y])[-sampling.repetition_context :]
+            next_y = pick_next(logits, recent, sampling)
+            mx.async_eval(next_y)
+        token = y.item()
+        generated.append(token)
+        if n == 0:
+            t_first = time.perf_counter()
+            report["prompt_tokens"] = len(prompt)
+            report["prompt_tps"] = len(prompt) / (t_first - tic)
+        n += 1
+        if token in eos_ids:
+            finish = "stop"
+            break
+        yield token
+        if next_y is None:
+            finish = "length" if n >= max_tokens else "context"
+            break
+        y = next_y
+    elapsed = time.perf_counter() - t_first
+    report.update(
+        generation_tokens=n,
+        generation_tps=(n - 1) / elapsed if n > 1 and elapsed > 0 else 0.0,
+        peak_memory=mx.get_peak_memory() / 1e9,
+        finish_reason=finish,
+        generated=generated,  # every token drawn, the end-of-sequence one included
+        cache=cache,  # holds the prompt and the first cached_new of `generated`
+        cached_new=pos - prompt_end,
+    )
+
+
+def generate(
+    params: dict,
+    config: Config,
+    tokenizer,
+    prompt: list[int],
+    cache: dict | None = None,
+    report: dict | None = None,
+    **options,
+):
+    """Yield the generated text in printable segments (mlx_lm's streaming detokenizer).
+
+    Stops at any of the tokenizer's end-of-sequence ids or at max_tokens; options and report
+    are those of generate_tokens. The detokenizer is finalized, so no tail is lost.
+    """
+    cache = new_cache(config, dtype=params["model"]["norm"]["weight"].dtype) if cache is None else cache
+    detokenizer = tokenizer.detokenizer
+    detokenizer.reset()
+    eos = frozenset(tokenizer.eos_token_ids)
+    for token in generate_tokens(params, config, prompt, cache, eos_ids=eos, report=report, **options):
+        detokenizer.add_token(token)
+        if segment := detokenizer.last_segment:  # reading it hands the segment over
+            yield segment
+    detokenizer.finalize()
+    if segment := detokenizer.last_segment:
+        yield segment
+
+
+def negative_log_likelihood(params, config, tokens: list[int], kernels="reference", slice_len=256):
+    """Sum of -log p(token | the tokens before it) over tokens[1:], and how many were scored."""
+    h, _ = hidden_states(params, config, mx.array(tokens)[None], None, kernels)  # [1, L, E]
+    targets = mx.array(tokens[1:])
+    total = mx.array(0.0)
+    for start in range(0, len(tokens) - 1, slice_len):  # logits a slice at a time: [1, l, V]
+        logits = output_logits(params, h[:, start : start + slice_len]).astype(mx.float32)[0]
+        picked = mx.take_along_axis(logits, targets[start : start + slice_len, None], axis=-1)[:, 0]
+        total = total + (mx.logsumexp(logits, axis=-1) - picked).sum()
+        mx.eval(total)
+    return total.item(), len(tokens) - 1
+
+
+def perplexity(params, config, tokens: list[int], context: int = 1024, kernels="reference") -> dict:
+    """Split tokens into consecutive windows of `context` and score all but each window's first."""
+    nll, scored = 0.0, 0
+    for start in range(0, len(tokens), context):
+        window = tokens[start : start + context]
+        if len(window) > 1:
+            s, n = negative_log_likelihood(params, config, window, kernels)
+            nll, scored = nll + s, scored + n
+    if scored == 0:
+        raise ValueError("the text has fewer than two tokens: nothing to score")
+    mean = nll / scored
+    return {"tokens": len(tokens), "nll": mean, "perplexity": math.exp(mean)}
+
+
+# ---------------------------------------------------------------------------------------------
+# A real BLAS on Linux: MLX's CPU wheel ships the slow reference one
+# ---------------------------------------------------------------------------------------------
+
+
+def openblas_env() -> dict | None:
+    """The environment that loads cmeel-openblas ahead of MLX's reference BLAS, or None."""
+    import ctypes.util
+    import importlib.metadata
+    from pathlib import Path
+
+    try:
+        dist = importlib.metadata.distribution("cmeel-openblas")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    lib = Path(dist.locate_file("cmeel.prefix/lib/libopenblas.so.0"))
+    if not lib.is_file():
+        return None
+    env = {"LD_PRELOAD": " ".join(filter(None, [str(lib), os.environ.get("LD_PRELOAD")]))}
+    if ctypes.util.find_library("gfortran") is None:
+        # OpenBLAS needs libgfortran.so.5: borrow the copy that MLX's own wheel ships
+        found = [p for d in ("mlx_cpu.libs", "numpy.libs") for p in (lib.parents[2] / d).glob("libgfortran*.so.5*")]
+        if not found:
+            return None
+        link_dir = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qwen2-scratch" / "blas"
+        link_dir.mkdir(parents=True, exist_ok=True)
+        link = link_dir / "libgfortran.so.5"
+        if not link.exists() or link.resolve() != found[0].resolve():
+            tmp = link_dir / f".libgfortran.{os.getpid()}"
+            tmp.unlink(missing_ok=True)
+            tmp.symlink_to(found[0])
+            os.replace(tmp, link)
+        path = [str(link_dir), str(found[0].parent), os.environ.get("LD_LIBRARY_PATH")]
+        env["LD_LIBRARY_PATH"] = ":".join(filter(None, path))
+    return env
+
+
+def use_openblas() -> None:
+    """Re-execute this process once with OpenBLAS preloaded (Linux), or warn in one line."""
+    if sys.platform != "linux" or os.environ.get("QWEN2_SCRATCH_BLAS"):
+        return
+    try:
+        env = openblas_env()
+    except OSError as e:
+        env, why = None, str(e)
+    else:
+        why = "cmeel-openblas or libgfortran not found"
+    if env is None:
+        print(f"warning: MLX runs on its slow reference BLAS ({why}); run make install", file=sys.stderr)
+        os.environ["QWEN2_SCRATCH_BLAS"] = "reference"
+        return
+    os.environ.update(env, QWEN2_SCRATCH_BLAS="openblas")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, sys.orig_argv)
+
+
+def blas_in_use() -> str:
+    """The BLAS library mapped into this process (for reports and the tests)."""
+    try:
+        maps = open("/proc/self/maps").read()
+    except OSError:
+        return "system"  # macOS: Accelerate
+    return "openblas" if "libopenblas" in maps else "reference"
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------------------------
+
+def model_options(f):
+    """--model, --dtype and --kernels, the same on every command that runs the model."""
+    f = click.option("--kernels", type=click.Choice(["reference", "fast"]), default="reference",
+                     show_default=True, help="reference: our hand-written functions; fast: mx.fast kernels.")(f)
+    f = click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+                     help="Compute dtype [default: float32 on CPU, bfloat16 on GPU].")(f)
+    f = click.option("--model", "-m", default=None, metavar="M",
+                     help="Folder, .gguf file, alias (qwen2-0.5b, qwen2-1.5b, qwen2-7b) or hub id "
+                          "[default: the packaged model].")(f)
+    return f
+
+
+def sampling_options(temp, top_p, rep, max_tokens):
+    """The sampling flags, with each command's own defaults."""
+    def decorate(f):
+        for option in reversed([
+            click.option("--max-tokens", type=click.IntRange(min=1), default=max_tokens, show_default=True,
+                         help="Most tokens to generate."),
+            click.option("--temp", type=click.FloatRange(min=0), default=temp, show_default=True,
+                         help="Sampling temperature; 0 is greedy."),
+            click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=top_p,
+                         show_default=True, help="Nucleus sampling; 1 is off."),
+            click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
+                         help="Keep the k likeliest tokens; 0 is off."),
+            click.option("--min-p", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+                         help="Drop tokens less likely than min-p times the likeliest; 0 is off."),
+            click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=rep,
+                         show_default=True, help="Penalty for recent tokens; 1 is off."),
+            click.option("--repetition-context", type=click.IntRange(min=1), default=20, show_default=True,
+                         help="How many recent tokens the penalty looks at."),
+            click.option("--seed", type=int, default=0, show_default=True, help="Random seed for sampling."),
+            click.option("--max-kv-size", type=click.IntRange(min=1), default=None,
+                         help="Most tokens the KV cache holds [default: the model's max_position_embeddings]."),
+        ]):
+            f = option(f)
+        return f
+    return decorate
+
+
+def sampling_from(o: dict) -> Sampling:
+    return Sampling(o["temp"], o["top_p"], o["top_k"], o["min_p"], o["repetition_penalty"], o["repetition_context"])
+
+
+def load_model(model, dtype):
+    """weights.load, with its errors as one-line Click errors."""
+    import weights
+
+    try:
+        return weights.load(model, dtype)
+    except weights.ModelError as e:
+        raise click.ClickException(str(e)) from None
+
+
+def stats_line(r: dict) -> str:
+    return (f"prefill: {r['prompt_tokens']} tokens, {r['prompt_tps']:.2f} tok/s | "
+            f"decode: {r['generation_tokens']} tokens, {r['generation_tps']:.2f} tok/s | "
+            f"peak memory: {r['peak_memory']:.2f} GB")
+
+
+def quiet_broken_pipe():
+    """The reader went away (| head): silence further writes and leave without a traceback."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(0)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli():
+    """Qwen2 from scratch in pure MLX: chat, generate, perplexity, pull, bench."""
+
+
+@cli.command("generate")
+@model_options
+@click.option("--prompt", "-p", required=True, help="The prompt; - reads it from stdin.")
+@click.option("--system", default=None, help="System message [default: the chat template's].")
+@click.option("--raw", is_flag=True, help="Continue the prompt as plain text, without the chat template.")
+@sampling_options(temp=0.0, top_p=1.0, rep=1.0, max_tokens=256)
+def generate_command(model, dtype, kernels, prompt, system, raw, **o):
+    """Generate text for one prompt: the text on stdout, one stats line on stderr.
+
+    \b
+    Examples:
+      python qwen2_scratch.py generate --prompt "Write a haiku about the sea"
+      echo "def fib(n):" | python qwen2_scratch.py generate --raw --prompt - --max-tokens 64
+    """
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    if not prompt.strip():
+        raise click.BadParameter("the prompt is empty", param_hint="--prompt")
+    if raw and system is not None:
+        raise click.UsageError("--system needs the chat template: drop --raw or --system")
+    params, config, tokenizer = load_model(model, dtype)
+    if raw:
+        ids = tokenizer.encode(prompt)
+    else:
+        messages = ([{"role": "system", "content": system}] if system is not None else [])
+        ids = tokenizer.apply_chat_template(messages + [{"role": "user", "content": prompt}],
+                                            add_generation_prompt=True)
+    mx.random.seed(o["seed"])
+    report = {}
+    try:
+        for segment in generate(params, config, tokenizer, ids, report=report, kernels=kernels,
+                                sampling=sampling_from(o), max_tokens=o["max_tokens"],
+                                max_kv_size=o["max_kv_size"]):
+            sys.stdout.write(segment)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    except BrokenPipeError:
+        quiet_broken_pipe()
+    if report.get("finish_reason") == "context":
+        click.echo(f"notice: stopped at --max-kv-size {o['max_kv_size'] or config.max_position_embeddings}",
+                   err=True)
+    click.echo(stats_line(report), err=True)
+
+
+@cli.command("perplexity")
+@model_options
+@click.option("--file", "path", required=True, type=click.Path(dir_okay=False), help="A UTF-8 text file.")
+@click.option("--context", type=click.IntRange(min=2), default=1024, show_default=True,
+              help="Tokens per window; the file is split into consecutive windows of this many.")
+@click.option("--json", "as_json", is_flag=True, help='Print only {"tokens", "nll", "perplexity"} as JSON.')
+def perplexity_command(model, dtype, kernels, path, context, as_json):
+    """Perplexity of a text file: mean negative log-likelihood per token, in nats, and its exp.
+
+    The file is tokenized as it is (no BOS, no template) and split into consecutive windows
+    of --context tokens (default 1024); every token after the first of each window is scored.
+
+    \b
+    Example:
+      python qwen2_scratch.py perplexity --file README.md --json
+    """
+    try:
+        text = open(path, encoding="utf-8").read()
+    except FileNotFoundError:
+        raise click.BadParameter(f"{path} does not exist", param_hint="--file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise click.BadParameter(f"{path} is not a readable UTF-8 file ({e})", param_hint="--file") from None
+    params, config, tokenizer = load_model(model, dtype)
+    try:
+        result = perplexity(params, config, tokenizer.encode(text), context, kernels)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        click.echo(f"{result['tokens']} tokens, nll {result['nll']:.4f} nats/token, "
+                   f"perplexity {result['perplexity']:.3f}")
+
+
+@cli.command("pull")
+@click.option("--model", "-m", default=None, metavar="M",
+              help="Folder, .gguf file, alias or hub id [default: the packaged model].")
+def pull_command(model):
+    """Prepare a model and print the folder it loads from (the only line on stdout).
+
+    \b
+    Example:
+      mlx_lm.generate --model "$(python qwen2_scratch.py pull)" --prompt hi
+    """
+    import weights
+
+    try:
+        click.echo(weights.resolve(model))
+    except weights.ModelError as e:
+        raise click.ClickException(str(e)) from None
+
+
+def main():
+    use_openblas()
+    cli()
+
+
+if __name__ == "__main__":
+    main()
