@@ -2,4 +2,8 @@
 
 import qwen2_scratch
 
-qwen2_scratch.use_openblas()
+
+def pytest_configure(config):
+    capture = config.pluginmanager.getplugin("capturemanager")
+    # pytest has redirected fds 1 and 2 by now: give them back before re-executing
+    qwen2_scratch.use_openblas(before_exec=capture.stop_global_capturing if capture else None)

@@ -574,7 +574,7 @@ def openblas_env() -> dict | None:
     return env
 
 
-def use_openblas() -> None:
+def use_openblas(before_exec=None) -> None:
     """Re-execute this process once with OpenBLAS preloaded (Linux), or warn in one line."""
     if sys.platform != "linux" or os.environ.get("QWEN2_SCRATCH_BLAS"):
         return
@@ -589,6 +589,8 @@ def use_openblas() -> None:
         os.environ["QWEN2_SCRATCH_BLAS"] = "reference"
         return
     os.environ.update(env, QWEN2_SCRATCH_BLAS="openblas")
+    if before_exec:
+        before_exec()
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, sys.orig_argv)

@@ -222,14 +222,14 @@ def dequantize(flat: dict, quantization: dict | None, folder: Path) -> dict:
     out = {}
     for key, value in flat.items():
         prefix, name = key.rsplit(".", 1)
-        if prefix not in quantized:
-            out[key] = value
-        elif name == "weight":
+        if prefix in quantized and name == "weight":
             q = layer_quantization(quantization, prefix, folder)
             out[key] = mx.dequantize(
                 value, flat[prefix + ".scales"], flat.get(prefix + ".biases"),
                 group_size=q["group_size"], bits=q["bits"], mode=q.get("mode", "affine"),
             )
+        elif prefix not in quantized or name not in ("scales", "biases"):
+            out[key] = value  # q/k/v's own `bias` stays as it is
     return out
 
 
