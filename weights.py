@@ -26,6 +26,9 @@ from mlx.utils import tree_unflatten
 
 from qwen2_scratch import Config, config_from_dict
 
+# transformers (the tokenizer) would announce at import that it has no PyTorch: it needs none here
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
 
 class ModelError(Exception):
     """A model the user named cannot be used; the message says why and what to do."""
@@ -391,6 +394,7 @@ def convert_once(target: Path, build) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         build(tmp)
+        tmp.chmod(0o755)  # mkdtemp's folders are private
         try:
             os.rename(tmp, target)
         except OSError:
@@ -398,6 +402,7 @@ def convert_once(target: Path, build) -> None:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    log(f"  ready: {target}")
 
 
 def gguf_field(reader, key: str, default=None):
@@ -456,7 +461,6 @@ def convert_gguf(path: Path, out: Path, eos: list[int] | None = None) -> None:
     mx.save_safetensors(str(out / "model.safetensors"), tensors, metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     write_gguf_tokenizer(reader, path, out)
-    log(f"  wrote {out.name}")
 
 
 def write_gguf_tokenizer(reader, path: Path, out: Path) -> None:
