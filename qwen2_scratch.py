@@ -512,8 +512,8 @@ def generate(
 
 def negative_log_likelihood(params, config, tokens: list[int], kernels="reference", slice_len=256):
     """Sum of -log p(token | the tokens before it) over tokens[1:], and how many were scored."""
-    h, _ = hidden_states(params, config, mx.array(tokens)[None], None, kernels)  # [1, L, E]
-    targets = mx.array(tokens[1:])
+    h, _ = hidden_states(params, config, mx.array(tokens[:-1])[None], None, kernels)  # [1, L-1, E]
+    targets = mx.array(tokens[1:])  # position i predicts token i + 1
     total = mx.array(0.0)
     for start in range(0, len(tokens) - 1, slice_len):  # logits a slice at a time: [1, l, V]
         logits = output_logits(params, h[:, start : start + slice_len]).astype(mx.float32)[0]

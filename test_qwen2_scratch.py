@@ -7,12 +7,9 @@ temporary cache); `pytest -m "not packaged_model"` deselects them (on the GPU ma
 
 import json
 import os
-import pty
-import select
-import signal
+import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -476,7 +473,8 @@ def test_hugging_face_folder_drops_what_qwen2_does_not_use(tmp_path, tiny_tokeni
     params, config, _ = weights.load(str(folder), "bfloat16")
     assert "lm_head" not in params and params["model"]["norm"]["weight"].dtype == mx.bfloat16
     ours, _ = q.forward(params, config, TOKENS)
-    assert_close(log_softmax(ours), log_softmax(mlx_lm_logits(folder, TOKENS, mx.bfloat16)), *LOGITS_TOL[mx.bfloat16], "bf16")
+    theirs = mlx_lm_logits(folder, TOKENS, mx.bfloat16)
+    assert_close(log_softmax(ours), log_softmax(theirs), *LOGITS_TOL[mx.bfloat16], "bfloat16 folder")
 
 
 def test_dtype_choice(tiny_folder):
@@ -692,3 +690,240 @@ def test_packaged_model_missing_or_failing_its_hash(tmp_path, monkeypatch):
     result = runner.invoke(q.cli, ["pull"])
     assert result.exit_code == 1 and "fails its SHA-256 check" in result.output and "reinstall" in result.output
     assert list((tmp_path / "cache" / "qwen2-scratch").iterdir()) == []  # nothing half-written is left
+
+
+# ---------------------------------------------------------------------------------------------
+# The real packaged model: converted once per session into a temporary cache
+# ---------------------------------------------------------------------------------------------
+
+REAL_LOGITS_ATOL = 1e-3  # 24 real layers in float32: ours and mlx_lm differ in summation order only
+
+
+@pytest.fixture(scope="session")
+def packaged(tmp_path_factory):
+    """(folder, params, config, tokenizer) of the packaged model, converted into a fresh cache."""
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))  # subprocesses share it
+    folder = weights.resolve(None)
+    params, config, tokenizer = weights.load(None, "float32")
+    return folder, params, config, tokenizer
+
+
+@pytest.fixture(scope="session")
+def packaged_mlx_lm(packaged):
+    from mlx_lm import load
+
+    model, tokenizer = load(str(packaged[0]))
+    model.set_dtype(mx.float32)
+    return model, tokenizer
+
+
+@pytest.mark.packaged_model
+def test_packaged_gguf_passes_its_size_and_hash_check(tmp_path):
+    weights.assemble_packaged(tmp_path / "packaged.gguf")  # raises unless size and SHA-256 match
+    assert (tmp_path / "packaged.gguf").stat().st_size == weights.PACKAGED_SIZE == 491_400_064
+
+
+@pytest.mark.packaged_model
+def test_packaged_folder_is_a_standard_hugging_face_folder(packaged):
+    folder, params, config, tokenizer = packaged
+    raw = json.loads((folder / "config.json").read_text())
+    assert raw["model_type"] == "qwen2" and raw["tie_word_embeddings"] is False
+    assert raw["eos_token_id"] == [151645, 151643]
+    assert (raw["num_hidden_layers"], raw["hidden_size"], raw["num_attention_heads"],
+            raw["num_key_value_heads"], raw["intermediate_size"], raw["vocab_size"]) == (24, 896, 14, 2, 4864, 151936)
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), "numpy") as f:
+        assert "lm_head.weight" in f.keys() and "model.layers.23.self_attn.q_proj.bias" in f.keys()
+    assert folder.parent == Path(os.environ["XDG_CACHE_HOME"]) / "qwen2-scratch"
+    assert "lm_head" in params and config.rope_theta == 1e6
+
+
+@pytest.mark.packaged_model
+def test_packaged_tokenizer_known_ids(packaged):
+    tokenizer = packaged[3]
+    assert tokenizer.encode("Hello world, 你好") == [9707, 1879, 11, 220, 108386]
+    assert tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>", "<|endoftext|>"]) == [151644, 151645, 151643]
+    assert tokenizer.eos_token_ids == {151645, 151643}
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+    assert tokenizer.decode(ids).endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+
+
+@pytest.mark.packaged_model
+def test_packaged_folder_loads_in_mlx_lm_with_the_same_logits(packaged, packaged_mlx_lm):
+    _, params, config, tokenizer = packaged
+    tokens = mx.array(tokenizer.encode("def quicksort(items):\n    if len(items) <= 1:"))[None]
+    ours, _ = q.forward(params, config, tokens)
+    assert_close(ours, packaged_mlx_lm[0](tokens), 0, REAL_LOGITS_ATOL, "packaged model logits")
+
+
+GREEDY_PROMPTS = [  # (text, chat-templated)
+    ("Write a haiku about the sea.", True),
+    ("What is the capital of France? Answer in one sentence.", True),
+    ("def fibonacci(n):", False),
+    ("The three primary colors are", False),
+]
+
+
+@pytest.mark.packaged_model
+@pytest.mark.parametrize("text,templated", GREEDY_PROMPTS)
+def test_greedy_generation_equals_mlx_lm_token_for_token(packaged, packaged_mlx_lm, text, templated):
+    from mlx_lm.generate import generate_step
+
+    _, params, config, tokenizer = packaged
+    if templated:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+    else:
+        prompt = tokenizer.encode(text)
+    ours = list(q.generate_tokens(params, config, prompt, q.new_cache(config), max_tokens=32))
+    theirs = [t for t, _ in generate_step(mx.array(prompt), packaged_mlx_lm[0], max_tokens=32)]
+    assert ours == theirs, f"ours: {tokenizer.decode(ours)!r}\ntheirs: {tokenizer.decode(theirs)!r}"
+
+
+def reference_perplexity(model, tokens, context):
+    """The same windows scored with mlx_lm's model: mean cross-entropy over all but each first token."""
+    total, count = 0.0, 0
+    for start in range(0, len(tokens), context):
+        window = mx.array(tokens[start : start + context])
+        if window.size < 2:
+            continue
+        logits = model(window[None, :-1])[0].astype(mx.float32)
+        total += nn.losses.cross_entropy(logits, window[1:], reduction="sum").item()
+        count += window.size - 1
+    return total / count
+
+
+@pytest.mark.packaged_model
+def test_perplexity_equals_mlx_lm(packaged, packaged_mlx_lm):
+    _, params, config, tokenizer = packaged
+    tokens = tokenizer.encode((HERE / "testdata" / "perplexity.txt").read_text(encoding="utf-8"))
+    ours = q.perplexity(params, config, tokens, context=128)
+    nll = reference_perplexity(packaged_mlx_lm[0], tokens, 128)
+    assert ours["tokens"] == len(tokens) > 300
+    assert abs(ours["nll"] - nll) / nll < 1e-3, (ours, nll)
+    assert abs(ours["perplexity"] - np.exp(nll)) / np.exp(nll) < 1e-3
+    assert 1 < ours["perplexity"] < 100  # a uniform guess over the vocabulary would score 151936
+
+
+@pytest.mark.packaged_model
+def test_generate_command_on_the_packaged_model(packaged):
+    result = run_cli("generate", "--prompt", "What is 2 + 2? Answer with one number.", "--max-tokens", "8")
+    assert result.returncode == 0, result.stderr
+    assert "4" in result.stdout and result.stdout.endswith("\n")
+    assert re.fullmatch(STATS, result.stderr.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# The generate, perplexity and pull commands
+# ---------------------------------------------------------------------------------------------
+
+STATS = r"prefill: \d+ tokens, \d+\.\d\d tok/s \| decode: \d+ tokens, \d+\.\d\d tok/s \| peak memory: \d+\.\d\d GB"
+
+
+def invoke(*args, input=None):
+    return CliRunner().invoke(q.cli, list(args), input=input)
+
+
+def test_generate_prints_only_the_text_and_one_stats_line(tiny_folder):
+    result = invoke("generate", "-m", str(tiny_folder), "--prompt", "hello", "--max-tokens", "5")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.endswith("\n") and result.stdout.count("\n") >= 1
+    assert re.fullmatch(STATS, result.stderr.strip())  # exactly one line, nothing else
+    assert "decode: 5 tokens" in result.stderr or "prefill" in result.stderr
+
+
+def test_generate_reads_the_prompt_from_stdin_and_raw_continues_plain_text(tiny_folder):
+    a = invoke("generate", "-m", str(tiny_folder), "--prompt", "-", "--raw", "--max-tokens", "6", input="the quick")
+    b = invoke("generate", "-m", str(tiny_folder), "--prompt", "the quick", "--raw", "--max-tokens", "6")
+    assert a.exit_code == 0 and a.stdout == b.stdout
+    assert "prefill: 2 tokens" in a.stderr  # "the", " quick": no template around it
+    c = invoke("generate", "-m", str(tiny_folder), "--prompt", "the quick", "--max-tokens", "6")
+    assert "prefill: 2 tokens" not in c.stderr  # templated
+
+
+def test_sampling_is_reproducible_with_a_seed(tiny_folder):
+    args = ["generate", "-m", str(tiny_folder), "--prompt", "hello", "--temp", "1.0", "--max-tokens", "20"]
+    a, b = invoke(*args, "--seed", "3"), invoke(*args, "--seed", "3")
+    c = invoke(*args, "--seed", "4")
+    assert a.stdout == b.stdout and a.stdout != c.stdout
+
+
+def test_system_message_changes_the_prompt(tiny_folder):
+    a = invoke("generate", "-m", str(tiny_folder), "--prompt", "hello", "--max-tokens", "2")
+    b = invoke("generate", "-m", str(tiny_folder), "--prompt", "hello", "--system", "the lazy dog", "--max-tokens", "2")
+    tokens = [int(re.search(r"prefill: (\d+)", r.stderr).group(1)) for r in (a, b)]
+    assert tokens[0] != tokens[1]
+
+
+BAD_VALUES = [
+    (["--max-tokens", "0"], "--max-tokens"), (["--max-tokens", "-3"], "--max-tokens"),
+    (["--temp", "-1"], "--temp"), (["--top-p", "0"], "--top-p"), (["--top-p", "1.5"], "--top-p"),
+    (["--top-k", "-1"], "--top-k"), (["--dtype", "float64"], "--dtype"), (["--min-p", "2"], "--min-p"),
+    (["--repetition-penalty", "0"], "--repetition-penalty"), (["--max-kv-size", "0"], "--max-kv-size"),
+    (["--kernels", "cuda"], "--kernels"),
+]
+
+
+@pytest.mark.parametrize("args,words", BAD_VALUES)
+def test_generate_rejects_bad_values(tiny_folder, args, words):
+    result = invoke("generate", "-m", str(tiny_folder), "--prompt", "hi", *args)
+    assert result.exit_code == 2 and words in result.output and "Traceback" not in result.output
+
+
+def test_generate_rejects_an_empty_prompt_and_raw_with_system(tiny_folder):
+    for args in (["--prompt", ""], ["--prompt", "  \n"], ["--prompt", "-"]):
+        result = invoke("generate", "-m", str(tiny_folder), *args, input="")
+        assert result.exit_code == 2 and "the prompt is empty" in result.output
+    result = invoke("generate", "-m", str(tiny_folder), "--prompt", "hi", "--raw", "--system", "x")
+    assert result.exit_code == 2 and "--system needs the chat template" in result.output
+
+
+def test_generate_prompt_longer_than_the_context_is_an_error(tiny_folder):
+    result = invoke("generate", "-m", str(tiny_folder), "--prompt", "hello world " * 20, "--max-kv-size", "8")
+    assert result.exit_code == 1 and "--max-kv-size is 8" in result.output
+
+
+def test_generate_stops_at_the_context_limit_with_a_notice(tiny_folder):
+    result = invoke("generate", "-m", str(tiny_folder), "--prompt", "hello", "--raw", "--max-kv-size", "6",
+                    "--max-tokens", "50")
+    assert result.exit_code == 0 and "notice: stopped at --max-kv-size 6" in result.stderr
+
+
+def test_closed_stdout_ends_quietly(tiny_folder):
+    proc = subprocess.Popen([sys.executable, str(HERE / "qwen2_scratch.py"), "generate", "-m", str(tiny_folder),
+                             "--prompt", "hello", "--max-tokens", "2000", "--raw"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.read(5)  # like `| head -c 5`
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and b"Traceback" not in err and b"decode: 2000" not in err
+
+
+def test_perplexity_command_json_and_text(tiny_folder, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("hello world, the quick brown fox " * 20, encoding="utf-8")
+    result = invoke("perplexity", "-m", str(tiny_folder), "--file", str(text), "--json", "--context", "16")
+    assert result.exit_code == 0, result.output
+    line = json.loads(result.stdout)
+    assert set(line) == {"tokens", "nll", "perplexity"} and result.stdout.count("\n") == 1
+    params, config, tokenizer = weights.load(str(tiny_folder))
+    expected = q.perplexity(params, config, tokenizer.encode(text.read_text()), 16)
+    assert line["tokens"] == expected["tokens"] and abs(line["nll"] - expected["nll"]) < 1e-6
+    assert abs(line["perplexity"] - np.exp(line["nll"])) < 1e-6 * line["perplexity"]
+    readable = invoke("perplexity", "-m", str(tiny_folder), "--file", str(text), "--context", "16")
+    assert readable.exit_code == 0 and "perplexity" in readable.stdout and "{" not in readable.stdout
+    assert "default 1024" in invoke("perplexity", "--help").stdout
+
+
+def test_perplexity_rejects_a_missing_or_non_utf8_file(tiny_folder, tmp_path):
+    result = invoke("perplexity", "-m", str(tiny_folder), "--file", str(tmp_path / "nope.txt"))
+    assert result.exit_code == 2 and "does not exist" in result.output
+    binary = tmp_path / "b.txt"
+    binary.write_bytes(b"\xff\xfe\x00bad")
+    result = invoke("perplexity", "-m", str(tiny_folder), "--file", str(binary))
+    assert result.exit_code == 2 and "not a readable UTF-8 file" in result.output
+
+
+def test_pull_prints_only_the_folder(tiny_folder):
+    result = run_cli("pull", "--model", str(tiny_folder))
+    assert result.returncode == 0 and result.stdout == f"{tiny_folder}\n"
