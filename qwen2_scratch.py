@@ -777,6 +777,157 @@ def pull_command(model):
     except weights.ModelError as e:
         raise click.ClickException(str(e)) from None
 
+CHAT_HELP = """Commands:
+  /reset          forget the conversation (the system message stays)
+  /system TEXT    set the system message and forget the conversation (/system alone: the default)
+  /help           this help
+  /quit           leave (so do Ctrl-D, and Ctrl-C at the prompt)
+Ctrl-C during an answer stops it; the cut answer and its question are dropped from the history,
+which keeps every complete turn before it."""
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class Chat:
+    """A conversation: the turns so far, and the KV cache of the tokens last run through the model."""
+
+    def __init__(self, params, config, tokenizer, system, options, kernels):
+        self.params, self.config, self.tokenizer = params, config, tokenizer
+        self.system, self.options, self.kernels = system, options, kernels
+        self.max_kv = options["max_kv_size"] or config.max_position_embeddings
+        self.turns: list[tuple[str, str]] = []  # (user, assistant), complete turns only
+        self.cache = new_cache(config, dtype=params["model"]["norm"]["weight"].dtype)
+        self.cached: list[int] = []  # the token ids whose keys and values the cache holds
+
+    def prompt_ids(self, user: str) -> list[int]:
+        """The whole history re-templated: one system message, the turns in order, the new message."""
+        messages = [{"role": "system", "content": self.system}] if self.system is not None else []
+        for u, a in self.turns:
+            messages += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
+        messages.append({"role": "user", "content": user})
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+    def fit(self, user: str, notice) -> list[int] | None:
+        """The prompt ids, dropping the oldest turns until they fit the cache, or None."""
+        ids = self.prompt_ids(user)
+        while len(ids) >= self.max_kv and self.turns:
+            self.turns.pop(0)
+            notice(f"notice: dropped the oldest turn to fit --max-kv-size {self.max_kv}")
+            ids = self.prompt_ids(user)
+        if len(ids) >= self.max_kv:
+            notice(f"error: this message needs {len(ids)} tokens of context, more than --max-kv-size "
+                   f"{self.max_kv}; it was not sent")
+            return None
+        return ids
+
+    def command(self, line: str) -> str:
+        """Carry out a /command; its notice, or "quit"."""
+        command, _, rest = line.partition(" ")
+        if command == "/quit":
+            return "quit"
+        if command == "/help":
+            return CHAT_HELP
+        if command == "/reset":
+            self.turns = []
+            return "notice: the conversation was forgotten"
+        if command == "/system":
+            self.system, self.turns = (rest.strip() or None), []
+            return "notice: new system message; the conversation was forgotten"
+        return f"unknown command {command}: /help lists the commands"
+
+    def reply(self, user: str, ids: list[int], notice):
+        """Yield the answer's text segments; the turn joins the history only once it completes."""
+        # reuse the cached keys and values of the prefix this prompt shares with the last one
+        reuse = min(common_prefix(self.cached, ids), len(ids) - 1)
+        cache = {"layers": self.cache["layers"], "offset": mx.array(reuse)}
+        report, answer = {}, []
+        o = self.options
+        for segment in generate(self.params, self.config, self.tokenizer, ids[reuse:], cache, report,
+                                sampling=sampling_from(o), max_tokens=o["max_tokens"],
+                                max_kv_size=self.max_kv, kernels=self.kernels):
+            answer.append(segment)
+            yield segment
+        self.turns.append((user, "".join(answer)))
+        self.cache = report["cache"]
+        self.cached = (ids + report["generated"])[: len(ids) + report["cached_new"]]
+        if report["finish_reason"] == "context":
+            notice(f"notice: the answer stopped at --max-kv-size {self.max_kv}")
+        self.last_report = report
+
+
+@cli.command("chat")
+@model_options
+@click.option("--system", default=None, help="System message [default: the chat template's].")
+@sampling_options(temp=0.7, top_p=0.8, rep=1.05, max_tokens=512)
+def chat_command(model, dtype, kernels, system, **o):
+    """Chat with the model: answers stream as they are generated, and the history is kept.
+
+    Defaults follow Qwen's guidance for its chat models (temperature 0.7, top-p 0.8,
+    repetition penalty 1.05). In a terminal: a prompt, streamed answers and a stats line
+    after each. With stdin not a terminal: one user turn per line, and stdout holds only the
+    answers, each followed by an empty line; everything else goes to stderr. Type /help for
+    the commands.
+
+    \b
+    Examples:
+      python qwen2_scratch.py chat
+      printf 'My name is Ada.\nWhat is my name?\n' | python qwen2_scratch.py chat --temp 0
+    """
+    interactive = sys.stdin.isatty()
+    params, config, tokenizer = load_model(model, dtype)
+    mx.random.seed(o["seed"])
+    chat = Chat(params, config, tokenizer, system, o, kernels)
+
+    def notice(text):
+        click.echo(text, err=True)
+
+    if interactive:
+        import readline  # noqa: F401  (line editing and history for input())
+    notice(f"qwen2-scratch chat ({config.num_hidden_layers} layers, {len(tokenizer.vocab)} tokens); "
+           "/help for commands, Ctrl-D or /quit to leave")
+    lines = iter(sys.stdin) if not interactive else None
+    while True:
+        try:
+            line = input("> ") if interactive else next(lines, None)
+        except (EOFError, KeyboardInterrupt):
+            line = None
+        if line is None:
+            if interactive:
+                notice("")
+            return
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            said = chat.command(line)
+            if said == "quit":
+                return
+            notice(said)
+            continue
+        ids = chat.fit(line, notice)
+        if ids is None:
+            continue
+        try:
+            for segment in chat.reply(line, ids, notice):
+                sys.stdout.write(segment)
+                sys.stdout.flush()
+            sys.stdout.write("\n" if interactive else "\n\n")
+            sys.stdout.flush()
+            notice(stats_line(chat.last_report))
+        except KeyboardInterrupt:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            notice("[interrupted: this question and its answer were dropped from the history]")
+        except BrokenPipeError:
+            quiet_broken_pipe()
+
 
 def main():
     use_openblas()
