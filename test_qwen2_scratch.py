@@ -8,9 +8,9 @@ temporary cache); `pytest -m "not packaged_model"` deselects them (on the GPU ma
 import json
 import os
 import pty
+import re
 import select
 import signal
-import re
 import subprocess
 import sys
 import time
