@@ -777,6 +777,311 @@ def pull_command(model):
     except weights.ModelError as e:
         raise click.ClickException(str(e)) from None
 
+# ---------------------------------------------------------------------------------------------
+# bench: ours and mlx_lm side by side, on the same weights, in one process
+# ---------------------------------------------------------------------------------------------
+
+SHAPES = {  # the real Qwen2 shapes, for random-weight benchmarks (--shape)
+    "qwen2-0.5b": dict(hidden_size=896, num_hidden_layers=24, intermediate_size=4864, num_attention_heads=14,
+                       num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "qwen2-1.5b": dict(hidden_size=1536, num_hidden_layers=28, intermediate_size=8960, num_attention_heads=12,
+                       num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "qwen2-7b": dict(hidden_size=3584, num_hidden_layers=28, intermediate_size=18944, num_attention_heads=28,
+                     num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
+}
+
+
+def bench_weights(model: str | None, shape: str | None, dtype: str):
+    """(params, config, mlx_lm model sharing those very arrays, what was loaded)."""
+    from mlx.utils import tree_flatten, tree_unflatten
+    from mlx_lm.models import qwen2 as ref
+
+    if shape:
+        raw = {"model_type": "qwen2", "rms_norm_eps": 1e-6, "rope_theta": 1e6, **SHAPES[shape]}
+        reference = ref.Model(ref.ModelArgs.from_dict(raw))
+        reference.set_dtype(getattr(mx, dtype))
+        mx.eval(reference.parameters())
+        params = tree_unflatten(tree_flatten(reference.parameters()))
+        return params, config_from_dict(raw), reference, f"random weights, {shape} shape"
+    import weights
+
+    folder = weights.resolve(model)
+    params, config = weights.load_params(folder, getattr(mx, dtype))
+    raw = weights.read_config(folder)
+    reference = ref.Model(ref.ModelArgs.from_dict(raw))
+    reference.update(params)  # the same arrays: no second copy of the weights
+    return params, config, reference, str(folder)
+
+
+def timed(tokens) -> tuple[float, float, int]:
+    """Run a token generator: (seconds to the first token, seconds from the first to the last, count)."""
+    tic = time.perf_counter()
+    next(tokens)
+    first = time.perf_counter()
+    n = 1 + sum(1 for _ in tokens)
+    return first - tic, time.perf_counter() - first, n
+
+
+def run_ours(params, config, kernels):
+    def run(prompt, n):
+        return generate_tokens(params, config, prompt, new_cache(config, dtype=params["model"]["norm"]["weight"].dtype),
+                               max_tokens=n, kernels=kernels)
+    return run
+
+
+def run_mlx_lm(model):
+    from mlx_lm.generate import generate_step
+
+    def run(prompt, n):
+        return (t for t, _ in generate_step(mx.array(prompt), model, max_tokens=n))
+    return run
+
+
+def measure(run, prompts: dict, gen_tokens: int) -> dict:
+    """Prefill tok/s at each prompt length; decode tok/s after the shortest prompt (mlx_lm's definitions)."""
+    out = {}
+    for i, (length, prompt) in enumerate(prompts.items()):
+        to_first, rest, n = timed(run(prompt, gen_tokens if i == 0 else 1))
+        out[f"prefill_{length}"] = length / to_first
+        if i == 0:
+            out["decode"] = (n - 1) / rest
+    return out
+
+
+def read_bandwidth_gbs() -> float:
+    """The machine's read bandwidth: best of 5 numpy float32 matrix-vector products over 1 GiB."""
+    import numpy as np
+
+    if mx.default_device() == mx.gpu:  # best of 5 sums over a 4 GiB bfloat16 array
+        a = mx.ones((2 * 1024**3,), mx.bfloat16)
+        mx.eval(a)
+        best = min(timed_eval(lambda: mx.sum(a)) for _ in range(5))
+        return a.nbytes / best / 1e9
+    a = np.ones((16384, 16384), np.float32)
+    x = np.ones(16384, np.float32)
+    best = float("inf")
+    for _ in range(5):
+        tic = time.perf_counter()
+        a @ x
+        best = min(best, time.perf_counter() - tic)
+    return a.nbytes / best / 1e9
+
+
+def timed_eval(f) -> float:
+    tic = time.perf_counter()
+    mx.eval(f())
+    return time.perf_counter() - tic
+
+
+def bytes_per_token(params: dict, config: Config) -> int:
+    """Bytes a decoded token reads: every weight, but only one row of an untied embedding table."""
+    from mlx.utils import tree_flatten
+
+    total = sum(v.nbytes for _, v in tree_flatten(params))
+    if not config.tie_word_embeddings:
+        table = params["model"]["embed_tokens"]["weight"]
+        total -= table.nbytes - table.nbytes // table.shape[0]
+    return total
+
+
+def kv_cache_bytes(config: Config, tokens: int, itemsize: int) -> int:
+    capacity = -(-tokens // CACHE_BLOCK) * CACHE_BLOCK
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * capacity * config.head_dim * itemsize
+
+
+def probe_memory(contender: str, model, shape, dtype, prompt_tokens: int, gen_tokens: int) -> dict:
+    """Peak memory of one contender, in a subprocess of its own: loading, prefill and decoding."""
+    import subprocess
+
+    command = [sys.executable, os.path.abspath(__file__), "bench", "--probe", contender, "--dtype", dtype,
+               "--prompt-tokens", str(prompt_tokens), "--gen-tokens", str(gen_tokens)]
+    command += ["--shape", shape] if shape else (["--model", model] if model else [])
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise click.ClickException(f"the memory probe of {contender} failed: {done.stderr.strip()[-300:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_probe(contender, model, shape, dtype, prompt_tokens, gen_tokens):
+    """One contender alone in this process: load, generate, print its peak memory as JSON."""
+    kernels = contender.removeprefix("ours-")
+    if contender == "mlx_lm":
+        if shape:
+            _, config, reference, _ = bench_weights(None, shape, dtype)
+        else:
+            import mlx_lm
+
+            import weights
+
+            reference, _ = mlx_lm.load(str(weights.resolve(model)))
+            reference.set_dtype(getattr(mx, dtype))
+            config = config_from_dict(weights.read_config(weights.resolve(model)))
+        run = run_mlx_lm(reference)
+    elif shape:
+        params, config, _, _ = bench_weights(None, shape, dtype)
+        run = run_ours(params, config, kernels)
+    else:
+        import weights
+
+        params, config = weights.load_params(weights.resolve(model), getattr(mx, dtype))
+        run = run_ours(params, config, kernels)
+    prompt = mx.random.randint(0, config.vocab_size, (prompt_tokens,), key=mx.random.key(0)).tolist()
+    timed(run(prompt, gen_tokens))
+    click.echo(json.dumps({"peak_gb": mx.get_peak_memory() / 1e9}))
+
+
+@cli.command("bench")
+@model_options
+@click.option("--shape", type=click.Choice(list(SHAPES)), default=None,
+              help="Random weights of a real Qwen2 shape instead of --model (sizing hardware).")
+@click.option("--prompt-tokens", default="128,512", show_default=True, help="Prompt lengths, comma-separated.")
+@click.option("--gen-tokens", type=click.IntRange(min=2), default=128, show_default=True,
+              help="Tokens decoded after the shortest prompt.")
+@click.option("--trials", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Trials; each figure is the median.")
+@click.option("--int4/--no-int4", default=True, show_default=True,
+              help="Also time what mlx_lm gives by default: the int4 (group 64) model, one short run.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Write every number, versions, device and BLAS here.")
+@click.option("--probe", default=None, hidden=True)
+@click.option("--both-kernels/--one-kernel", default=True, show_default=True,
+              help="Run ours with both --kernels (reference and fast), or only the one given.")
+def bench_command(model, dtype, kernels, shape, prompt_tokens, gen_tokens, trials, int4, json_path, probe,
+                  both_kernels):
+    """Benchmark ours against mlx_lm on the same weights, dtype and BLAS, in one process.
+
+    Contenders run alternately, trial by trial, after one warm-up run of each; each figure is
+    the median. Peak memory is measured for each contender in a subprocess of its own. The
+    roofline is bytes read per decoded token x decode tok/s / the machine's read bandwidth,
+    measured in the same run.
+
+    \b
+    Examples:
+      python qwen2_scratch.py bench --json bench.json
+      python qwen2_scratch.py bench --shape qwen2-7b --prompt-tokens 128,2048 --no-int4
+    """
+    import statistics
+
+    dtype = dtype or ("bfloat16" if mx.default_device() == mx.gpu else "float32")
+    try:
+        lengths = sorted({int(n) for n in prompt_tokens.split(",")})
+    except ValueError:
+        raise click.BadParameter("give whole numbers separated by commas, like 128,512",
+                                 param_hint="--prompt-tokens") from None
+    if not lengths or lengths[0] < 1:
+        raise click.BadParameter("prompt lengths must be at least 1", param_hint="--prompt-tokens")
+    if probe:
+        return run_probe(probe, model, shape, dtype, lengths[-1], gen_tokens)
+    try:
+        params, config, reference, source = bench_weights(model, shape, dtype)
+    except Exception as e:
+        import weights
+
+        if isinstance(e, weights.ModelError):
+            raise click.ClickException(str(e)) from None
+        raise
+    log = lambda text: click.echo(text, err=True)  # noqa: E731
+    ours = ["reference", "fast"] if both_kernels else [kernels]
+    runs = {f"ours-{k}": run_ours(params, config, k) for k in ours} | {"mlx_lm": run_mlx_lm(reference)}
+    key = mx.random.key(0)
+    prompts = {n: mx.random.randint(0, config.vocab_size, (n,), key=key).tolist() for n in lengths}
+    log(f"bench: {source}, {dtype}, {mx.default_device()}, BLAS {blas_in_use()}")
+    for run in runs.values():  # warm-up: compile and trace every shape the trials use
+        measure(run, prompts, min(gen_tokens, 16))
+    figures = {name: [] for name in runs}
+    for trial in range(trials):
+        for name, run in runs.items():
+            figures[name].append(measure(run, prompts, gen_tokens))
+            numbers = ", ".join(f"{k} {v:.2f}" for k, v in figures[name][-1].items())
+            log(f"  trial {trial + 1}/{trials} {name}: {numbers}")
+    bandwidth = read_bandwidth_gbs()
+    per_token = bytes_per_token(params, config)
+    results = {}
+    for name, rows in figures.items():
+        med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+        med["roofline"] = per_token * med["decode"] / (bandwidth * 1e9)
+        results[name] = med
+    for name in results:
+        results[name]["decode_vs_mlx_lm"] = results[name]["decode"] / results["mlx_lm"]["decode"]
+        for n in lengths:
+            results[name][f"prefill_{n}_vs_mlx_lm"] = results[name][f"prefill_{n}"] / results["mlx_lm"][f"prefill_{n}"]
+    del params, reference, runs
+    mx.clear_cache()
+    weights_bytes = per_token if config.tie_word_embeddings else per_token + (
+        config.vocab_size - 1) * config.hidden_size * mx.array(0, getattr(mx, dtype)).itemsize
+    floor = weights_bytes + kv_cache_bytes(config, lengths[-1] + 16, mx.array(0, getattr(mx, dtype)).itemsize)
+    for name in results:
+        peak = probe_memory(name, model, shape, dtype, lengths[-1], 16)["peak_gb"]
+        results[name]["peak_gb"] = peak
+        results[name]["peak_vs_weights_and_kv"] = peak * 1e9 / floor
+    default_run = bench_int4(model, shape, dtype) if int4 else None
+    report = {
+        "command": " ".join(sys.orig_argv), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "source": source, "dtype": dtype, "device": device_name(), "blas": blas_in_use(),
+        "mlx": mx.__version__, "mlx_lm": package_version("mlx-lm"),
+        "prompt_tokens": lengths, "gen_tokens": gen_tokens, "trials": trials,
+        "read_bandwidth_gbs": bandwidth, "bytes_per_token": per_token,
+        "weights_and_kv_bytes": floor, "results": results, "mlx_lm_default_int4": default_run,
+    }
+    click.echo(bench_table(report))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(report, f, indent=2)
+        log(f"wrote {json_path}")
+
+
+def bench_int4(model, shape, dtype) -> dict:
+    """What a user gets from mlx_lm by default: the int4 (group 64) model, 32-token prompt, 16 tokens."""
+    from mlx_lm.utils import quantize_model
+
+    _, config, reference, _ = bench_weights(model, shape, "bfloat16")
+    quantize_model(reference, {}, group_size=64, bits=4)
+    mx.eval(reference.parameters())
+    prompt = mx.random.randint(0, config.vocab_size, (32,), key=mx.random.key(1)).tolist()
+    to_first, rest, n = timed(run_mlx_lm(reference)(prompt, 16))
+    return {"prefill_32": 32 / to_first, "decode": (n - 1) / rest}
+
+
+def package_version(name: str) -> str:
+    import importlib.metadata
+
+    return importlib.metadata.version(name)
+
+
+def device_name() -> str:
+    import platform
+
+    if mx.default_device() == mx.gpu:
+        info = mx.device_info() if hasattr(mx, "device_info") else {}
+        return f"gpu: {info.get('device_name', 'unknown')}"
+    return f"cpu: {platform.machine()}, {os.cpu_count()} cores"
+
+
+def bench_table(r: dict) -> str:
+    names = list(r["results"])
+    rows = [("", names)]
+    fmt = lambda v: f"{v:.2f}"  # noqa: E731
+    for n in r["prompt_tokens"]:
+        rows.append((f"prefill {n} tok/s", [fmt(r["results"][k][f"prefill_{n}"]) for k in names]))
+        rows.append(("  x mlx_lm", [fmt(r["results"][k][f"prefill_{n}_vs_mlx_lm"]) for k in names]))
+    rows.append((f"decode tok/s ({r['gen_tokens']} tokens)", [fmt(r["results"][k]["decode"]) for k in names]))
+    rows.append(("  x mlx_lm", [fmt(r["results"][k]["decode_vs_mlx_lm"]) for k in names]))
+    rows.append(("  % of roofline", [f"{100 * r['results'][k]['roofline']:.0f}%" for k in names]))
+    rows.append(("peak memory GB", [fmt(r["results"][k]["peak_gb"]) for k in names]))
+    rows.append(("  x (weights + KV)", [fmt(r["results"][k]["peak_vs_weights_and_kv"]) for k in names]))
+    width = max(len(label) for label, _ in rows) + 2
+    lines = [f"{label:<{width}}" + "".join(f"{c:>16}" for c in cells) for label, cells in rows]
+    lines.append(f"roofline: {r['bytes_per_token'] / 1e9:.3f} GB read per token at {r['read_bandwidth_gbs']:.1f} GB/s "
+                 f"= {r['read_bandwidth_gbs'] * 1e9 / r['bytes_per_token']:.2f} tok/s")
+    if r["mlx_lm_default_int4"]:
+        d = r["mlx_lm_default_int4"]
+        lines.append(f"mlx_lm default (int4, group 64; 32-token prompt, 16 tokens): prefill {d['prefill_32']:.2f} "
+                     f"tok/s, decode {d['decode']:.2f} tok/s")
+    lines.append(f"{r['source']} | {r['dtype']} | {r['device']} | BLAS {r['blas']} | MLX {r['mlx']} | "
+                 f"mlx_lm {r['mlx_lm']} | {r['date']}")
+    return "\n".join(lines)
+
+
 CHAT_HELP = """Commands:
   /reset          forget the conversation (the system message stays)
   /system TEXT    set the system message and forget the conversation (/system alone: the default)
