@@ -58,9 +58,31 @@ def rand(shape, dtype=mx.float32, seed=0, scale=1.0):
 
 
 def test_mlx_runs_on_openblas_and_matmul_matches_numpy():
-    assert q.blas_in_use() == "openblas", "conftest should have re-executed pytest with OpenBLAS preloaded"
+    assert q.blas_in_use() == "openblas+gemv_forward", "conftest should have re-executed pytest with OpenBLAS"
     a, b = rand((300, 200), seed=1), rand((200, 150), seed=2)
     assert_close(a @ b, mx.array(np.array(a) @ np.array(b)), 1e-4, 1e-4, "float32 matmul")
+
+
+@pytest.mark.parametrize("case", ["row @ W.T", "row @ W", "W @ col", "W.T @ col", "row.T @ W", "col.T^T",
+                                  "dot", "batched rows", "strided row"])
+def test_single_row_and_column_products_forwarded_to_gemv_match_numpy(case):
+    """gemv_forward.c sends every sgemm with one row or one column to sgemv: all layouts agree."""
+    W, x = rand((37, 23), seed=3), rand((1, 23), seed=4)
+    y = rand((1, 37), seed=5)
+    cases = {
+        "row @ W.T": lambda: (x @ W.T, np.array(x) @ np.array(W).T),
+        "row @ W": lambda: (y @ W, np.array(y) @ np.array(W)),
+        "W @ col": lambda: (W @ x.T, np.array(W) @ np.array(x).T),
+        "W.T @ col": lambda: (W.T @ y.T, np.array(W).T @ np.array(y).T),
+        "row.T @ W": lambda: (y.T.T @ W, np.array(y) @ np.array(W)),
+        "col.T^T": lambda: (mx.array(np.array(x).T).T @ W.T, np.array(x) @ np.array(W).T),
+        "dot": lambda: (x @ x.T, np.array(x) @ np.array(x).T),
+        "batched rows": lambda: (rand((3, 1, 23), seed=6) @ W.T, np.array(rand((3, 1, 23), seed=6)) @ np.array(W).T),
+        "strided row": lambda: (rand((4, 46), seed=7)[:1, ::2] @ W.T,
+                                np.array(rand((4, 46), seed=7))[:1, ::2] @ np.array(W).T),
+    }
+    ours, theirs = cases[case]()
+    assert_close(ours, mx.array(theirs), 1e-5, 1e-5, case)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,13 +280,14 @@ def test_prefill_in_chunks_equals_one_call():
     tokens = mx.random.randint(0, 300, (1, 23), key=mx.random.key(7))
     full, _ = q.forward(params, config, tokens)
     last, cache = q.prefill(params, config, tokens, q.new_cache(config), chunk=5)
-    assert cache["offset"].item() == 23 and q.cache_capacity(cache) == q.CACHE_BLOCK
+    assert cache["offset"].item() == 23 and q.cache_capacity(cache) == 23
     assert_close(last, full[:, -1], 0, LOGITS_ATOL_F32, "chunked prefill")
 
 
 def test_compiled_step_equals_eager_step():
     _, params, config, _ = reference_model()
     _, cache = q.prefill(params, config, mx.array([[1, 2, 3, 4]]), q.new_cache(config))
+    cache = q.reserve(cache, 5)
     token = mx.array([[5]])
     eager, c1 = q.decode_step(params, config, token, cache)
     compiled, c2 = q.compiled_decode_step(params, config, token, cache)
