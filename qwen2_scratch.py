@@ -569,7 +569,7 @@ def openblas_env() -> dict | None:
     env = {"LD_PRELOAD": " ".join(filter(None, preload))}
     if ctypes.util.find_library("gfortran") is None:
         # OpenBLAS needs libgfortran.so.5: borrow the copy that MLX's own wheel ships
-        found = [p for d in ("mlx_cpu.libs", "numpy.libs") for p in (lib.parents[2] / d).glob("libgfortran*.so.5*")]
+        found = [p for d in sys.path if d for p in sorted(Path(d).glob("*.libs/libgfortran*.so.5*"))]
         if not found:
             return None
         link = own / "libgfortran.so.5"
@@ -902,6 +902,16 @@ def read_bandwidth_gbs() -> float:
     return a.nbytes / best / 1e9
 
 
+def warm_up_gpu(seconds: float = 5.0) -> None:
+    """A few seconds of matmuls, so that a GPU reaches its working clock before anything is timed."""
+    if mx.default_device() != mx.gpu:
+        return
+    a = mx.random.normal((8192, 8192)).astype(mx.bfloat16)
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        mx.eval(a @ a)
+
+
 def timed_eval(f) -> float:
     tic = time.perf_counter()
     mx.eval(f())
@@ -1021,6 +1031,7 @@ def bench_command(model, dtype, kernels, shape, prompt_tokens, gen_tokens, trial
     key = mx.random.key(0)
     prompts = {n: mx.random.randint(0, config.vocab_size, (n,), key=key).tolist() for n in lengths}
     log(f"bench: {source}, {dtype}, {mx.default_device()}, BLAS {blas_in_use()}")
+    warm_up_gpu()
     for run in runs.values():  # warm-up: compile and trace every shape the trials use
         measure(run, prompts, min(gen_tokens, 16))
     figures = {name: [] for name in runs}
