@@ -709,6 +709,7 @@ def test_model_error_in_a_real_subprocess(tmp_path):
     assert result.returncode == 2 and "'float64' is not one of" in result.stderr
 
 
+@pytest.mark.packaged_model
 def test_packaged_model_missing_or_failing_its_hash(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     runner = CliRunner()
@@ -939,7 +940,7 @@ def test_perplexity_command_json_and_text(tiny_folder, tmp_path):
     line = json.loads(result.stdout)
     assert set(line) == {"tokens", "nll", "perplexity"} and result.stdout.count("\n") == 1
     params, config, tokenizer = weights.load(str(tiny_folder))
-    expected = q.perplexity(params, config, tokenizer.encode(text.read_text()), 16)
+    expected = q.perplexity(params, config, tokenizer.encode(text.read_text()), 16, q.default_kernels())
     assert line["tokens"] == expected["tokens"] and abs(line["nll"] - expected["nll"]) < 1e-6
     assert abs(line["perplexity"] - np.exp(line["nll"])) < 1e-6 * line["perplexity"]
     readable = invoke("perplexity", "-m", str(tiny_folder), "--file", str(text), "--context", "16")
@@ -976,7 +977,8 @@ def test_generate_yields_the_whole_text_with_the_tail(tiny_folder):
     params, config, tokenizer = weights.load(str(tiny_folder))
     prompt = tokenizer.encode("the lazy")
     text = "".join(q.generate(params, config, tokenizer, prompt, max_tokens=40))
-    tokens = list(q.generate_tokens(params, config, prompt, q.new_cache(config), max_tokens=40))
+    cache = q.new_cache(config, dtype=params["model"]["norm"]["weight"].dtype)  # as generate makes it
+    tokens = list(q.generate_tokens(params, config, prompt, cache, max_tokens=40))
     assert 2 not in tokens and 0 not in tokens  # the tiny folder never ends by itself
     assert text == tokenizer.decode(tokens)  # finalize() flushed the last segment
 
