@@ -1144,3 +1144,32 @@ def test_chat_with_the_packaged_model_remembers_and_forgets():
     answers = result.stdout.split("\n\n")
     assert "Ada" in answers[1], answers
     assert "Ada" not in answers[2], answers
+
+
+# ---------------------------------------------------------------------------------------------
+# bench, end to end on the tiny model (no speed assertions)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_bench_end_to_end_on_a_tiny_model(tiny_folder, tmp_path):
+    out = tmp_path / "bench.json"
+    result = run_cli("bench", "--model", str(tiny_folder), "--prompt-tokens", "8,16", "--gen-tokens", "6",
+                     "--trials", "2", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    for row in ("prefill 8 tok/s", "prefill 16 tok/s", "decode tok/s", "% of roofline", "peak memory GB",
+                "mlx_lm default (int4, group 64"):
+        assert row in result.stdout, row
+    report = json.loads(out.read_text())
+    assert set(report["results"]) == {"ours-reference", "ours-fast", "mlx_lm"}
+    for figures in report["results"].values():
+        assert figures["decode"] > 0 and figures["prefill_16"] > 0 and 0 < figures["roofline"]
+        assert figures["peak_gb"] > 0
+    assert report["results"]["mlx_lm"]["decode_vs_mlx_lm"] == 1.0
+    assert report["mlx"] == mx.__version__ and report["blas"] == "openblas+gemv_forward"
+    assert report["read_bandwidth_gbs"] > 0 and report["bytes_per_token"] > 0
+    assert "bench --model" in report["command"] and report["mlx_lm_default_int4"]["decode"] > 0
+
+
+def test_bench_rejects_bad_prompt_lengths():
+    result = invoke("bench", "--prompt-tokens", "12,abc")
+    assert result.exit_code == 2 and "whole numbers separated by commas" in result.output
