@@ -1291,7 +1291,14 @@ def chat_command(model, dtype, kernels, system, **o):
 
 def main():
     use_openblas()
-    cli()
+    try:
+        cli(standalone_mode=False)
+    except click.ClickException as e:  # bad input: one line, exit 1 (usage errors: 2)
+        e.show()
+        sys.exit(e.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):  # Ctrl-C outside the chat's own handling
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -932,6 +932,16 @@ def test_closed_stdout_ends_quietly(tiny_folder):
     assert proc.returncode == 0 and b"Traceback" not in err and b"decode: 2000" not in err
 
 
+def test_ctrl_c_during_generate_exits_130_without_a_traceback(tiny_folder):
+    proc = subprocess.Popen([sys.executable, str(HERE / "qwen2_scratch.py"), "generate", "-m", str(tiny_folder),
+                             "--prompt", "hello", "--max-tokens", "100000", "--raw"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.read(20)  # it is generating
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and b"Traceback" not in err and err.strip().endswith(b"interrupted")
+
+
 def test_perplexity_command_json_and_text(tiny_folder, tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("hello world, the quick brown fox " * 20, encoding="utf-8")
