@@ -1115,10 +1115,18 @@ class Terminal:
     def type(self, text):
         os.write(self.master, text.encode())
 
-    def close(self):
-        code = self.proc.wait(timeout=60)
+    def close(self, timeout=60):
+        """Wait for the chat to exit, reading what it still writes so that it never blocks on a full pty."""
+        end = time.time() + timeout
+        while self.proc.poll() is None:
+            assert time.time() < end, f"the chat did not exit:\n{self.seen[-2000:]}"
+            if select.select([self.master], [], [], 0.2)[0]:
+                try:
+                    self.seen += os.read(self.master, 4096).decode(errors="replace")
+                except OSError:
+                    pass
         os.close(self.master)
-        return code
+        return self.proc.returncode
 
 
 def test_chat_in_a_terminal_survives_ctrl_c(tiny_folder):
