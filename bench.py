@@ -148,10 +148,11 @@ def kv_cache_bytes(config: q.Config, tokens: int, itemsize: int) -> int:
     return 2 * config.num_hidden_layers * config.num_key_value_heads * capacity * config.head_dim * itemsize
 
 
-def probe_memory(contender: str, model, shape, dtype, prompt_tokens: int, gen_tokens: int) -> dict:
-    """Peak memory of one contender, in a subprocess of its own: loading, prefill and decoding."""
+def probe(contender: str, model, shape, dtype, prompt_tokens: int, gen_tokens: int, env=None) -> dict:
+    """One contender in a subprocess of its own: its peak memory (loading, prefill, decoding) and speeds."""
     args = [contender, model, shape, dtype, prompt_tokens, gen_tokens]
-    done = subprocess.run([sys.executable, os.path.abspath(__file__), json.dumps(args)], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, os.path.abspath(__file__), json.dumps(args)], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
     if done.returncode != 0:
         raise BenchError(f"the memory probe of {contender} failed: {done.stderr.strip()[-300:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -177,8 +178,9 @@ def run_probe(contender, model, shape, dtype, prompt_tokens, gen_tokens):
         params, config = weights.load_params(weights.resolve(model), getattr(mx, dtype))
         run = run_ours(params, config, kernels)
     prompt = mx.random.randint(0, config.vocab_size, (prompt_tokens,), key=mx.random.key(0)).tolist()
-    timed(run(prompt, gen_tokens))
-    print(json.dumps({"peak_gb": mx.get_peak_memory() / 1e9}))
+    to_first, rest, n = timed(run(prompt, gen_tokens))
+    print(json.dumps({"peak_gb": mx.get_peak_memory() / 1e9, f"prefill_{prompt_tokens}": prompt_tokens / to_first,
+                      "decode": (n - 1) / rest}))
 
 
 def bench_int4(model, shape, dtype) -> dict:
@@ -236,7 +238,7 @@ def run(model=None, shape=None, dtype=None, kernels=("reference", "fast"), lengt
         config.vocab_size - 1) * config.hidden_size * itemsize
     floor = weights_bytes + kv_cache_bytes(config, lengths[-1] + 16, itemsize)
     for name in results:
-        peak = probe_memory(name, model, shape, dtype, lengths[-1], 16)["peak_gb"]
+        peak = probe(name, model, shape, dtype, lengths[-1], 16)["peak_gb"]
         results[name]["peak_gb"] = peak
         results[name]["peak_vs_weights_and_kv"] = peak * 1e9 / floor
     return {
@@ -247,6 +249,9 @@ def run(model=None, shape=None, dtype=None, kernels=("reference", "fast"), lengt
         "read_bandwidth_gbs": bandwidth, "bytes_per_token": per_token,
         "weights_and_kv_bytes": floor, "results": results,
         "mlx_lm_default_int4": bench_int4(model, shape, dtype) if int4 else None,
+        # mlx_lm as pip installs it on Linux: MLX's reference BLAS (a process without our adapter)
+        "mlx_lm_stock_blas": probe("mlx_lm", model, shape, dtype, 32, 16, {"QWEN2_SCRATCH_BLAS": "reference"})
+        if int4 and mx.default_device() == mx.cpu else None,
     }
 
 
@@ -275,6 +280,10 @@ def table(r: dict) -> str:
     lines = [f"{label:<{width}}" + "".join(f"{c:>16}" for c in cells) for label, cells in rows]
     lines.append(f"roofline: {r['bytes_per_token'] / 1e9:.3f} GB read per token at {r['read_bandwidth_gbs']:.1f} GB/s "
                  f"= {r['read_bandwidth_gbs'] * 1e9 / r['bytes_per_token']:.2f} tok/s")
+    if r.get("mlx_lm_stock_blas"):
+        d = r["mlx_lm_stock_blas"]
+        lines.append(f"mlx_lm on MLX's own reference BLAS ({r['dtype']}; 32-token prompt, 16 tokens): prefill "
+                     f"{d['prefill_32']:.2f} tok/s, decode {d['decode']:.2f} tok/s")
     if r["mlx_lm_default_int4"]:
         d = r["mlx_lm_default_int4"]
         lines.append(f"mlx_lm default (int4, group 64; 32-token prompt, 16 tokens): prefill {d['prefill_32']:.2f} "

@@ -251,7 +251,8 @@ def pull_command(model):
 @click.option("--trials", type=click.IntRange(min=1), default=3, show_default=True,
               help="Trials; each figure is the median.")
 @click.option("--int4/--no-int4", default=True, show_default=True,
-              help="Also time what mlx_lm gives by default: the int4 (group 64) model, one short run.")
+              help="Also time what mlx_lm gives by default: the int4 (group 64) model, and (CPU) mlx_lm "
+                   "on MLX's own reference BLAS; one short run each.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Write every number, versions, device and BLAS here.")
 @click.option("--both-kernels/--one-kernel", default=True, show_default=True,
