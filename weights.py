@@ -154,14 +154,20 @@ def load(model: str | None = None, dtype: str | None = None):
     return params, config, load_tokenizer(folder)
 
 
-def read_config(folder: Path) -> dict:
-    path = folder / "config.json"
+def read_json(path: Path) -> dict:
+    """A JSON object from a file, or a ModelError naming the file."""
     try:
         raw = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ModelError(f"{path}: not a readable JSON config ({one_line(e)})") from None
     if not isinstance(raw, dict):
         raise ModelError(f"{path}: the config is not a JSON object")
+    return raw
+
+
+def read_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    raw = read_json(path)
     if raw.get("model_type") != "qwen2":
         raise ModelError(f"{path}: model_type is {raw.get('model_type')!r}, but this project runs only 'qwen2' models")
     missing = [f for f in ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
@@ -171,10 +177,46 @@ def read_config(folder: Path) -> dict:
     return raw
 
 
+# The config's numbers: (whole number or not, lowest, highest), plausible for any Qwen2; checked
+# before anything is built from them (a billion layers once grew memory until the kernel killed us).
+CONFIG_RANGES = {
+    "hidden_size": (int, 1, 1 << 16), "num_hidden_layers": (int, 1, 1024), "intermediate_size": (int, 1, 1 << 18),
+    "num_attention_heads": (int, 1, 1024), "num_key_value_heads": (int, 1, 1024), "vocab_size": (int, 1, 1 << 22),
+    "max_position_embeddings": (int, 1, 1 << 24), "rms_norm_eps": (float, 0, 1), "rope_theta": (float, 0, 1e12),
+}
+
+
+def config_problem(key: str, value) -> str | None:
+    """What is wrong with one config value, or None."""
+    if key == "tie_word_embeddings":
+        return None if isinstance(value, bool) else "expected true or false"
+    kind, low, high = CONFIG_RANGES[key]
+    if kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+        return None if ok else f"expected a whole number from {low} to {high}"
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and low < value <= high
+    return None if ok else f"expected a number above {low} and at most {high:g}"
+
+
+def check_config(raw: dict, where) -> Config:
+    """The config's values, each of the right type and range, and consistent -> Config; else ModelError."""
+    for key in [*CONFIG_RANGES, "tie_word_embeddings"]:
+        if key in raw and (problem := config_problem(key, raw[key])):
+            raise ModelError(f"{where}: {key} is {json.dumps(raw[key])}, {problem}")
+    config = config_from_dict(raw)
+    E, H, K = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
+    if E % H or (E // H) % 2:
+        raise ModelError(f"{where}: num_attention_heads is {H}, expected a divisor of hidden_size {E} "
+                         "that leaves an even head size")
+    if H % K:
+        raise ModelError(f"{where}: num_key_value_heads is {K}, expected a divisor of num_attention_heads {H}")
+    return config
+
+
 def load_params(folder: Path, dtype=mx.float32) -> tuple[dict, Config]:
     """A model folder -> (nested params at dtype, Config), strictly checked, dequantized."""
     raw = read_config(folder)
-    config = config_from_dict(raw)
+    config = check_config(raw, folder / "config.json")
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         pickles = [p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
@@ -226,10 +268,12 @@ def dequantize(flat: dict, quantization: dict | None, folder: Path) -> dict:
         prefix, name = key.rsplit(".", 1)
         if prefix in quantized and name == "weight":
             q = layer_quantization(quantization, prefix, folder)
-            out[key] = mx.dequantize(
-                value, flat[prefix + ".scales"], flat.get(prefix + ".biases"),
-                group_size=q["group_size"], bits=q["bits"], mode=q.get("mode", "affine"),
-            )
+            scales = flat[prefix + ".scales"]
+            if value.shape[-1] * 32 != scales.shape[-1] * q["group_size"] * q["bits"]:
+                raise ModelError(f"{folder}: {prefix} does not fit quantization bits {q['bits']} and group_size "
+                                 f"{q['group_size']} (packed {list(value.shape)}, scales {list(scales.shape)})")
+            out[key] = mx.dequantize(value, scales, flat.get(prefix + ".biases"), group_size=q["group_size"],
+                                     bits=q["bits"], mode=q.get("mode", "affine"))
         elif prefix not in quantized or name not in ("scales", "biases"):
             out[key] = value  # q/k/v's own `bias` stays as it is
     return out
@@ -240,7 +284,12 @@ def layer_quantization(quantization: dict | None, prefix: str, folder: Path) -> 
     if not quantization or "bits" not in quantization or "group_size" not in quantization:
         raise ModelError(f"{folder / 'config.json'}: {prefix} is quantized but the config has no quantization")
     own = quantization.get(prefix)
-    return own if isinstance(own, dict) else quantization
+    q = own if isinstance(own, dict) else quantization
+    for key, allowed in (("bits", (2, 3, 4, 5, 6, 8)), ("group_size", (32, 64, 128))):
+        if type(q.get(key)) is not int or q[key] not in allowed:
+            raise ModelError(f"{folder / 'config.json'}: quantization {key} is {json.dumps(q.get(key))}, "
+                             f"expected one of {', '.join(map(str, allowed))}")
+    return q
 
 
 def expected_shapes(config: Config) -> dict:
@@ -267,8 +316,17 @@ def expected_shapes(config: Config) -> dict:
     return shapes
 
 
+def check_layers(flat: dict, config: Config, folder: Path) -> None:
+    """The layers the tensors hold are 0 .. num_hidden_layers - 1, before any per-layer expectation is built."""
+    layers = {int(k.split(".")[2]) for k in flat if re.match(r"model\.layers\.\d+\.", k)}
+    if layers != set(range(config.num_hidden_layers)):
+        held = f"layers 0 to {max(layers)}" if layers == set(range(len(layers))) and layers else f"{len(layers)} layers"
+        raise ModelError(f"{folder}: num_hidden_layers is {config.num_hidden_layers}, but the weights hold {held}")
+
+
 def check_shapes(flat: dict, config: Config, folder: Path) -> None:
     """Every expected key present with its shape, and nothing else."""
+    check_layers(flat, config, folder)
     want = expected_shapes(config)
     for key, shape in want.items():
         if key not in flat:
@@ -286,7 +344,7 @@ def eos_ids(folder: Path, tokenizer) -> list[int]:
     for name in ("config.json", "generation_config.json"):
         path = folder / name
         if path.is_file():
-            value = json.loads(path.read_text()).get("eos_token_id")
+            value = read_json(path).get("eos_token_id")
             ids += value if isinstance(value, list) else [value] if value is not None else []
     if tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
@@ -442,7 +500,7 @@ def convert_gguf(path: Path, out: Path, eos: list[int] | None = None) -> None:
         "rms_norm_eps": float(np.float32(gguf_field(reader, "qwen2.attention.layer_norm_rms_epsilon", 1e-6))),
         "rope_theta": gguf_field(reader, "qwen2.rope.freq_base", 1e6),
         "max_position_embeddings": gguf_field(reader, "qwen2.context_length", 32768),
-        "vocab_size": tensors["model.embed_tokens.weight"].shape[0],
+        "vocab_size": embedding_rows(tensors, path),
         "tie_word_embeddings": "lm_head.weight" not in tensors,
         "bos_token_id": gguf_field(reader, "tokenizer.ggml.bos_token_id"),
         "eos_token_id": eos or [i for i in [gguf_field(reader, "tokenizer.ggml.eos_token_id"),
@@ -456,10 +514,16 @@ def convert_gguf(path: Path, out: Path, eos: list[int] | None = None) -> None:
     missing = [k for k, v in config.items() if v is None]
     if missing:
         raise ModelError(f"{path}: the GGUF metadata has no {missing[0]}")
-    check_shapes(tensors, config_from_dict(config), path)
+    check_shapes(tensors, check_config(config, path), path)
     mx.save_safetensors(str(out / "model.safetensors"), tensors, metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     write_gguf_tokenizer(reader, path, out)
+
+
+def embedding_rows(tensors: dict, path: Path) -> int:
+    if "model.embed_tokens.weight" not in tensors:
+        raise ModelError(f"{path}: the GGUF file has no token_embd.weight (the token embeddings)")
+    return tensors["model.embed_tokens.weight"].shape[0]
 
 
 def write_gguf_tokenizer(reader, path: Path, out: Path) -> None:
