@@ -16,6 +16,7 @@ import sys
 import termios
 import threading
 
+import jinja2
 import mlx.core as mx
 
 __all__ = ["Chat", "repl"]
@@ -104,6 +105,15 @@ class Chat:
         if report["finish_reason"] == "context":
             notice(f"notice: the answer stopped at --max-kv-size {self.max_kv}")
         self.last_report = report
+
+
+def is_utf8(line: str) -> bool:
+    """False for a line read with surrogateescape from bytes that are not UTF-8."""
+    try:
+        line.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def notice(text: str) -> None:
@@ -226,7 +236,9 @@ def talk(chat: Chat, interactive: bool, ctrl_c: CtrlC) -> None:
                 notice("")
             return
         line = line.strip()
-        if line.startswith("/"):
+        if not is_utf8(line):
+            notice("error: this line is not valid UTF-8; it was not sent")
+        elif line.startswith("/"):
             said = chat.command(line)
             if said == "quit":
                 return
@@ -234,6 +246,8 @@ def talk(chat: Chat, interactive: bool, ctrl_c: CtrlC) -> None:
         elif line:
             try:
                 answer(chat, line, interactive, ctrl_c)
+            except jinja2.TemplateError as e:
+                notice(f"error: the model's chat template refused this turn ({e}); it was not sent")
             except KeyboardInterrupt:
                 sys.stdout.write("\n")
                 sys.stdout.flush()

@@ -151,7 +151,9 @@ def load(model: str | None = None, dtype: str | None = None):
         raise ModelError(f"unknown dtype '{dtype}': use one of {', '.join(DTYPES)}")
     folder = resolve(model)
     params, config = load_params(folder, DTYPES[dtype])
-    return params, config, load_tokenizer(folder)
+    tokenizer = load_tokenizer(folder)
+    check_vocabulary(tokenizer, config, folder)
+    return params, config, tokenizer
 
 
 def read_json(path: Path) -> dict:
@@ -229,6 +231,7 @@ def load_params(folder: Path, dtype=mx.float32) -> tuple[dict, Config]:
     flat = sanitize(flat, config)
     flat = dequantize(flat, raw.get("quantization") or raw.get("quantization_config"), folder)
     check_shapes(flat, config, folder)
+    check_finite(flat, folder)
     flat = {k: v.astype(dtype) for k, v in flat.items()}
     params = tree_unflatten(list(flat.items()))
     mx.eval(params)
@@ -338,6 +341,15 @@ def check_shapes(flat: dict, config: Config, folder: Path) -> None:
         raise ModelError(f"{folder}: unexpected weight {extra[0]} ({len(extra)} unexpected in all) for this config")
 
 
+def check_finite(flat: dict, where) -> None:
+    """No NaN or Inf in any weight (they give empty or garbage answers): one reduction over all, then the name."""
+    finite = {k: mx.isfinite(v).all() for k, v in flat.items()}
+    mx.eval(finite)
+    bad = [k for k, ok in finite.items() if not ok.item()]
+    if bad:
+        raise ModelError(f"{where}: {bad[0]} holds values that are not finite (NaN or Inf); the weights are damaged")
+
+
 def eos_ids(folder: Path, tokenizer) -> list[int]:
     """All end-of-sequence ids: config and generation_config, the tokenizer's, and ChatML's two."""
     ids = []
@@ -354,15 +366,23 @@ def eos_ids(folder: Path, tokenizer) -> list[int]:
 
 
 def load_tokenizer(folder: Path):
-    """mlx_lm's TokenizerWrapper (streaming detokenizer, chat template) with every EOS id."""
-    from mlx_lm.tokenizer_utils import TokenizerWrapper
-    from transformers import AutoTokenizer
+    """mlx_lm's own loader, which picks the streaming detokenizer that fits (BPE for Qwen2), with every EOS id."""
+    from mlx_lm.tokenizer_utils import load as load_wrapper
 
     try:
-        hf = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+        tokenizer = load_wrapper(Path(folder), {"trust_remote_code": False})
     except Exception as e:  # transformers raises many kinds for a missing or broken tokenizer
         raise ModelError(f"{folder}: no usable tokenizer files ({one_line(e)})") from None
-    return TokenizerWrapper(hf, eos_token_ids=eos_ids(folder, hf))
+    tokenizer.eos_token_ids = eos_ids(folder, tokenizer._tokenizer)
+    return tokenizer
+
+
+def check_vocabulary(tokenizer, config: Config, folder: Path) -> None:
+    """Every id the tokenizer can give has a row in the embeddings (a gather past them reads garbage)."""
+    largest = max(tokenizer.get_vocab().values())
+    if largest >= config.vocab_size:
+        raise ModelError(f"{folder}: the tokenizer has ids up to {largest}, but vocab_size is {config.vocab_size} "
+                         "(the embedding rows): the tokenizer belongs to another model")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -447,8 +467,11 @@ def convert_once(target: Path, build) -> None:
     An interrupted conversion leaves only a temporary folder (never a broken target), and a
     concurrent one that finishes first simply wins.
     """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    except OSError as e:
+        raise ModelError(f"cannot write the converted model into {target.parent} ({e.strerror or e})") from None
     try:
         build(tmp)
         tmp.chmod(0o755)  # mkdtemp's folders are private
@@ -457,6 +480,9 @@ def convert_once(target: Path, build) -> None:
         except OSError:
             if not (target / "config.json").is_file():
                 raise
+    except (OSError, RuntimeError) as e:  # RuntimeError: MLX's own writer, on a full disk or ulimit -f
+        raise ModelError(f"cannot write the converted model into {target.parent} ({one_line(e)}); "
+                         "is the disk full, or a file size limit (ulimit -f) set?") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log(f"  ready: {target}")
@@ -537,8 +563,14 @@ def write_gguf_tokenizer(reader, path: Path, out: Path) -> None:
     d = {name: gguf_field(reader, key) for name, key in fields.items()}
     if not d["tokens"] or not d["merges"]:
         raise ModelError(f"{path}: the GGUF file has no BPE vocabulary and merges")
-    backend, _ = convert_gguf_tokenizer("qwen2", d)
     tokens = d["tokens"]
+    if d["eos_token_id"] is not None and not 0 <= d["eos_token_id"] < len(tokens):
+        raise ModelError(f"{path}: the end-of-sequence id {d['eos_token_id']} is beyond the {len(tokens)} tokens")
+    try:
+        backend, _ = convert_gguf_tokenizer("qwen2", d)
+        backend.encode("hello world")  # merges of unknown tokens fail only on use
+    except Exception as e:  # the converter and tokenizers raise many kinds for a vocabulary that does not fit
+        raise ModelError(f"{path}: the GGUF vocabulary and merges do not fit together ({one_line(e)})") from None
     tok = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         eos_token=tokens[d["eos_token_id"]] if d["eos_token_id"] is not None else "<|im_end|>",
