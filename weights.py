@@ -65,7 +65,7 @@ def default_dtype() -> str:
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qwen2-scratch"
+    return (Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qwen2-scratch").absolute()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,27 +408,68 @@ def hf_name(gguf_name: str) -> str:
     raise ModelError(f"unexpected GGUF tensor {gguf_name} for a qwen2 model")
 
 
+def content_key(path: Path) -> str:
+    """The file's size and SHA-256 of its first 8 MiB (header, metadata) and last 1 MiB: touching it changes nothing."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        digest.update(f.read(8 << 20))
+        f.seek(max(0, size - (1 << 20)))
+        digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
 def gguf_folder(path: Path) -> Path:
     """A user's GGUF file -> its converted folder in the cache (converted on first use)."""
-    st = path.stat()
-    key = hashlib.sha256(f"{path}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    target = cache_root() / f"gguf-{path.stem}-{key}"
-    if not (target / "config.json").is_file():
-        convert_once(target, lambda tmp: convert_gguf(path, tmp))
-    return target
+    return cached(cache_root() / f"gguf-{path.stem}-{content_key(path)}", lambda tmp: convert_gguf(path, tmp))
 
 
 def packaged_folder() -> Path:
     """The packaged offline model -> its converted folder (checked and converted on first use)."""
-    target = cache_root() / f"packaged-{PACKAGED_SHA256[:16]}"
-    if not (target / "config.json").is_file():
-        def build(tmp: Path):
-            gguf_path = tmp / "packaged.gguf"
-            assemble_packaged(gguf_path)
-            convert_gguf(gguf_path, tmp, eos=PACKAGED_EOS)
-            gguf_path.unlink()
+    def build(tmp: Path):
+        gguf_path = tmp / "packaged.gguf"
+        assemble_packaged(gguf_path)
+        convert_gguf(gguf_path, tmp, eos=PACKAGED_EOS)
+        gguf_path.unlink()
+    return cached(cache_root() / f"packaged-{PACKAGED_SHA256[:16]}", build)
+
+
+MARKER = "complete.json"  # written last into a converted folder: the size of every file in it
+
+
+def is_complete(folder: Path) -> bool:
+    """The folder holds every file its marker lists, each at the size written."""
+    try:
+        sizes = json.loads((folder / MARKER).read_text())
+        return bool(sizes) and all((folder / name).stat().st_size == size for name, size in sizes.items())
+    except (OSError, ValueError, AttributeError, TypeError):
+        return False
+
+
+def cached(target: Path, build) -> Path:
+    """target, (re)built with build unless it is complete; stale temporaries of dead runs removed first."""
+    remove_stale_temporaries(target.parent)
+    if not is_complete(target):
         convert_once(target, build)
     return target
+
+
+def remove_stale_temporaries(root: Path) -> None:
+    """Temporary folders (.<target>.<pid>.<random>) whose process is gone: killed mid-conversion."""
+    for tmp in root.glob(".*"):
+        found = re.search(r"\.(\d+)\.\w+$", tmp.name)
+        if found and tmp.is_dir() and not process_alive(int(found.group(1))):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def packaged_parts() -> list[Path]:
@@ -462,30 +503,39 @@ def assemble_packaged(out: Path) -> None:
 
 
 def convert_once(target: Path, build) -> None:
-    """Build into a temporary folder beside target, then rename it into place.
+    """Build into a temporary folder beside target, mark it complete (last), then rename it into place.
 
-    An interrupted conversion leaves only a temporary folder (never a broken target), and a
-    concurrent one that finishes first simply wins.
+    An interrupted conversion leaves only a temporary folder (never a broken target; the next run
+    removes it), a concurrent one that finishes first simply wins, and a broken target is replaced.
     """
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", dir=target.parent))
     except OSError as e:
         raise ModelError(f"cannot write the converted model into {target.parent} ({e.strerror or e})") from None
     try:
         build(tmp)
         tmp.chmod(0o755)  # mkdtemp's folders are private
+        (tmp / MARKER).write_text(json.dumps({p.name: p.stat().st_size for p in tmp.iterdir()}, indent=2) + "\n")
         try:
             os.rename(tmp, target)
-        except OSError:
-            if not (target / "config.json").is_file():
-                raise
+        except OSError:  # target exists: complete (a concurrent run won), or broken (replaced here)
+            if not is_complete(target):
+                replace_folder(target, tmp)
     except (OSError, RuntimeError) as e:  # RuntimeError: MLX's own writer, on a full disk or ulimit -f
         raise ModelError(f"cannot write the converted model into {target.parent} ({one_line(e)}); "
                          "is the disk full, or a file size limit (ulimit -f) set?") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log(f"  ready: {target}")
+
+
+def replace_folder(target: Path, new: Path) -> None:
+    """Move the broken target aside, rename new into its place, then delete the old one."""
+    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", dir=target.parent))
+    os.rename(target, aside / "broken")
+    os.rename(new, target)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def gguf_field(reader, key: str, default=None):

@@ -8,6 +8,7 @@ import json
 import os
 import resource
 import subprocess
+from pathlib import Path
 
 import pytest
 from conftest import COMMAND, TINY, invoke, reference_model, run_cli, tiny_model, write_checkpoint
@@ -345,3 +346,74 @@ def test_read_only_cache_and_a_file_size_limit_during_conversion(tmp_path, tiny_
     assert result.returncode == 1 and str(cache) in result.stderr and "Traceback" not in result.stderr, \
         result.stderr
     assert not list((cache / "qwen2-scratch").glob("*gguf-*")), "a failed conversion leaves nothing behind"
+
+
+# ---------------------------------------------------------------------------------------------
+# A cache that heals: checked on use, rebuilt atomically, no stale temporaries, absolute paths
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def gguf_cache(tmp_path, tiny_tokenizer_dir):
+    """(a tiny GGUF file, the env of a fresh cache, the folder pull gives for it)."""
+    model, raw = tiny_model(tie=False)
+    write_gguf(tmp_path / "m.gguf", model, raw, tiny_tokenizer_dir)
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    first = run_cli("pull", "-m", str(tmp_path / "m.gguf"), env=env)
+    assert first.returncode == 0, first.stderr
+    return tmp_path / "m.gguf", env, Path(first.stdout.strip())
+
+
+def pull_again(path, env):
+    result = run_cli("pull", "-m", str(path), env=env)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    return result
+
+
+@pytest.mark.parametrize("damage", ["no config", "truncated weights", "no marker"])
+def test_a_broken_cache_entry_is_rebuilt(gguf_cache, damage):
+    path, env, folder = gguf_cache
+    if damage == "no config":
+        (folder / "config.json").unlink()
+    elif damage == "truncated weights":
+        data = (folder / "model.safetensors").read_bytes()
+        (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    else:
+        (folder / weights.MARKER).unlink()
+    rebuilt, served = pull_again(path, env), pull_again(path, env)
+    assert rebuilt.stdout.strip() == served.stdout.strip() == str(folder)
+    assert "converting" in rebuilt.stderr and "converting" not in served.stderr
+    assert invoke("generate", "-m", str(folder), "--prompt", "hi", "--max-tokens", "2").exit_code == 0
+    assert not list(folder.parent.glob(".*")), "no temporary or stale folder is left"
+
+
+def test_stale_temporaries_of_dead_processes_are_removed(gguf_cache):
+    path, env, folder = gguf_cache
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = folder.parent / f".{folder.name}.{dead.pid}.tmp1"
+    live = folder.parent / f".{folder.name}.{os.getpid()}.tmp2"
+    for d in (stale, live):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"half")
+    pull_again(path, env)
+    assert not stale.exists() and live.exists()
+
+
+def test_a_relative_cache_home_gives_absolute_paths(gguf_cache, tmp_path):
+    path, _, _ = gguf_cache
+    result = subprocess.run([str(COMMAND), "pull", "-m", str(path)], capture_output=True, text=True, timeout=300,
+                            cwd=tmp_path, env={**os.environ, "XDG_CACHE_HOME": "rel-cache"})
+    assert result.returncode == 0 and result.stdout.strip() == str(tmp_path / "rel-cache" / "qwen2-scratch" /
+                                                                  Path(result.stdout.strip()).name)
+    assert Path(result.stdout.strip()).is_absolute()
+
+
+def test_gguf_conversions_are_keyed_by_content_not_mtime(gguf_cache):
+    path, env, folder = gguf_cache
+    os.utime(path, (1, 1))  # touched
+    result = pull_again(path, env)
+    assert result.stdout.strip() == str(folder) and "converting" not in result.stderr
+    (path.parent / "moved").mkdir()
+    moved = path.rename(path.parent / "moved" / path.name)
+    assert pull_again(moved, env).stdout.strip() == str(folder)  # the same content, the same conversion
