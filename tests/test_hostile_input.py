@@ -294,6 +294,14 @@ def test_non_finite_weights_are_refused_with_the_tensor_name(tmp_path, tiny_toke
                    "not finite")
 
 
+def test_non_finite_weights_in_a_gguf_are_refused_at_conversion(tmp_path, tiny_tokenizer_dir, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    model, raw = tiny_model(tie=False)
+    model.model.norm.weight[7] = float("nan")  # stored as F32
+    write_gguf(tmp_path / "nan.gguf", model, raw, tiny_tokenizer_dir)
+    one_line_error(invoke("pull", "-m", str(tmp_path / "nan.gguf")), "output_norm.weight", "not finite")
+
+
 def test_streamed_text_matches_mlx_lm(tiny_folder):
     """The text, not only the ids: mlx_lm's own loader picks the BPE streaming detokenizer (no leading space)."""
     from mlx_lm import load, stream_generate
