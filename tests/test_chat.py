@@ -222,6 +222,19 @@ def test_chat_in_a_terminal_keeps_history_after_ctrl_c_and_leaves_on_ctrl_d(tiny
     assert term.close() == 0 and "Traceback" not in term.seen
 
 
+def test_chat_in_a_terminal_refuses_a_line_that_is_not_utf8_and_goes_on(tiny_folder):
+    term = Terminal("--model", str(tiny_folder), "--max-tokens", "3", "--temp", "0")
+    term.read_until(r"> $")
+    term.type("hello world\n")
+    term.read_until(r"peak memory.*\n> $")
+    os.write(term.master, b"caf\xe9 \xff\n")
+    term.read_until(r"not valid UTF-8.*\n> $")
+    term.type("the lazy dog\n")
+    term.read_until(r"peak memory[^$]*peak memory.*\n> $")
+    term.type("\x04")  # Ctrl-D
+    assert term.close() == 0 and "Traceback" not in term.seen
+
+
 @pytest.mark.packaged_model
 def test_chat_with_the_packaged_model_remembers_and_forgets():
     result = chat("My name is Ada. Please remember it.", "What is my name?", "/reset", "What is my name?",

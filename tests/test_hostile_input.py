@@ -6,6 +6,7 @@ import qwen2_scratch as q  # noqa: F401  (first: the fast BLAS before MLX)
 # isort: split
 import json
 import os
+import re
 import resource
 import subprocess
 from pathlib import Path
@@ -197,7 +198,12 @@ def test_chat_skips_a_line_that_is_not_utf8_and_keeps_going(tiny_folder):
                        input=b"hello world\ncaf\xe9 \xff\nthe lazy dog\n")
     assert result.returncode == 0 and b"Traceback" not in result.stderr, result.stderr
     assert b"not valid UTF-8" in result.stderr and result.stdout.count(b"\n\n") == 2
-    assert result.stderr.count(b"prefill: ") == 2
+    without = run_bytes("chat", "-m", str(tiny_folder), "--max-tokens", "3", "--temp", "0",
+                        input=b"hello world\nthe lazy dog\n")
+    alone = run_bytes("chat", "-m", str(tiny_folder), "--max-tokens", "3", "--temp", "0", input=b"the lazy dog\n")
+    prefills = [re.findall(rb"prefill: (\d+)", r.stderr) for r in (result, without, alone)]
+    assert prefills[0] == prefills[1], "the same turns, as if the line had never been typed"
+    assert prefills[1][1] != prefills[2][0], "the second turn is run on top of the first one's history"
 
 
 # ---------------------------------------------------------------------------------------------
