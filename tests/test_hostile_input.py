@@ -431,3 +431,18 @@ def test_gguf_conversions_are_keyed_by_content_not_mtime(gguf_cache):
     (path.parent / "moved").mkdir()
     moved = path.rename(path.parent / "moved" / path.name)
     assert pull_again(moved, env).stdout.strip() == str(folder)  # the same content, the same conversion
+
+
+@pytest.mark.packaged_model
+def test_streamed_text_of_the_packaged_model_matches_mlx_lm(packaged, packaged_mlx_lm):
+    """Once `red, ...` streamed as ` red, ...`: the text printed, not only the ids, is mlx_lm's."""
+    from mlx_lm import stream_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    prompt = "The three primary colors are"
+    ours = run_cli("generate", "--prompt", prompt, "--raw", "--max-tokens", "12")
+    model, tokenizer = packaged_mlx_lm
+    theirs = "".join(r.text for r in stream_generate(model, tokenizer, prompt, max_tokens=12,
+                                                     sampler=make_sampler(0.0)))
+    assert ours.returncode == 0 and ours.stdout == theirs + "\n", (ours.stdout, theirs)
+    assert not ours.stdout.startswith(" ")
