@@ -9,8 +9,14 @@ talks to.
 import qwen2_scratch as q  # first: the model loads the fast BLAS before MLX
 
 # isort: split
+import contextlib
+import queue
+import signal
 import sys
+import termios
+import threading
 
+import jinja2
 import mlx.core as mx
 
 __all__ = ["Chat", "repl"]
@@ -101,50 +107,149 @@ class Chat:
         self.last_report = report
 
 
+def is_utf8(line: str) -> bool:
+    """False for a line read with surrogateescape from bytes that are not UTF-8."""
+    try:
+        line.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def notice(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
+
+
+class CtrlC:
+    """The chat's SIGINT handler: KeyboardInterrupt at the prompt and during an answer (where it is
+    expected), a flag anywhere else (between the two, where an exception would escape the loop)."""
+
+    def __init__(self):
+        self.pressed, self.raising = False, False
+
+    def __call__(self, signum, frame):
+        if self.raising:
+            raise KeyboardInterrupt
+        self.pressed = True
+
+    @contextlib.contextmanager
+    def raises(self):
+        """Ctrl-C raises inside this block, including one pressed just before it."""
+        self.raising = True
+        try:
+            if self.pressed:
+                self.pressed = False
+                raise KeyboardInterrupt
+            yield
+        finally:
+            self.raising = False
+
+
+def prompt(text: str) -> str:
+    """input() in a thread of its own, while the main thread waits in Python, where Ctrl-C always raises.
+
+    readline notices a signal only if it lands while its select() waits: one that landed just
+    before (as the prompt appeared) was noticed by nobody, and the chat hung there.
+    """
+    lines: queue.Queue = queue.Queue()
+
+    def read():
+        try:
+            lines.put(input(text))
+        except BaseException as e:  # EOFError, a decoding error: raised again in the main thread
+            lines.put(e)
+
+    terminal = termios.tcgetattr(sys.stdin.fileno())
+    try:
+        threading.Thread(target=read, daemon=True).start()
+        while True:
+            with contextlib.suppress(queue.Empty):
+                line = lines.get(timeout=0.1)
+                if isinstance(line, BaseException):
+                    raise line
+                return line
+    except KeyboardInterrupt:
+        termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, terminal)  # readline left it raw
+        raise
+
+
+def read_line(lines, ctrl_c: CtrlC) -> str | None:
+    """The next line: from the terminal's prompt when lines is None; None at the end or on Ctrl-C."""
+    try:
+        with ctrl_c.raises():
+            return prompt("> ") if lines is None else next(lines, None)
+    except (EOFError, KeyboardInterrupt):
+        return None
+
+
+def answer(chat: Chat, line: str, interactive: bool, ctrl_c: CtrlC) -> None:
+    """Stream the answer to one user line, then its stats; KeyboardInterrupt on Ctrl-C."""
+    ids = chat.fit(line, notice)
+    if ids is None:
+        return
+    with ctrl_c.raises():
+        for segment in chat.reply(line, ids, notice):
+            sys.stdout.write(segment)
+            sys.stdout.flush()
+    sys.stdout.write("\n" if interactive else "\n\n")
+    sys.stdout.flush()
+    notice(q.stats_line(chat.last_report))
 
 
 def repl(chat: Chat, interactive: bool) -> None:
     """Talk until end of input or /quit: a prompt and line editing in a terminal, one turn per line otherwise.
 
     Answers go to stdout (in a pipe each is followed by an empty line); everything else to stderr.
+    Ctrl-C at the prompt leaves; during an answer it stops it, and the turn is dropped from the history.
     """
+    ctrl_c = CtrlC()
+    previous = signal.signal(signal.SIGINT, ctrl_c)
+    try:
+        talk(chat, interactive, ctrl_c)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def warm_up(chat: Chat) -> None:
+    """Run the compiled decode step and sampler once, before the first prompt: on their first call MLX
+    runs a shell command (system(), which ignores SIGINT while it runs), and a Ctrl-C then was lost."""
+    cache = q.new_cache(chat.config, dtype=chat.params["model"]["norm"]["weight"].dtype)
+    for _ in q.generate_tokens(chat.params, chat.config, [0], cache, chat.sampling, max_tokens=2, kernels=chat.kernels):
+        pass
+
+
+def talk(chat: Chat, interactive: bool, ctrl_c: CtrlC) -> None:
+    warm_up(chat)
     if interactive:
         import readline  # noqa: F401  (line editing and history for input())
     config = chat.config
     notice(f"qwen2-scratch chat ({config.num_hidden_layers} layers, {len(chat.tokenizer.vocab)} tokens); "
            "/help for commands, Ctrl-D or /quit to leave")
-    lines = iter(sys.stdin) if not interactive else None
+    lines = None if interactive else iter(sys.stdin)
     while True:
-        try:
-            line = input("> ") if interactive else next(lines, None)
-        except (EOFError, KeyboardInterrupt):
-            line = None
+        if ctrl_c.pressed:  # after the answer's last token, before the prompt
+            ctrl_c.pressed = False
+            notice("[interrupted: the answer was complete and stays in the history]")
+        line = read_line(lines, ctrl_c)
         if line is None:
             if interactive:
                 notice("")
             return
         line = line.strip()
-        if not line:
-            continue
-        if line.startswith("/"):
+        if not is_utf8(line):
+            notice("error: this line is not valid UTF-8; it was not sent")
+        elif line.startswith("/"):
             said = chat.command(line)
             if said == "quit":
                 return
             notice(said)
-            continue
-        ids = chat.fit(line, notice)
-        if ids is None:
-            continue
-        try:
-            for segment in chat.reply(line, ids, notice):
-                sys.stdout.write(segment)
+        elif line:
+            try:
+                answer(chat, line, interactive, ctrl_c)
+            except jinja2.TemplateError as e:
+                notice(f"error: the model's chat template refused this turn ({e}); it was not sent")
+            except KeyboardInterrupt:
+                sys.stdout.write("\n")
                 sys.stdout.flush()
-            sys.stdout.write("\n" if interactive else "\n\n")
-            sys.stdout.flush()
-            notice(q.stats_line(chat.last_report))
-        except KeyboardInterrupt:
-            sys.stdout.write("\n")
-            sys.stdout.flush()
-            notice("[interrupted: this question and its answer were dropped from the history]")
+                notice("[interrupted: this question and its answer were dropped from the history]")
+                ctrl_c.pressed = False

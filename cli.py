@@ -9,10 +9,12 @@ import qwen2_scratch as q  # first: the model loads the fast BLAS before MLX
 
 # isort: split
 import json
+import math
 import os
 import sys
 
 import click
+import jinja2
 import mlx.core as mx
 
 import bench
@@ -39,25 +41,36 @@ def model_options(f):
     return f
 
 
+class Finite(click.FloatRange):
+    """A FloatRange that refuses nan and inf too (nan passes every comparison)."""
+
+    def convert(self, value, param, ctx):
+        value = super().convert(value, param, ctx)
+        if not math.isfinite(value):
+            self.fail(f"{value} is not a finite number.", param, ctx)
+        return value
+
+
 def sampling_options(temp, top_p, rep, max_tokens):
     """The sampling flags, with each command's own defaults."""
     def decorate(f):
         for option in reversed([
             click.option("--max-tokens", type=click.IntRange(min=1), default=max_tokens, show_default=True,
                          help="Most tokens to generate."),
-            click.option("--temp", type=click.FloatRange(min=0), default=temp, show_default=True,
+            click.option("--temp", type=Finite(min=0), default=temp, show_default=True,
                          help="Sampling temperature; 0 is greedy."),
-            click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=top_p,
+            click.option("--top-p", type=Finite(0, 1, min_open=True), default=top_p,
                          show_default=True, help="Nucleus sampling; 1 is off."),
             click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
                          help="Keep the k likeliest tokens; 0 is off."),
-            click.option("--min-p", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+            click.option("--min-p", type=Finite(0, 1), default=0.0, show_default=True,
                          help="Drop tokens less likely than min-p times the likeliest; 0 is off."),
-            click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=rep,
+            click.option("--repetition-penalty", type=Finite(min=0, min_open=True), default=rep,
                          show_default=True, help="Penalty for recent tokens; 1 is off."),
             click.option("--repetition-context", type=click.IntRange(min=1), default=20, show_default=True,
                          help="How many recent tokens the penalty looks at."),
-            click.option("--seed", type=int, default=0, show_default=True, help="Random seed for sampling."),
+            click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=0, show_default=True,
+                         help="Random seed for sampling."),
             click.option("--max-kv-size", type=click.IntRange(min=1), default=None,
                          help="Most tokens the KV cache holds [default: the model's max_position_embeddings]."),
         ]):
@@ -76,6 +89,26 @@ def load_model(model, dtype):
         return weights.load(model, dtype)
     except weights.ModelError as e:
         raise click.ClickException(str(e)) from None
+
+
+def utf8_prompt(prompt: str) -> str:
+    """The prompt, read from stdin for -, refused with one line if it is not UTF-8."""
+    try:
+        text = sys.stdin.buffer.read().decode("utf-8") if prompt == "-" else prompt
+        text.encode("utf-8")  # argv arrives with undecodable bytes as lone surrogates
+        return text
+    except (UnicodeDecodeError, UnicodeEncodeError):
+        raise click.BadParameter("the prompt is not valid UTF-8", param_hint="--prompt") from None
+
+
+def templated(tokenizer, messages: list[dict]) -> list[int]:
+    """The chat template applied, or one line: there is none (we do not guess one), or it refused."""
+    if tokenizer.chat_template is None:
+        raise click.ClickException("this model has no chat template; use generate --raw to continue plain text")
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    except jinja2.TemplateError as e:
+        raise click.ClickException(f"the model's chat template refused the messages: {e}") from None
 
 
 def quiet_broken_pipe():
@@ -130,8 +163,7 @@ def generate_command(model, dtype, kernels, prompt, system, raw, **o):
       qwen2-scratch generate --prompt "Write a haiku about the sea"
       echo "def fib(n):" | qwen2-scratch generate --raw --prompt - --max-tokens 64
     """
-    if prompt == "-":
-        prompt = sys.stdin.read()
+    prompt = utf8_prompt(prompt)
     if not prompt.strip():
         raise click.BadParameter("the prompt is empty", param_hint="--prompt")
     if raw and system is not None:
@@ -141,8 +173,7 @@ def generate_command(model, dtype, kernels, prompt, system, raw, **o):
         ids = tokenizer.encode(prompt)
     else:
         messages = ([{"role": "system", "content": system}] if system is not None else [])
-        ids = tokenizer.apply_chat_template(messages + [{"role": "user", "content": prompt}],
-                                            add_generation_prompt=True)
+        ids = templated(tokenizer, messages + [{"role": "user", "content": prompt}])
     mx.random.seed(o["seed"])
     report = {}
     try:
@@ -185,6 +216,8 @@ def chat_command(model, dtype, kernels, system, **o):
     mx.random.seed(o["seed"])
     session = chat.Chat(params, config, tokenizer, system, sampling_from(o), o["max_tokens"], o["max_kv_size"],
                         kernels)
+    templated(tokenizer, [{"role": "system", "content": system or ""}, {"role": "user", "content": "hi"}])
+    sys.stdin.reconfigure(errors="surrogateescape")  # a line that is not UTF-8 is refused, not fatal
     try:
         chat.repl(session, interactive=sys.stdin.isatty())
     except BrokenPipeError:
@@ -277,6 +310,9 @@ def bench_command(model, dtype, kernels, shape, prompt_tokens, gen_tokens, trial
                                  param_hint="--prompt-tokens") from None
     if not lengths or lengths[0] < 1:
         raise click.BadParameter("prompt lengths must be at least 1", param_hint="--prompt-tokens")
+    if json_path and not os.path.isdir(os.path.dirname(os.path.abspath(json_path))):
+        raise click.BadParameter(f"the folder {os.path.dirname(os.path.abspath(json_path))} does not exist",
+                                 param_hint="--json")
     try:
         report = bench.run(model, shape, dtype, ["reference", "fast"] if both_kernels else [kernels], lengths,
                            gen_tokens, trials, int4, command=" ".join(sys.orig_argv))
@@ -290,8 +326,18 @@ def bench_command(model, dtype, kernels, shape, prompt_tokens, gen_tokens, trial
 
 
 def main():
+    if sys.stdout is None:  # started with stdout closed (>&-)
+        print("Error: standard output is closed; give the command somewhere to write", file=sys.stderr)
+        sys.exit(1)
     try:
         cli(standalone_mode=False)
+    except BrokenPipeError:
+        quiet_broken_pipe()
+    except OSError as e:  # stdout on a full disk, say: the path and the cause, then no retry at exit
+        name = "standard output" if e.filename is None else e.filename
+        print(f"Error: cannot write to {name}: {e.strerror or e}", file=sys.stderr)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
     except click.ClickException as e:  # bad input: one line, exit 1 (usage errors: 2)
         e.show()
         sys.exit(e.exit_code)

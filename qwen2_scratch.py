@@ -406,16 +406,19 @@ def apply_min_p(logprobs: mx.array, p: float) -> mx.array:
     return mx.where(logprobs < floor, -mx.inf, logprobs)
 
 
+GREEDY_BELOW = 1e-5  # a temperature this small draws the argmax anyway (1 / temp would overflow)
+
+
 def sample(logits: mx.array, s: Sampling) -> mx.array:
     """Logits [B, V] -> next token ids [B], after the filters that s turns on."""
-    if s.temp == 0:
+    if s.temp < GREEDY_BELOW:
         return mx.argmax(logits, axis=-1)
     logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
     if 0 < s.top_p < 1:
         logprobs = apply_top_p(logprobs, s.top_p)
     if s.min_p > 0:
         logprobs = apply_min_p(logprobs, s.min_p)
-    if s.top_k > 0:
+    if 0 < s.top_k < logprobs.shape[-1]:  # k at least the vocabulary keeps every token
         logprobs = apply_top_k(logprobs, s.top_k)
     return mx.random.categorical(logprobs * (1 / s.temp))
 
@@ -457,7 +460,8 @@ def generate_tokens(
     if pos > max_kv_size:
         raise ValueError(f"the prompt needs {pos} tokens of context but --max-kv-size is {max_kv_size}")
     penalize = sampling.repetition_penalty != 1
-    recent = mx.array(prompt[-sampling.repetition_context :]) if penalize else None
+    context = min(sampling.repetition_context, max_kv_size)  # never more tokens than the cache holds
+    recent = mx.array(prompt[-context:]) if penalize else None
 
     tic = time.perf_counter()
     logits, cache = prefill(params, config, mx.array(prompt)[None], cache, kernels)
@@ -472,7 +476,7 @@ def generate_tokens(
             logits, cache = compiled_decode_step(params, config, y[:, None], cache, kernels)
             pos += 1
             if penalize:
-                recent = mx.concatenate([recent, y])[-sampling.repetition_context :]
+                recent = mx.concatenate([recent, y])[-context:]
             next_y = pick_next(logits, recent, sampling)
             mx.async_eval(next_y)
         token = y.item()

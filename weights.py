@@ -14,6 +14,7 @@ from qwen2_scratch import Config, config_from_dict  # first: the model loads the
 import hashlib
 import importlib.metadata
 import json
+import math
 import os
 import re
 import shutil
@@ -65,7 +66,7 @@ def default_dtype() -> str:
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qwen2-scratch"
+    return (Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qwen2-scratch").absolute()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,17 +152,25 @@ def load(model: str | None = None, dtype: str | None = None):
         raise ModelError(f"unknown dtype '{dtype}': use one of {', '.join(DTYPES)}")
     folder = resolve(model)
     params, config = load_params(folder, DTYPES[dtype])
-    return params, config, load_tokenizer(folder)
+    tokenizer = load_tokenizer(folder)
+    check_vocabulary(tokenizer, config, folder)
+    return params, config, tokenizer
 
 
-def read_config(folder: Path) -> dict:
-    path = folder / "config.json"
+def read_json(path: Path) -> dict:
+    """A JSON object from a file, or a ModelError naming the file."""
     try:
         raw = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ModelError(f"{path}: not a readable JSON config ({one_line(e)})") from None
     if not isinstance(raw, dict):
         raise ModelError(f"{path}: the config is not a JSON object")
+    return raw
+
+
+def read_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    raw = read_json(path)
     if raw.get("model_type") != "qwen2":
         raise ModelError(f"{path}: model_type is {raw.get('model_type')!r}, but this project runs only 'qwen2' models")
     missing = [f for f in ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
@@ -171,10 +180,46 @@ def read_config(folder: Path) -> dict:
     return raw
 
 
+# The config's numbers: (whole number or not, lowest, highest), plausible for any Qwen2; checked
+# before anything is built from them (a billion layers once grew memory until the kernel killed us).
+CONFIG_RANGES = {
+    "hidden_size": (int, 1, 1 << 16), "num_hidden_layers": (int, 1, 1024), "intermediate_size": (int, 1, 1 << 18),
+    "num_attention_heads": (int, 1, 1024), "num_key_value_heads": (int, 1, 1024), "vocab_size": (int, 1, 1 << 22),
+    "max_position_embeddings": (int, 1, 1 << 24), "rms_norm_eps": (float, 0, 1), "rope_theta": (float, 0, 1e12),
+}
+
+
+def config_problem(key: str, value) -> str | None:
+    """What is wrong with one config value, or None."""
+    if key == "tie_word_embeddings":
+        return None if isinstance(value, bool) else "expected true or false"
+    kind, low, high = CONFIG_RANGES[key]
+    if kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+        return None if ok else f"expected a whole number from {low} to {high}"
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and low < value <= high
+    return None if ok else f"expected a number above {low} and at most {high:g}"
+
+
+def check_config(raw: dict, where) -> Config:
+    """The config's values, each of the right type and range, and consistent -> Config; else ModelError."""
+    for key in [*CONFIG_RANGES, "tie_word_embeddings"]:
+        if key in raw and (problem := config_problem(key, raw[key])):
+            raise ModelError(f"{where}: {key} is {json.dumps(raw[key])}, {problem}")
+    config = config_from_dict(raw)
+    E, H, K = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
+    if E % H or (E // H) % 2:
+        raise ModelError(f"{where}: num_attention_heads is {H}, expected a divisor of hidden_size {E} "
+                         "that leaves an even head size")
+    if H % K:
+        raise ModelError(f"{where}: num_key_value_heads is {K}, expected a divisor of num_attention_heads {H}")
+    return config
+
+
 def load_params(folder: Path, dtype=mx.float32) -> tuple[dict, Config]:
     """A model folder -> (nested params at dtype, Config), strictly checked, dequantized."""
     raw = read_config(folder)
-    config = config_from_dict(raw)
+    config = check_config(raw, folder / "config.json")
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         pickles = [p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
@@ -187,6 +232,8 @@ def load_params(folder: Path, dtype=mx.float32) -> tuple[dict, Config]:
     flat = sanitize(flat, config)
     flat = dequantize(flat, raw.get("quantization") or raw.get("quantization_config"), folder)
     check_shapes(flat, config, folder)
+    if not is_complete(folder):  # our own conversions were checked when they were made
+        check_finite(flat, folder)
     flat = {k: v.astype(dtype) for k, v in flat.items()}
     params = tree_unflatten(list(flat.items()))
     mx.eval(params)
@@ -226,10 +273,12 @@ def dequantize(flat: dict, quantization: dict | None, folder: Path) -> dict:
         prefix, name = key.rsplit(".", 1)
         if prefix in quantized and name == "weight":
             q = layer_quantization(quantization, prefix, folder)
-            out[key] = mx.dequantize(
-                value, flat[prefix + ".scales"], flat.get(prefix + ".biases"),
-                group_size=q["group_size"], bits=q["bits"], mode=q.get("mode", "affine"),
-            )
+            scales = flat[prefix + ".scales"]
+            if value.shape[-1] * 32 != scales.shape[-1] * q["group_size"] * q["bits"]:
+                raise ModelError(f"{folder}: {prefix} does not fit quantization bits {q['bits']} and group_size "
+                                 f"{q['group_size']} (packed {list(value.shape)}, scales {list(scales.shape)})")
+            out[key] = mx.dequantize(value, scales, flat.get(prefix + ".biases"), group_size=q["group_size"],
+                                     bits=q["bits"], mode=q.get("mode", "affine"))
         elif prefix not in quantized or name not in ("scales", "biases"):
             out[key] = value  # q/k/v's own `bias` stays as it is
     return out
@@ -240,7 +289,12 @@ def layer_quantization(quantization: dict | None, prefix: str, folder: Path) -> 
     if not quantization or "bits" not in quantization or "group_size" not in quantization:
         raise ModelError(f"{folder / 'config.json'}: {prefix} is quantized but the config has no quantization")
     own = quantization.get(prefix)
-    return own if isinstance(own, dict) else quantization
+    q = own if isinstance(own, dict) else quantization
+    for key, allowed in (("bits", (2, 3, 4, 5, 6, 8)), ("group_size", (32, 64, 128))):
+        if type(q.get(key)) is not int or q[key] not in allowed:
+            raise ModelError(f"{folder / 'config.json'}: quantization {key} is {json.dumps(q.get(key))}, "
+                             f"expected one of {', '.join(map(str, allowed))}")
+    return q
 
 
 def expected_shapes(config: Config) -> dict:
@@ -267,8 +321,17 @@ def expected_shapes(config: Config) -> dict:
     return shapes
 
 
+def check_layers(flat: dict, config: Config, folder: Path) -> None:
+    """The layers the tensors hold are 0 .. num_hidden_layers - 1, before any per-layer expectation is built."""
+    layers = {int(k.split(".")[2]) for k in flat if re.match(r"model\.layers\.\d+\.", k)}
+    if layers != set(range(config.num_hidden_layers)):
+        held = f"layers 0 to {max(layers)}" if layers == set(range(len(layers))) and layers else f"{len(layers)} layers"
+        raise ModelError(f"{folder}: num_hidden_layers is {config.num_hidden_layers}, but the weights hold {held}")
+
+
 def check_shapes(flat: dict, config: Config, folder: Path) -> None:
     """Every expected key present with its shape, and nothing else."""
+    check_layers(flat, config, folder)
     want = expected_shapes(config)
     for key, shape in want.items():
         if key not in flat:
@@ -280,13 +343,26 @@ def check_shapes(flat: dict, config: Config, folder: Path) -> None:
         raise ModelError(f"{folder}: unexpected weight {extra[0]} ({len(extra)} unexpected in all) for this config")
 
 
+def check_finite(flat: dict, where) -> None:
+    """No NaN or Inf in any weight (they give empty or garbage answers), named if found.
+
+    A sum per tensor, in float32, is non-finite exactly when a value is (for weights far below 1e30):
+    measured 0.6 s for 0.5B floats here, against 7.9 s for mx.isfinite(...).all().
+    """
+    sums = {k: mx.sum(v.astype(mx.float32)) for k, v in flat.items()}
+    mx.eval(sums)
+    bad = [k for k, total in sums.items() if not math.isfinite(total.item())]
+    if bad:
+        raise ModelError(f"{where}: {bad[0]} holds values that are not finite (NaN or Inf); the weights are damaged")
+
+
 def eos_ids(folder: Path, tokenizer) -> list[int]:
     """All end-of-sequence ids: config and generation_config, the tokenizer's, and ChatML's two."""
     ids = []
     for name in ("config.json", "generation_config.json"):
         path = folder / name
         if path.is_file():
-            value = json.loads(path.read_text()).get("eos_token_id")
+            value = read_json(path).get("eos_token_id")
             ids += value if isinstance(value, list) else [value] if value is not None else []
     if tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
@@ -296,15 +372,23 @@ def eos_ids(folder: Path, tokenizer) -> list[int]:
 
 
 def load_tokenizer(folder: Path):
-    """mlx_lm's TokenizerWrapper (streaming detokenizer, chat template) with every EOS id."""
-    from mlx_lm.tokenizer_utils import TokenizerWrapper
-    from transformers import AutoTokenizer
+    """mlx_lm's own loader, which picks the streaming detokenizer that fits (BPE for Qwen2), with every EOS id."""
+    from mlx_lm.tokenizer_utils import load as load_wrapper
 
     try:
-        hf = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+        tokenizer = load_wrapper(Path(folder), {"trust_remote_code": False})
     except Exception as e:  # transformers raises many kinds for a missing or broken tokenizer
         raise ModelError(f"{folder}: no usable tokenizer files ({one_line(e)})") from None
-    return TokenizerWrapper(hf, eos_token_ids=eos_ids(folder, hf))
+    tokenizer.eos_token_ids = eos_ids(folder, tokenizer._tokenizer)
+    return tokenizer
+
+
+def check_vocabulary(tokenizer, config: Config, folder: Path) -> None:
+    """Every id the tokenizer can give has a row in the embeddings (a gather past them reads garbage)."""
+    largest = max(tokenizer.get_vocab().values())
+    if largest >= config.vocab_size:
+        raise ModelError(f"{folder}: the tokenizer has ids up to {largest}, but vocab_size is {config.vocab_size} "
+                         "(the embedding rows): the tokenizer belongs to another model")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,27 +414,68 @@ def hf_name(gguf_name: str) -> str:
     raise ModelError(f"unexpected GGUF tensor {gguf_name} for a qwen2 model")
 
 
+def content_key(path: Path) -> str:
+    """The file's size and SHA-256 of its first 8 MiB (header, metadata) and last 1 MiB: touching it changes nothing."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        digest.update(f.read(8 << 20))
+        f.seek(max(0, size - (1 << 20)))
+        digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
 def gguf_folder(path: Path) -> Path:
     """A user's GGUF file -> its converted folder in the cache (converted on first use)."""
-    st = path.stat()
-    key = hashlib.sha256(f"{path}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    target = cache_root() / f"gguf-{path.stem}-{key}"
-    if not (target / "config.json").is_file():
-        convert_once(target, lambda tmp: convert_gguf(path, tmp))
-    return target
+    return cached(cache_root() / f"gguf-{path.stem}-{content_key(path)}", lambda tmp: convert_gguf(path, tmp))
 
 
 def packaged_folder() -> Path:
     """The packaged offline model -> its converted folder (checked and converted on first use)."""
-    target = cache_root() / f"packaged-{PACKAGED_SHA256[:16]}"
-    if not (target / "config.json").is_file():
-        def build(tmp: Path):
-            gguf_path = tmp / "packaged.gguf"
-            assemble_packaged(gguf_path)
-            convert_gguf(gguf_path, tmp, eos=PACKAGED_EOS)
-            gguf_path.unlink()
+    def build(tmp: Path):
+        gguf_path = tmp / "packaged.gguf"
+        assemble_packaged(gguf_path)
+        convert_gguf(gguf_path, tmp, eos=PACKAGED_EOS)
+        gguf_path.unlink()
+    return cached(cache_root() / f"packaged-{PACKAGED_SHA256[:16]}", build)
+
+
+MARKER = "complete.json"  # written last into a converted folder: the size of every file in it
+
+
+def is_complete(folder: Path) -> bool:
+    """The folder holds every file its marker lists, each at the size written."""
+    try:
+        sizes = json.loads((folder / MARKER).read_text())
+        return bool(sizes) and all((folder / name).stat().st_size == size for name, size in sizes.items())
+    except (OSError, ValueError, AttributeError, TypeError):
+        return False
+
+
+def cached(target: Path, build) -> Path:
+    """target, (re)built with build unless it is complete; stale temporaries of dead runs removed first."""
+    remove_stale_temporaries(target.parent)
+    if not is_complete(target):
         convert_once(target, build)
     return target
+
+
+def remove_stale_temporaries(root: Path) -> None:
+    """Temporary folders (.<target>.<pid>.<random>) whose process is gone: killed mid-conversion."""
+    for tmp in root.glob(".*"):
+        found = re.search(r"\.(\d+)\.\w+$", tmp.name)
+        if found and tmp.is_dir() and not process_alive(int(found.group(1))):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def packaged_parts() -> list[Path]:
@@ -384,24 +509,39 @@ def assemble_packaged(out: Path) -> None:
 
 
 def convert_once(target: Path, build) -> None:
-    """Build into a temporary folder beside target, then rename it into place.
+    """Build into a temporary folder beside target, mark it complete (last), then rename it into place.
 
-    An interrupted conversion leaves only a temporary folder (never a broken target), and a
-    concurrent one that finishes first simply wins.
+    An interrupted conversion leaves only a temporary folder (never a broken target; the next run
+    removes it), a concurrent one that finishes first simply wins, and a broken target is replaced.
     """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", dir=target.parent))
+    except OSError as e:
+        raise ModelError(f"cannot write the converted model into {target.parent} ({e.strerror or e})") from None
     try:
         build(tmp)
         tmp.chmod(0o755)  # mkdtemp's folders are private
+        (tmp / MARKER).write_text(json.dumps({p.name: p.stat().st_size for p in tmp.iterdir()}, indent=2) + "\n")
         try:
             os.rename(tmp, target)
-        except OSError:
-            if not (target / "config.json").is_file():
-                raise
+        except OSError:  # target exists: complete (a concurrent run won), or broken (replaced here)
+            if not is_complete(target):
+                replace_folder(target, tmp)
+    except (OSError, RuntimeError) as e:  # RuntimeError: MLX's own writer, on a full disk or ulimit -f
+        raise ModelError(f"cannot write the converted model into {target.parent} ({one_line(e)}); "
+                         "is the disk full, or a file size limit (ulimit -f) set?") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log(f"  ready: {target}")
+
+
+def replace_folder(target: Path, new: Path) -> None:
+    """Move the broken target aside, rename new into its place, then delete the old one."""
+    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", dir=target.parent))
+    os.rename(target, aside / "broken")
+    os.rename(new, target)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def gguf_field(reader, key: str, default=None):
@@ -425,6 +565,9 @@ def convert_gguf(path: Path, out: Path, eos: list[int] | None = None) -> None:
     tensors = {}
     for i, t in enumerate(reader.tensors):
         data = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        if not np.isfinite(data).all():
+            raise ModelError(f"{path}: tensor {t.name} holds values that are not finite (NaN or Inf); "
+                             "the file is damaged")
         tensors[hf_name(t.name)] = mx.array(data).astype(mx.bfloat16)
         mx.eval(tensors[hf_name(t.name)])
         if (i + 1) % 50 == 0 or i + 1 == len(reader.tensors):
@@ -442,7 +585,7 @@ def convert_gguf(path: Path, out: Path, eos: list[int] | None = None) -> None:
         "rms_norm_eps": float(np.float32(gguf_field(reader, "qwen2.attention.layer_norm_rms_epsilon", 1e-6))),
         "rope_theta": gguf_field(reader, "qwen2.rope.freq_base", 1e6),
         "max_position_embeddings": gguf_field(reader, "qwen2.context_length", 32768),
-        "vocab_size": tensors["model.embed_tokens.weight"].shape[0],
+        "vocab_size": embedding_rows(tensors, path),
         "tie_word_embeddings": "lm_head.weight" not in tensors,
         "bos_token_id": gguf_field(reader, "tokenizer.ggml.bos_token_id"),
         "eos_token_id": eos or [i for i in [gguf_field(reader, "tokenizer.ggml.eos_token_id"),
@@ -456,10 +599,16 @@ def convert_gguf(path: Path, out: Path, eos: list[int] | None = None) -> None:
     missing = [k for k, v in config.items() if v is None]
     if missing:
         raise ModelError(f"{path}: the GGUF metadata has no {missing[0]}")
-    check_shapes(tensors, config_from_dict(config), path)
+    check_shapes(tensors, check_config(config, path), path)
     mx.save_safetensors(str(out / "model.safetensors"), tensors, metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     write_gguf_tokenizer(reader, path, out)
+
+
+def embedding_rows(tensors: dict, path: Path) -> int:
+    if "model.embed_tokens.weight" not in tensors:
+        raise ModelError(f"{path}: the GGUF file has no token_embd.weight (the token embeddings)")
+    return tensors["model.embed_tokens.weight"].shape[0]
 
 
 def write_gguf_tokenizer(reader, path: Path, out: Path) -> None:
@@ -473,8 +622,14 @@ def write_gguf_tokenizer(reader, path: Path, out: Path) -> None:
     d = {name: gguf_field(reader, key) for name, key in fields.items()}
     if not d["tokens"] or not d["merges"]:
         raise ModelError(f"{path}: the GGUF file has no BPE vocabulary and merges")
-    backend, _ = convert_gguf_tokenizer("qwen2", d)
     tokens = d["tokens"]
+    if d["eos_token_id"] is not None and not 0 <= d["eos_token_id"] < len(tokens):
+        raise ModelError(f"{path}: the end-of-sequence id {d['eos_token_id']} is beyond the {len(tokens)} tokens")
+    try:
+        backend, _ = convert_gguf_tokenizer("qwen2", d)
+        backend.encode("hello world")  # merges of unknown tokens fail only on use
+    except Exception as e:  # the converter and tokenizers raise many kinds for a vocabulary that does not fit
+        raise ModelError(f"{path}: the GGUF vocabulary and merges do not fit together ({one_line(e)})") from None
     tok = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         eos_token=tokens[d["eos_token_id"]] if d["eos_token_id"] is not None else "<|im_end|>",

@@ -5,10 +5,12 @@ import qwen2_scratch as q  # noqa: F401  (first: the fast BLAS before MLX)
 # isort: split
 import os
 import pty
+import random
 import re
 import select
 import signal
 import subprocess
+import sys
 import time
 
 import mlx.core as mx
@@ -127,9 +129,10 @@ class Terminal:
         os.close(slave)
         self.seen = ""
 
-    def read_until(self, pattern, timeout=120):
+    def read_until(self, pattern, timeout=120, since=0):
+        """Read until pattern shows in what was written from offset `since` on, or the chat left."""
         end = time.time() + timeout
-        while not re.search(pattern, self.seen):
+        while not re.search(pattern, self.seen[since:]):
             assert time.time() < end, f"no {pattern!r} in:\n{self.seen}"
             if select.select([self.master], [], [], 0.2)[0]:
                 try:
@@ -171,11 +174,63 @@ def test_chat_in_a_terminal_survives_ctrl_c(tiny_folder):
     assert "Traceback" not in term.seen
 
 
+MOMENTS = [0, 0, 0.001, 0.005, 0.02, 0.05, 0.2]  # seconds after a line is sent: answer, prompt or both
+
+
+def ctrl_c_session(folder, rng, max_tokens, rounds):
+    """One chat in a terminal: lines sent and Ctrl-C at random moments. During an answer the chat says
+    "[interrupted" and goes on; as the next prompt appears or at it, the chat leaves."""
+    term = Terminal("--model", str(folder), "--max-tokens", str(max_tokens), "--temp", "0")
+    term.read_until(r"> $")
+    for _ in range(rounds):
+        start = len(term.seen)
+        term.type("hello world\n")
+        term.read_until(r"hello world\r?\n", since=start)
+        time.sleep(rng.choice(MOMENTS))
+        term.proc.send_signal(signal.SIGINT)
+        term.read_until(r"\[interrupted[^\n]*\n> $", timeout=30, since=start)  # or the chat has left
+        if "[interrupted" not in term.seen[start:]:
+            break  # the Ctrl-C came at the prompt: the chat leaves by itself
+    else:
+        time.sleep(rng.choice(MOMENTS[:4]))
+        term.proc.send_signal(signal.SIGINT)  # at the prompt: leave
+    assert term.close(timeout=20) == 0, term.seen[-500:]
+    assert "Traceback" not in term.seen
+
+
+def test_chat_in_a_terminal_never_hangs_on_ctrl_c_at_varied_moments(tiny_folder):
+    """A Ctrl-C landing between the prompt and readline's wait once hung the chat (5 times in 7
+    under load): many sessions, Ctrl-C at varied moments, with a busy process beside them."""
+    rng = random.Random(12)
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        deadline, sessions = time.time() + 90, 0
+        while sessions < 4 or (time.time() < deadline and sessions < 12):
+            ctrl_c_session(tiny_folder, rng, rng.choice([3, 100000]), rounds=rng.choice([1, 3]))
+            sessions += 1
+    finally:
+        hog.kill()
+        hog.wait()
+
+
 def test_chat_in_a_terminal_keeps_history_after_ctrl_c_and_leaves_on_ctrl_d(tiny_folder):
     term = Terminal("--model", str(tiny_folder), "--max-tokens", "6", "--temp", "0")
     term.read_until(r"> $")
     term.type("hello world\n")
     term.read_until(r"peak memory.*\n> $")
+    term.type("\x04")  # Ctrl-D
+    assert term.close() == 0 and "Traceback" not in term.seen
+
+
+def test_chat_in_a_terminal_refuses_a_line_that_is_not_utf8_and_goes_on(tiny_folder):
+    term = Terminal("--model", str(tiny_folder), "--max-tokens", "3", "--temp", "0")
+    term.read_until(r"> $")
+    term.type("hello world\n")
+    term.read_until(r"peak memory.*\n> $")
+    os.write(term.master, b"caf\xe9 \xff\n")
+    term.read_until(r"not valid UTF-8.*\n> $")
+    term.type("the lazy dog\n")
+    term.read_until(r"peak memory[^$]*peak memory.*\n> $")
     term.type("\x04")  # Ctrl-D
     assert term.close() == 0 and "Traceback" not in term.seen
 

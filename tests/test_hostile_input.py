@@ -1,0 +1,448 @@
+"""Hostile input and faults: every one gets a one-line error and a non-zero exit, never a traceback, a
+hang, runaway memory or an exit 0 with garbage (issue 12)."""
+
+import qwen2_scratch as q  # noqa: F401  (first: the fast BLAS before MLX)
+
+# isort: split
+import json
+import os
+import re
+import resource
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import COMMAND, TINY, invoke, reference_model, run_cli, tiny_model, write_checkpoint
+from test_weights import write_gguf
+
+import weights
+
+
+def one_line_error(result, *words, exit_code=1):
+    """A CliRunner result that failed with one error line holding every one of words (besides it, stderr
+    may hold only progress or usage lines), and no traceback."""
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert result.exit_code == exit_code, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("Error")]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
+def copy_with_config(root, folder, name, **changes):
+    """A copy of a model folder whose config.json has these keys changed (None: removed)."""
+    out = root / name
+    out.mkdir()
+    for f in folder.iterdir():
+        (out / f.name).symlink_to(f)
+    (out / "config.json").unlink()
+    raw = json.loads((folder / "config.json").read_text())
+    raw.update(changes)
+    (out / "config.json").write_text(json.dumps(raw))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Runaway memory: a config that asks for a billion layers
+# ---------------------------------------------------------------------------------------------
+
+MEMORY_LIMIT = 6 << 30  # bytes of address space: far more than a tiny model needs, far less than 1e9 layers
+
+
+def run_limited(*args):
+    """The console script under an address-space limit, so that a runaway cannot hurt the machine."""
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
+    return subprocess.run([str(COMMAND), *args], capture_output=True, text=True, timeout=300, preexec_fn=limit)
+
+
+def test_a_billion_layers_is_refused_before_anything_is_built(tmp_path, tiny_folder):
+    folder = copy_with_config(tmp_path, tiny_folder, "huge", num_hidden_layers=10**9)
+    result = run_limited("generate", "-m", str(folder), "--prompt", "hi", "--max-tokens", "2")
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert result.stderr.count("\n") == 1 and "num_hidden_layers is 1000000000" in result.stderr, result.stderr
+
+
+def test_a_gguf_with_a_billion_blocks_is_refused(tmp_path, tiny_tokenizer_dir):
+    model, raw = tiny_model(tie=False)
+    write_gguf(tmp_path / "huge.gguf", model, {**raw, "num_hidden_layers": 10**9}, tiny_tokenizer_dir)
+    result = run_limited("pull", "-m", str(tmp_path / "huge.gguf"))
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "num_hidden_layers is 1000000000" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_layer_count_must_match_the_tensors(tmp_path, tiny_folder):
+    folder = copy_with_config(tmp_path, tiny_folder, "three", num_hidden_layers=3)
+    one_line_error(invoke("generate", "-m", str(folder), "--prompt", "hi"), "num_hidden_layers is 3",
+                   "layers 0 to 1")
+
+
+# ---------------------------------------------------------------------------------------------
+# Config values of the wrong type or impossible: one validation, naming key, value and expectation
+# ---------------------------------------------------------------------------------------------
+
+BAD_CONFIGS = [
+    ({"hidden_size": "64"}, "hidden_size is \"64\""), ({"hidden_size": 64.0}, "hidden_size is 64.0"),
+    ({"num_attention_heads": 0}, "num_attention_heads is 0"), ({"rms_norm_eps": None}, "rms_norm_eps is null"),
+    ({"tie_word_embeddings": "false"}, "tie_word_embeddings is \"false\""),
+    ({"rope_theta": "fast"}, "rope_theta is \"fast\""),
+    ({"max_position_embeddings": 0}, "max_position_embeddings is 0"),
+    ({"num_key_value_heads": 3}, "num_key_value_heads"), ({"vocab_size": -1}, "vocab_size is -1"),
+    ({"rope_theta": float("inf")}, "rope_theta is Infinity"), ({"hidden_size": True}, "hidden_size is true"),
+]
+
+
+@pytest.mark.parametrize("changes,words", BAD_CONFIGS, ids=[str(c) for c, _ in BAD_CONFIGS])
+def test_bad_config_values_are_named(tmp_path, tiny_folder, changes, words):
+    folder = copy_with_config(tmp_path, tiny_folder, "bad", **changes)
+    line = one_line_error(invoke("generate", "-m", str(folder), "--prompt", "hi"), words, "config.json")
+    assert "expected" in line
+
+
+def test_quantization_bits_that_do_not_match_the_data(tmp_path, tiny_tokenizer_dir):
+    model, raw = tiny_model(quantize=(4, 64))
+    folder = write_checkpoint(tmp_path / "q4", model, raw, tiny_tokenizer_dir)
+    for bits, words in [("4", "bits is \"4\""), (8, "bits 8")]:
+        (folder / "config.json").write_text(json.dumps({**raw, "quantization": {"group_size": 64, "bits": bits}}))
+        one_line_error(invoke("generate", "-m", str(folder), "--prompt", "hi"), words)
+
+
+def test_generation_config_that_is_not_json(tmp_path, tiny_folder):
+    folder = copy_with_config(tmp_path, tiny_folder, "gen")
+    (folder / "generation_config.json").write_text("{nope")
+    one_line_error(invoke("generate", "-m", str(folder), "--prompt", "hi"), "generation_config.json",
+                   "not a readable JSON")
+
+
+def test_config_validation_holds_for_any_value(tmp_path_factory):
+    """Property: any JSON value for any checked key gives a Config or a ModelError, nothing else."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    values = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12), st.floats(allow_nan=True),
+                       st.text(max_size=5), st.lists(st.integers(), max_size=2))
+    keys = st.sampled_from(sorted(weights.CONFIG_RANGES) + ["tie_word_embeddings"])
+
+    @settings(max_examples=300, deadline=None)
+    @given(keys, values)
+    def check(key, value):
+        raw = {**TINY, key: value}
+        try:
+            config = weights.check_config(raw, "config.json")
+        except weights.ModelError as e:
+            assert key in str(e) and "\n" not in str(e)
+        else:
+            assert getattr(config, key) == value
+
+    check()
+
+
+# ---------------------------------------------------------------------------------------------
+# Options out of range: non-finite floats, seeds, top-k and repetition context beyond the vocabulary
+# ---------------------------------------------------------------------------------------------
+
+BAD_OPTIONS = [
+    (["--seed", "-1"], "--seed"), (["--seed", str(2**64)], "--seed"),
+    (["--temp", "nan"], "--temp"), (["--temp", "inf"], "--temp"), (["--top-p", "nan"], "--top-p"),
+    (["--min-p", "nan"], "--min-p"), (["--repetition-penalty", "nan"], "--repetition-penalty"),
+    (["--repetition-penalty", "inf"], "--repetition-penalty"),
+]
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+@pytest.mark.parametrize("args,words", BAD_OPTIONS, ids=[" ".join(a) for a, _ in BAD_OPTIONS])
+def test_bad_options_are_usage_errors(tiny_folder, command, args, words):
+    prompt = ["--prompt", "hi"] if command == "generate" else []
+    result = invoke(command, "-m", str(tiny_folder), *prompt, *args, input="hello\n")
+    assert result.exit_code == 2 and words in result.stderr and result.exception is None or \
+        isinstance(result.exception, SystemExit), result.output
+
+
+def test_top_k_beyond_the_vocabulary_and_a_huge_repetition_context_are_clamped(tiny_folder):
+    base = ["generate", "-m", str(tiny_folder), "--prompt", "hello", "--max-tokens", "8", "--seed", "1"]
+    wide = invoke(*base, "--temp", "1", "--top-k", "100000")
+    off = invoke(*base, "--temp", "1", "--top-k", "0")
+    assert wide.exit_code == 0 and wide.stdout == off.stdout, wide.output
+    huge = invoke(*base, "--repetition-penalty", "1.3", "--repetition-context", "99999999999")
+    whole = invoke(*base, "--repetition-penalty", "1.3", "--repetition-context", "32768")
+    assert huge.exit_code == 0 and huge.stdout == whole.stdout, huge.output
+
+
+def test_tiny_temperatures_are_greedy(tiny_folder):
+    base = ["generate", "-m", str(tiny_folder), "--prompt", "hello", "--max-tokens", "12"]
+    greedy = invoke(*base, "--temp", "0")
+    for temp in ("1e-300", "1e-30", "1e-8"):
+        result = invoke(*base, "--temp", temp, "--seed", "5")
+        assert result.exit_code == 0 and result.stdout == greedy.stdout, (temp, result.output)
+
+
+# ---------------------------------------------------------------------------------------------
+# Input that is not UTF-8
+# ---------------------------------------------------------------------------------------------
+
+
+def run_bytes(*args, input=b""):
+    return subprocess.run([str(COMMAND), *args], input=input, capture_output=True, timeout=300)
+
+
+def test_prompt_that_is_not_utf8(tiny_folder):
+    result = run_bytes("generate", "-m", str(tiny_folder), "--prompt", "-", input=b"caf\xe9 \xff\n")
+    assert result.returncode == 2 and b"not valid UTF-8" in result.stderr and b"Traceback" not in result.stderr
+    result = run_bytes("generate", "-m", str(tiny_folder), "--prompt", b"caf\xe9")
+    assert result.returncode == 2 and b"not valid UTF-8" in result.stderr and b"Traceback" not in result.stderr
+
+
+def test_chat_skips_a_line_that_is_not_utf8_and_keeps_going(tiny_folder):
+    result = run_bytes("chat", "-m", str(tiny_folder), "--max-tokens", "3", "--temp", "0",
+                       input=b"hello world\ncaf\xe9 \xff\nthe lazy dog\n")
+    assert result.returncode == 0 and b"Traceback" not in result.stderr, result.stderr
+    assert b"not valid UTF-8" in result.stderr and result.stdout.count(b"\n\n") == 2
+    without = run_bytes("chat", "-m", str(tiny_folder), "--max-tokens", "3", "--temp", "0",
+                        input=b"hello world\nthe lazy dog\n")
+    alone = run_bytes("chat", "-m", str(tiny_folder), "--max-tokens", "3", "--temp", "0", input=b"the lazy dog\n")
+    prefills = [re.findall(rb"prefill: (\d+)", r.stderr) for r in (result, without, alone)]
+    assert prefills[0] == prefills[1], "the same turns, as if the line had never been typed"
+    assert prefills[1][1] != prefills[2][0], "the second turn is run on top of the first one's history"
+
+
+# ---------------------------------------------------------------------------------------------
+# Chat templates: none at all, or one that raises
+# ---------------------------------------------------------------------------------------------
+
+
+def folder_with_template(root, tiny_folder, name, template):
+    folder = copy_with_config(root, tiny_folder, name)
+    config = folder / "tokenizer_config.json"
+    raw = json.loads(config.read_text())
+    raw.pop("chat_template", None)
+    if template is not None:
+        raw["chat_template"] = template
+    config.unlink()
+    config.write_text(json.dumps(raw))
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    return folder
+
+
+def test_no_chat_template_says_so_and_raw_still_works(tmp_path, tiny_folder):
+    folder = folder_with_template(tmp_path, tiny_folder, "plain", None)
+    one_line_error(invoke("generate", "-m", str(folder), "--prompt", "hi"), "no chat template", "--raw")
+    one_line_error(invoke("chat", "-m", str(folder), input="hi\n"), "no chat template", "--raw")
+    assert invoke("generate", "-m", str(folder), "--prompt", "hi", "--raw", "--max-tokens", "3").exit_code == 0
+
+
+def test_a_template_that_raises_gives_its_message(tmp_path, tiny_folder):
+    folder = folder_with_template(tmp_path, tiny_folder, "raises", "{{ raise_exception('roles must alternate') }}")
+    one_line_error(invoke("generate", "-m", str(folder), "--prompt", "hi"), "roles must alternate")
+    one_line_error(invoke("chat", "-m", str(folder), input="hi\n"), "roles must alternate")
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF files with a broken vocabulary or no embeddings
+# ---------------------------------------------------------------------------------------------
+
+
+def broken_gguf(path, tiny_tokenizer_dir, drop=None, eos=None, merges=None):
+    """A tiny GGUF file, then with a tensor dropped or a tokenizer field replaced (by rewriting it)."""
+    import gguf
+
+    model, raw = tiny_model(tie=False)
+    write_gguf(path, model, raw, tiny_tokenizer_dir)
+    reader = gguf.GGUFReader(str(path))
+    writer = gguf.GGUFWriter(str(path) + ".new", "qwen2")
+    for name, field in reader.fields.items():
+        if name.startswith(("GGUF.", "general.architecture")):
+            continue
+        value = field.contents()
+        if name == "tokenizer.ggml.eos_token_id" and eos is not None:
+            value = eos
+        if name == "tokenizer.ggml.merges" and merges is not None:
+            value = merges
+        writer.add_key_value(name, value, field.types[0], sub_type=field.types[-1] if len(field.types) > 1 else None)
+    for t in reader.tensors:
+        if t.name != drop:
+            writer.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    (path.parent / (path.name + ".new")).rename(path)
+    return path
+
+
+@pytest.mark.parametrize("change,words", [
+    ({"drop": "token_embd.weight"}, "no token_embd"), ({"eos": 10**6}, "end-of-sequence id 1000000"),
+    ({"merges": ["zz qq", "h e"]}, "merges"),
+], ids=["no token_embd", "eos beyond vocab", "merges mismatch"])
+def test_broken_gguf_vocabulary(tmp_path, tiny_tokenizer_dir, monkeypatch, change, words):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    path = broken_gguf(tmp_path / "broken.gguf", tiny_tokenizer_dir, **change)
+    one_line_error(invoke("pull", "-m", str(path)), words)
+
+
+# ---------------------------------------------------------------------------------------------
+# Silent garbage: tokenizer beyond the embeddings, non-finite weights, the streamed text
+# ---------------------------------------------------------------------------------------------
+
+
+def test_tokenizer_larger_than_the_embeddings_is_refused(tmp_path, tiny_tokenizer_dir):
+    model, _, _, raw = reference_model(**{**TINY, "vocab_size": 100, "eos_token_id": None})
+    folder = write_checkpoint(tmp_path / "v100", model, {**raw, "eos_token_id": 2}, tiny_tokenizer_dir)
+    one_line_error(invoke("generate", "-m", str(folder), "--prompt", "hi"), "tokenizer", "vocab_size is 100")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_with_the_tensor_name(tmp_path, tiny_tokenizer_dir, bad):
+    model, raw = tiny_model(tie=False)
+    model.model.layers[1].mlp.up_proj.weight[3, 5] = bad
+    folder = write_checkpoint(tmp_path / "nan", model, raw, tiny_tokenizer_dir)
+    one_line_error(invoke("generate", "-m", str(folder), "--prompt", "hi"), "model.layers.1.mlp.up_proj.weight",
+                   "not finite")
+
+
+def test_non_finite_weights_in_a_gguf_are_refused_at_conversion(tmp_path, tiny_tokenizer_dir, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    model, raw = tiny_model(tie=False)
+    model.model.norm.weight[7] = float("nan")  # stored as F32
+    write_gguf(tmp_path / "nan.gguf", model, raw, tiny_tokenizer_dir)
+    one_line_error(invoke("pull", "-m", str(tmp_path / "nan.gguf")), "output_norm.weight", "not finite")
+
+
+def test_streamed_text_matches_mlx_lm(tiny_folder):
+    """The text, not only the ids: mlx_lm's own loader picks the BPE streaming detokenizer (no leading space)."""
+    from mlx_lm import load, stream_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    ours = invoke("generate", "-m", str(tiny_folder), "--prompt", "the quick brown", "--raw", "--max-tokens", "16")
+    model, tokenizer = load(str(tiny_folder))
+    theirs = "".join(r.text for r in stream_generate(model, tokenizer, "the quick brown", max_tokens=16,
+                                                     sampler=make_sampler(0.0)))
+    assert ours.exit_code == 0 and ours.stdout == theirs + "\n"
+    assert type(weights.load_tokenizer(tiny_folder).detokenizer).__name__ == "BPEStreamingDetokenizer"
+
+
+# ---------------------------------------------------------------------------------------------
+# I/O faults: stdout full or closed, a folder that does not exist, a read-only or full cache
+# ---------------------------------------------------------------------------------------------
+
+
+def test_stdout_full_or_closed(tiny_folder):
+    args = [str(COMMAND), "generate", "-m", str(tiny_folder), "--prompt", "hi", "--max-tokens", "3"]
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(args, stdout=full, stderr=subprocess.PIPE, text=True, timeout=300)
+    assert result.returncode == 1 and "standard output" in result.stderr and "No space left" in result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    result = subprocess.run(" ".join(args) + " >&-", shell=True, stderr=subprocess.PIPE, text=True, timeout=300)
+    assert result.returncode == 1 and "standard output" in result.stderr and result.stderr.count("\n") == 1, \
+        result.stderr
+
+
+def test_bench_json_into_a_missing_folder_fails_before_the_run(tmp_path):
+    result = invoke("bench", "--shape", "qwen2-0.5b", "--json", str(tmp_path / "nope" / "b.json"))
+    one_line_error(result, str(tmp_path / "nope"), exit_code=2)
+
+
+def test_read_only_cache_and_a_file_size_limit_during_conversion(tmp_path, tiny_tokenizer_dir):
+    model, raw = tiny_model(tie=False)
+    write_gguf(tmp_path / "m.gguf", model, raw, tiny_tokenizer_dir)
+    cache = tmp_path / "cache"
+    cache.write_text("a file where the cache folder should be (chmod cannot stop root, the tests' user here)")
+    env = {"XDG_CACHE_HOME": str(cache)}
+    result = run_cli("pull", "-m", str(tmp_path / "m.gguf"), env=env)
+    assert result.returncode == 1 and str(cache) in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.count("Error") == 1
+    cache.unlink()
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+    result = subprocess.run([str(COMMAND), "pull", "-m", str(tmp_path / "m.gguf")], capture_output=True, text=True,
+                            env={**os.environ, **env}, preexec_fn=small_files, timeout=300)
+    assert result.returncode == 1 and str(cache) in result.stderr and "Traceback" not in result.stderr, \
+        result.stderr
+    assert not list((cache / "qwen2-scratch").glob("*gguf-*")), "a failed conversion leaves nothing behind"
+
+
+# ---------------------------------------------------------------------------------------------
+# A cache that heals: checked on use, rebuilt atomically, no stale temporaries, absolute paths
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def gguf_cache(tmp_path, tiny_tokenizer_dir):
+    """(a tiny GGUF file, the env of a fresh cache, the folder pull gives for it)."""
+    model, raw = tiny_model(tie=False)
+    write_gguf(tmp_path / "m.gguf", model, raw, tiny_tokenizer_dir)
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    first = run_cli("pull", "-m", str(tmp_path / "m.gguf"), env=env)
+    assert first.returncode == 0, first.stderr
+    return tmp_path / "m.gguf", env, Path(first.stdout.strip())
+
+
+def pull_again(path, env):
+    result = run_cli("pull", "-m", str(path), env=env)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    return result
+
+
+@pytest.mark.parametrize("damage", ["no config", "truncated weights", "no marker"])
+def test_a_broken_cache_entry_is_rebuilt(gguf_cache, damage):
+    path, env, folder = gguf_cache
+    if damage == "no config":
+        (folder / "config.json").unlink()
+    elif damage == "truncated weights":
+        data = (folder / "model.safetensors").read_bytes()
+        (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    else:
+        (folder / weights.MARKER).unlink()
+    rebuilt, served = pull_again(path, env), pull_again(path, env)
+    assert rebuilt.stdout.strip() == served.stdout.strip() == str(folder)
+    assert "converting" in rebuilt.stderr and "converting" not in served.stderr
+    assert invoke("generate", "-m", str(folder), "--prompt", "hi", "--max-tokens", "2").exit_code == 0
+    assert not list(folder.parent.glob(".*")), "no temporary or stale folder is left"
+
+
+def test_stale_temporaries_of_dead_processes_are_removed(gguf_cache):
+    path, env, folder = gguf_cache
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = folder.parent / f".{folder.name}.{dead.pid}.tmp1"
+    live = folder.parent / f".{folder.name}.{os.getpid()}.tmp2"
+    for d in (stale, live):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"half")
+    pull_again(path, env)
+    assert not stale.exists() and live.exists()
+
+
+def test_a_relative_cache_home_gives_absolute_paths(gguf_cache, tmp_path):
+    path, _, _ = gguf_cache
+    result = subprocess.run([str(COMMAND), "pull", "-m", str(path)], capture_output=True, text=True, timeout=300,
+                            cwd=tmp_path, env={**os.environ, "XDG_CACHE_HOME": "rel-cache"})
+    assert result.returncode == 0 and result.stdout.strip() == str(tmp_path / "rel-cache" / "qwen2-scratch" /
+                                                                  Path(result.stdout.strip()).name)
+    assert Path(result.stdout.strip()).is_absolute()
+
+
+def test_gguf_conversions_are_keyed_by_content_not_mtime(gguf_cache):
+    path, env, folder = gguf_cache
+    os.utime(path, (1, 1))  # touched
+    result = pull_again(path, env)
+    assert result.stdout.strip() == str(folder) and "converting" not in result.stderr
+    (path.parent / "moved").mkdir()
+    moved = path.rename(path.parent / "moved" / path.name)
+    assert pull_again(moved, env).stdout.strip() == str(folder)  # the same content, the same conversion
+
+
+@pytest.mark.packaged_model
+def test_streamed_text_of_the_packaged_model_matches_mlx_lm(packaged, packaged_mlx_lm):
+    """Once `red, ...` streamed as ` red, ...`: the text printed, not only the ids, is mlx_lm's."""
+    from mlx_lm import stream_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    prompt = "The three primary colors are"
+    ours = run_cli("generate", "--prompt", prompt, "--raw", "--max-tokens", "12")
+    model, tokenizer = packaged_mlx_lm
+    theirs = "".join(r.text for r in stream_generate(model, tokenizer, prompt, max_tokens=12,
+                                                     sampler=make_sampler(0.0)))
+    assert ours.returncode == 0 and ours.stdout == theirs + "\n", (ours.stdout, theirs)
+    assert not ours.stdout.startswith(" ")
