@@ -12,6 +12,7 @@ import qwen2_scratch as q  # first: the model loads the fast BLAS before MLX, as
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +32,9 @@ import weights
 os.environ.setdefault("MLX_ENABLE_TF32", "0")
 # No test ever reaches for a model hub: the hub tests use a hub cache folder they build.
 os.environ["HF_HUB_OFFLINE"] = "1"
+# Tests send Ctrl-C to the commands they start. A shell that ran pytest in the background left
+# SIGINT ignored, and children would inherit that; a handled signal is reset to default on exec.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 # The console script and every subprocess import this checkout's modules (not another editable install's).
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parent.parent),
                                                          os.environ.get("PYTHONPATH")]))
