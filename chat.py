@@ -16,10 +16,11 @@ import mlx.core as mx
 __all__ = ["Chat", "repl"]
 
 CHAT_HELP = """Commands:
-  /reset          forget the conversation (the system message stays)
+  /reset, /clear  forget the conversation (the system message stays)
   /system TEXT    set the system message and forget the conversation (/system alone: the default)
   /help           this help
-  /quit           leave (so do Ctrl-D, and Ctrl-C at the prompt)
+  /quit, /exit, /bye   leave (so do Ctrl-D, and Ctrl-C at the prompt)
+  \"\"\"              begin a message of several lines; a line ending in \"\"\" ends it
 Ctrl-C during an answer stops it; the cut answer and its question are dropped from the history,
 which keeps every complete turn before it."""
 
@@ -70,17 +71,24 @@ class Chat:
     def command(self, line: str) -> str:
         """Carry out a /command; its notice, or "quit"."""
         command, _, rest = line.partition(" ")
-        if command == "/quit":
+        if command in ("/quit", "/exit", "/bye"):  # /exit and /bye as in ollama
             return "quit"
         if command == "/help":
             return CHAT_HELP
-        if command == "/reset":
+        if command in ("/reset", "/clear"):
             self.turns = []
             return "notice: the conversation was forgotten"
         if command == "/system":
             self.system, self.turns = (rest.strip() or None), []
             return "notice: new system message; the conversation was forgotten"
         return f"unknown command {command}: /help lists the commands"
+
+    def ask(self, user: str, notice=None):
+        """One turn from a script: yield the answer's text segments (none when the message cannot fit)."""
+        notice = notice or (lambda text: print(text, file=sys.stderr, flush=True))
+        ids = self.fit(user, notice)
+        if ids is not None:
+            yield from self.reply(user, ids, notice)
 
     def reply(self, user: str, ids: list[int], notice):
         """Yield the answer's text segments; the turn joins the history only once it completes."""
@@ -105,7 +113,24 @@ def notice(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def repl(chat: Chat, interactive: bool) -> None:
+MULTILINE = '"""'  # ollama's quotes around a message of several lines
+
+
+def read_message(first: str, read) -> str | None:
+    '''A message: the line itself, or the lines from one opening with """ to one ending in """ (None: input ended).'''
+    if not first.startswith(MULTILINE):
+        return first
+    lines, line = [], first[len(MULTILINE):]
+    while not line.rstrip().endswith(MULTILINE):
+        lines.append(line)
+        line = read()
+        if line is None:
+            return None
+    lines.append(line.rstrip()[: -len(MULTILINE)])
+    return "\n".join(lines).strip()
+
+
+def repl(chat: Chat, interactive: bool, quiet: bool = False) -> None:
     """Talk until end of input or /quit: a prompt and line editing in a terminal, one turn per line otherwise.
 
     Answers go to stdout (in a pipe each is followed by an empty line); everything else to stderr.
@@ -116,9 +141,18 @@ def repl(chat: Chat, interactive: bool) -> None:
     notice(f"qwen2-scratch chat ({config.num_hidden_layers} layers, {len(chat.tokenizer.vocab)} tokens); "
            "/help for commands, Ctrl-D or /quit to leave")
     lines = iter(sys.stdin) if not interactive else None
+
+    def read(prompt="> "):
+        if interactive:
+            return input(prompt)
+        line = next(lines, None)
+        return None if line is None else line.rstrip("\n")
+
     while True:
         try:
-            line = input("> ") if interactive else next(lines, None)
+            line = read()
+            if line is not None and line.strip().startswith(MULTILINE):
+                line = read_message(line.strip(), lambda: read("... "))
         except (EOFError, KeyboardInterrupt):
             line = None
         if line is None:
@@ -143,7 +177,8 @@ def repl(chat: Chat, interactive: bool) -> None:
                 sys.stdout.flush()
             sys.stdout.write("\n" if interactive else "\n\n")
             sys.stdout.flush()
-            notice(q.stats_line(chat.last_report))
+            if not quiet:
+                notice(q.stats_line(chat.last_report))
         except KeyboardInterrupt:
             sys.stdout.write("\n")
             sys.stdout.flush()
