@@ -68,7 +68,7 @@ class ApiError(Exception):
     """A request that cannot be served; becomes {"error": {...}} with its HTTP status."""
 
     TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-             405: "invalid_request_error", 413: "invalid_request_error", 500: "server_error"}
+             405: "invalid_request_error", 413: "invalid_request_error", 500: "server_error", 503: "server_error"}
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -131,7 +131,7 @@ def generation_options(body: dict, defaults: dict) -> dict:
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
     max_tokens = number({name: max_tokens}, name, DEFAULT_MAX_TOKENS, low=1, integer=True)
-    seed = number(body, "seed", None, integer=True)
+    seed = number(body, "seed", None, low=0, high=2**63 - 1, integer=True)  # MLX seeds are unsigned
     if not isinstance(body.get("stream", False), bool):
         raise ApiError(400, "stream must be true or false", "stream")
     return {"sampling": sampling, "max_tokens": max_tokens, "stops": stop_strings(body), "seed": seed}
@@ -291,6 +291,8 @@ class Engine:
         if isinstance(item, Exception):
             log(f"error: generation failed: {type(item).__name__}: {item}")
             raise ApiError(500, f"generation failed: {item}")
+        if item is None:  # never started: the server is stopping
+            raise ApiError(503, "the server is stopping")
         yield item
 
     def close(self) -> None:

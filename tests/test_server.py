@@ -223,7 +223,8 @@ def error_of(response, status):
     ({"temperature": -1}, "temperature"), ({"temperature": "hot"}, "temperature"), ({"top_p": 0}, "top_p"),
     ({"top_p": 1.5}, "top_p"), ({"max_tokens": 0}, "max_tokens"), ({"n": 2}, "n"),
     ({"presence_penalty": 0.5}, "presence_penalty"), ({"frequency_penalty": 1}, "frequency_penalty"),
-    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"messages": []}, "messages"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"seed": -1}, "seed"), ({"seed": 1.5}, "seed"),
+    ({"messages": []}, "messages"),
     ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
 ])
 def test_bad_values_are_400_in_openai_format(served, field, param):
