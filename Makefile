@@ -29,6 +29,10 @@ test: install
 chat: install
 	$(VENV)/bin/qwen2-scratch chat $(if $(MODEL),--model "$(MODEL)") $(ARGS)
 
+# Serve the OpenAI-compatible API on 127.0.0.1:8080; MODEL=..., ARGS="--port 9000 --api-key K".
+serve: install
+	$(VENV)/bin/qwen2-scratch serve $(if $(MODEL),--model "$(MODEL)") $(ARGS)
+
 # Benchmark ours against mlx_lm side by side; writes bench.json.
 bench: install
 	$(VENV)/bin/qwen2-scratch bench $(if $(MODEL),--model "$(MODEL)") --json bench.json $(ARGS)

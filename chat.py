@@ -22,10 +22,11 @@ import mlx.core as mx
 __all__ = ["Chat", "repl"]
 
 CHAT_HELP = """Commands:
-  /reset          forget the conversation (the system message stays)
+  /reset, /clear  forget the conversation (the system message stays)
   /system TEXT    set the system message and forget the conversation (/system alone: the default)
   /help           this help
-  /quit           leave (so do Ctrl-D, and Ctrl-C at the prompt)
+  /quit, /exit, /bye   leave (so do Ctrl-D, and Ctrl-C at the prompt)
+  \"\"\"              begin a message of several lines; a line ending in \"\"\" ends it
 Ctrl-C during an answer stops it; the cut answer and its question are dropped from the history,
 which keeps every complete turn before it."""
 
@@ -76,17 +77,24 @@ class Chat:
     def command(self, line: str) -> str:
         """Carry out a /command; its notice, or "quit"."""
         command, _, rest = line.partition(" ")
-        if command == "/quit":
+        if command in ("/quit", "/exit", "/bye"):  # /exit and /bye as in ollama
             return "quit"
         if command == "/help":
             return CHAT_HELP
-        if command == "/reset":
+        if command in ("/reset", "/clear"):
             self.turns = []
             return "notice: the conversation was forgotten"
         if command == "/system":
             self.system, self.turns = (rest.strip() or None), []
             return "notice: new system message; the conversation was forgotten"
         return f"unknown command {command}: /help lists the commands"
+
+    def ask(self, user: str, notice=None):
+        """One turn from a script: yield the answer's text segments (none when the message cannot fit)."""
+        notice = notice or (lambda text: print(text, file=sys.stderr, flush=True))
+        ids = self.fit(user, notice)
+        if ids is not None:
+            yield from self.reply(user, ids, notice)
 
     def reply(self, user: str, ids: list[int], notice):
         """Yield the answer's text segments; the turn joins the history only once it completes."""
@@ -173,16 +181,17 @@ def prompt(text: str) -> str:
         raise
 
 
-def read_line(lines, ctrl_c: CtrlC) -> str | None:
+def read_line(lines, ctrl_c: CtrlC, text: str = "> ") -> str | None:
     """The next line: from the terminal's prompt when lines is None; None at the end or on Ctrl-C."""
     try:
         with ctrl_c.raises():
-            return prompt("> ") if lines is None else next(lines, None)
+            line = prompt(text) if lines is None else next(lines, None)
     except (EOFError, KeyboardInterrupt):
         return None
+    return None if line is None else line.rstrip("\n")
 
 
-def answer(chat: Chat, line: str, interactive: bool, ctrl_c: CtrlC) -> None:
+def answer(chat: Chat, line: str, interactive: bool, ctrl_c: CtrlC, quiet: bool = False) -> None:
     """Stream the answer to one user line, then its stats; KeyboardInterrupt on Ctrl-C."""
     ids = chat.fit(line, notice)
     if ids is None:
@@ -193,10 +202,28 @@ def answer(chat: Chat, line: str, interactive: bool, ctrl_c: CtrlC) -> None:
             sys.stdout.flush()
     sys.stdout.write("\n" if interactive else "\n\n")
     sys.stdout.flush()
-    notice(q.stats_line(chat.last_report))
+    if not quiet:
+        notice(q.stats_line(chat.last_report))
 
 
-def repl(chat: Chat, interactive: bool) -> None:
+MULTILINE = '"""'  # ollama's quotes around a message of several lines
+
+
+def read_message(first: str, read) -> str | None:
+    '''A message: the line itself, or the lines from one opening with """ to one ending in """ (None: input ended).'''
+    if not first.startswith(MULTILINE):
+        return first
+    lines, line = [], first[len(MULTILINE):]
+    while not line.rstrip().endswith(MULTILINE):
+        lines.append(line)
+        line = read()
+        if line is None:
+            return None
+    lines.append(line.rstrip()[: -len(MULTILINE)])
+    return "\n".join(lines).strip()
+
+
+def repl(chat: Chat, interactive: bool, quiet: bool = False) -> None:
     """Talk until end of input or /quit: a prompt and line editing in a terminal, one turn per line otherwise.
 
     Answers go to stdout (in a pipe each is followed by an empty line); everything else to stderr.
@@ -205,7 +232,7 @@ def repl(chat: Chat, interactive: bool) -> None:
     ctrl_c = CtrlC()
     previous = signal.signal(signal.SIGINT, ctrl_c)
     try:
-        talk(chat, interactive, ctrl_c)
+        talk(chat, interactive, ctrl_c, quiet)
     finally:
         signal.signal(signal.SIGINT, previous)
 
@@ -218,7 +245,7 @@ def warm_up(chat: Chat) -> None:
         pass
 
 
-def talk(chat: Chat, interactive: bool, ctrl_c: CtrlC) -> None:
+def talk(chat: Chat, interactive: bool, ctrl_c: CtrlC, quiet: bool) -> None:
     warm_up(chat)
     if interactive:
         import readline  # noqa: F401  (line editing and history for input())
@@ -231,6 +258,8 @@ def talk(chat: Chat, interactive: bool, ctrl_c: CtrlC) -> None:
             ctrl_c.pressed = False
             notice("[interrupted: the answer was complete and stays in the history]")
         line = read_line(lines, ctrl_c)
+        if line is not None and line.strip().startswith(MULTILINE):
+            line = read_message(line.strip(), lambda: read_line(lines, ctrl_c, "... "))
         if line is None:
             if interactive:
                 notice("")
@@ -245,7 +274,7 @@ def talk(chat: Chat, interactive: bool, ctrl_c: CtrlC) -> None:
             notice(said)
         elif line:
             try:
-                answer(chat, line, interactive, ctrl_c)
+                answer(chat, line, interactive, ctrl_c, quiet)
             except jinja2.TemplateError as e:
                 notice(f"error: the model's chat template refused this turn ({e}); it was not sent")
             except KeyboardInterrupt:

