@@ -440,7 +440,8 @@ def test_streamed_text_of_the_packaged_model_matches_mlx_lm(packaged, packaged_m
     from mlx_lm.sample_utils import make_sampler
 
     prompt = "The three primary colors are"
-    ours = run_cli("generate", "--prompt", prompt, "--raw", "--max-tokens", "12")
+    ours = run_cli("generate", "--prompt", prompt, "--raw", "--max-tokens", "12", "--temp", "0",
+                   "--repetition-penalty", "1")
     model, tokenizer = packaged_mlx_lm
     theirs = "".join(r.text for r in stream_generate(model, tokenizer, prompt, max_tokens=12,
                                                      sampler=make_sampler(0.0)))
