@@ -18,6 +18,7 @@ import mlx.core as mx
 import bench
 import blas
 import chat
+import speculative
 import weights
 
 
@@ -64,6 +65,41 @@ def sampling_options(temp, top_p, rep, max_tokens):
             f = option(f)
         return f
     return decorate
+
+
+def speculation_options(f):
+    """--speculate, --draft-model and --num-draft, the same on generate and chat."""
+    f = click.option("--num-draft", type=click.IntRange(min=1), default=speculative.NUM_DRAFT, show_default=True,
+                     help="Proposals checked per verifier step (k).")(f)
+    f = click.option("--draft-model", default=None, metavar="M",
+                     help="A smaller model with the same tokenizer (any --model source), for --speculate draft.")(f)
+    f = click.option("--speculate", type=click.Choice(["none", "lookup", "draft"]), default=None,
+                     help="Speculative decoding, exact: propose tokens by prompt lookup or a draft model and check "
+                          f"them in one step [default: draft with --draft-model, else {speculative.DEFAULT}].")(f)
+    return f
+
+
+def chosen_speculation(o: dict) -> str:
+    """--speculate as given or defaulted, checked against --draft-model."""
+    speculate = o["speculate"] or ("draft" if o["draft_model"] else speculative.DEFAULT)
+    if speculate == "draft" and not o["draft_model"]:
+        raise click.UsageError("--speculate draft needs --draft-model M")
+    if speculate != "draft" and o["draft_model"]:
+        raise click.UsageError(f"--draft-model needs --speculate draft (not {speculate})")
+    return speculate
+
+
+def speculation_from(o: dict, speculate: str, dtype, kernels, config, tokenizer) -> dict:
+    """The options q.generate takes to speculate as o says; {} for plain decoding."""
+    if speculate == "none":
+        return {}
+    propose = speculative.Lookup()
+    if speculate == "draft":
+        params, draft_config, draft_tokenizer = load_model(o["draft_model"], dtype)
+        if draft_tokenizer.vocab != tokenizer.vocab:
+            raise click.ClickException(f"the draft model {o['draft_model']} has another tokenizer than the model")
+        propose = speculative.DraftModel(params, draft_config, config.vocab_size, kernels)
+    return dict(tokens=speculative.speculative_tokens, propose=propose, num_draft=o["num_draft"])
 
 
 def sampling_from(o: dict) -> q.Sampling:
@@ -122,6 +158,7 @@ def cli():
 @click.option("--system", default=None, help="System message [default: the chat template's].")
 @click.option("--raw", is_flag=True, help="Continue the prompt as plain text, without the chat template.")
 @sampling_options(temp=0.0, top_p=1.0, rep=1.0, max_tokens=256)
+@speculation_options
 def generate_command(model, dtype, kernels, prompt, system, raw, **o):
     """Generate text for one prompt: the text on stdout, one stats line on stderr.
 
@@ -136,7 +173,9 @@ def generate_command(model, dtype, kernels, prompt, system, raw, **o):
         raise click.BadParameter("the prompt is empty", param_hint="--prompt")
     if raw and system is not None:
         raise click.UsageError("--system needs the chat template: drop --raw or --system")
+    speculate = chosen_speculation(o)
     params, config, tokenizer = load_model(model, dtype)
+    speculation = speculation_from(o, speculate, dtype, kernels, config, tokenizer)
     if raw:
         ids = tokenizer.encode(prompt)
     else:
@@ -148,7 +187,7 @@ def generate_command(model, dtype, kernels, prompt, system, raw, **o):
     try:
         for segment in q.generate(params, config, tokenizer, ids, report=report, kernels=kernels,
                                   sampling=sampling_from(o), max_tokens=o["max_tokens"],
-                                  max_kv_size=o["max_kv_size"]):
+                                  max_kv_size=o["max_kv_size"], **speculation):
             sys.stdout.write(segment)
             sys.stdout.flush()
         sys.stdout.write("\n")
@@ -167,6 +206,7 @@ def generate_command(model, dtype, kernels, prompt, system, raw, **o):
 @model_options
 @click.option("--system", default=None, help="System message [default: the chat template's].")
 @sampling_options(temp=0.7, top_p=0.8, rep=1.05, max_tokens=512)
+@speculation_options
 def chat_command(model, dtype, kernels, system, **o):
     """Chat with the model: answers stream as they are generated, and the history is kept.
 
@@ -181,10 +221,12 @@ def chat_command(model, dtype, kernels, system, **o):
       qwen2-scratch chat
       printf 'My name is Ada.\\nWhat is my name?\\n' | qwen2-scratch chat --temp 0
     """
+    speculate = chosen_speculation(o)
     params, config, tokenizer = load_model(model, dtype)
+    speculation = speculation_from(o, speculate, dtype, kernels, config, tokenizer)
     mx.random.seed(o["seed"])
     session = chat.Chat(params, config, tokenizer, system, sampling_from(o), o["max_tokens"], o["max_kv_size"],
-                        kernels)
+                        kernels, speculation)
     try:
         chat.repl(session, interactive=sys.stdin.isatty())
     except BrokenPipeError:
