@@ -298,7 +298,13 @@ def pull_command(model):
               help="Write every number, versions, device and BLAS here.")
 @click.option("--both-kernels/--one-kernel", default=True, show_default=True,
               help="Run ours with both --kernels (reference and fast), or only the one given.")
-def bench_command(model, dtype, kernels, shape, prompt_tokens, gen_tokens, trials, int4, json_path, both_kernels):
+@click.option("--speculative", is_flag=True,
+              help="Instead: a code edit and a question, each plain and with prompt lookup at each --num-draft "
+                   "(greedy), and a verifier step's cost; with --shape, the cost only.")
+@click.option("--num-draft", "num_drafts", default="4,8", show_default=True,
+              help="With --speculative: the proposals per verifier step to try, comma-separated.")
+def bench_command(model, dtype, kernels, shape, prompt_tokens, gen_tokens, trials, int4, json_path, both_kernels,
+                  speculative, num_drafts):
     """Benchmark ours against mlx_lm on the same weights, dtype and BLAS, in one process.
 
     Contenders run alternately, trial by trial, after one warm-up run of each; each figure is
@@ -311,23 +317,32 @@ def bench_command(model, dtype, kernels, shape, prompt_tokens, gen_tokens, trial
       qwen2-scratch bench --json bench.json
       qwen2-scratch bench --shape qwen2-7b --prompt-tokens 128,2048 --no-int4
     """
+    lengths = whole_numbers(prompt_tokens, "--prompt-tokens", "128,512")
+    ks = whole_numbers(num_drafts, "--num-draft", "4,8")
     try:
-        lengths = sorted({int(n) for n in prompt_tokens.split(",")})
-    except ValueError:
-        raise click.BadParameter("give whole numbers separated by commas, like 128,512",
-                                 param_hint="--prompt-tokens") from None
-    if not lengths or lengths[0] < 1:
-        raise click.BadParameter("prompt lengths must be at least 1", param_hint="--prompt-tokens")
-    try:
-        report = bench.run(model, shape, dtype, ["reference", "fast"] if both_kernels else [kernels], lengths,
-                           gen_tokens, trials, int4, command=" ".join(sys.orig_argv))
+        if speculative:
+            report = bench.run_speculative(model, shape, dtype, kernels, ks, trials, command=" ".join(sys.orig_argv))
+        else:
+            report = bench.run(model, shape, dtype, ["reference", "fast"] if both_kernels else [kernels], lengths,
+                               gen_tokens, trials, int4, command=" ".join(sys.orig_argv))
     except (weights.ModelError, bench.BenchError) as e:
         raise click.ClickException(str(e)) from None
-    click.echo(bench.table(report))
+    click.echo(bench.speculative_table(report) if speculative else bench.table(report))
     if json_path:
         with open(json_path, "w") as f:
             json.dump(report, f, indent=2)
         click.echo(f"wrote {json_path}", err=True)
+
+
+def whole_numbers(text: str, flag: str, example: str) -> list[int]:
+    """'128,512' -> [128, 512], sorted, each at least 1; else a one-line usage error."""
+    try:
+        numbers = sorted({int(n) for n in text.split(",")})
+    except ValueError:
+        raise click.BadParameter(f"give whole numbers separated by commas, like {example}", param_hint=flag) from None
+    if not numbers or numbers[0] < 1:
+        raise click.BadParameter("each number must be at least 1", param_hint=flag)
+    return numbers
 
 
 def main():

@@ -30,6 +30,9 @@ __all__ = ["lookup_proposal", "Lookup", "DraftModel", "verify_step", "accept_gre
 
 NUM_DRAFT = 8  # proposals per verifier step (--num-draft), measured: see the README
 DEFAULT = "none"  # what --speculate defaults to, measured: see the README
+# After n verifier steps in a row that kept no proposal, the next 2^(n-1) steps propose nothing (at most
+# BACKOFF_MAX): a step over rejected proposals costs more than a decode step and gives the same one token.
+BACKOFF_MAX = 16
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,6 +195,7 @@ def speculative_tokens(
     propose(context, window, k, sampling) -> (ids, q) is a proposer (default: prompt lookup);
     history holds the ids the cache already has, so that lookup and a draft see them too. The
     report adds proposed, accepted, verify_steps and step_tokens (tokens the verifier gave).
+    When proposals keep failing, it falls back to plain steps for a while (BACKOFF_MAX).
     """
     report = {} if report is None else report
     propose = propose or Lookup()
@@ -207,6 +211,7 @@ def speculative_tokens(
     t_first = time.perf_counter()
     report.update(prompt_tokens=len(prompt), prompt_tps=len(prompt) / (t_first - tic))
     generated, finish, stats = [], "length", dict(proposed=0, accepted=0, verify_steps=0, step_tokens=0)
+    misses, rest = 0, 0  # fruitless steps in a row; plain steps still to take
     while True:
         for token in new:
             generated.append(token)
@@ -220,9 +225,9 @@ def speculative_tokens(
         context += new
         seen += new
         # k proposals fill k+1 cache slots and yield at most k+1 tokens: both must fit
-        k = min(num_draft, max_tokens - len(generated) - 1, max_kv_size - pos - 1)
-        proposal, q_probs = propose(context, window(), k, s)
-        proposal = proposal[:k]
+        k = min(num_draft, max_tokens - len(generated) - 1, max_kv_size - pos - 1) if rest == 0 else 0
+        proposal, q_probs = propose(context, window(), k, s) if k > 0 else ([], None)
+        proposal, rest = proposal[:k], max(rest - 1, 0)
         cache = q.reserve(cache, pos + 1 + len(proposal))
         logits, cache = compiled_verify_step(params, config, mx.array([context[-1], *proposal])[None], cache, kernels)
         logits = penalized(logits, [window(proposal[:i]) for i in range(len(proposal) + 1)], s)
@@ -230,6 +235,9 @@ def speculative_tokens(
             new = accept_greedy(proposal, mx.argmax(logits, axis=-1).tolist())
         else:
             new = accept_sampled(proposal, q.softmax(q.tempered_logprobs(logits, s)), q_probs)
+        if proposal:
+            misses = 0 if len(new) > 1 else misses + 1
+            rest = min(2 ** (misses - 1), BACKOFF_MAX) if misses else 0
         stop = next((i for i, t in enumerate(new) if t in eos_ids), None)
         new = new if stop is None else new[: stop + 1]
         pos += len(new)  # the last token and the accepted proposals; the rest is rolled back
