@@ -22,6 +22,7 @@ import qwen2_scratch as q  # first: the model loads the fast BLAS before MLX
 
 # isort: split
 import time
+from functools import partial
 
 import mlx.core as mx
 
@@ -154,25 +155,32 @@ def penalized(logits: mx.array, windows: list[list[int]], s: q.Sampling) -> mx.a
     return mx.concatenate(rows)
 
 
+def target_distribution(logits: mx.array, i: int, windows: list[list[int]], s: q.Sampling) -> mx.array:
+    """Row i of the verifier's logits [N+1, V] -> the distribution [V] the target samples from there."""
+    return q.softmax(q.tempered_logprobs(penalized(logits[i : i + 1], [windows[i]], s), s))[0]
+
+
 def accept_greedy(proposal: list[int], targets: list[int]) -> list[int]:
     """The proposals equal to the target's argmax [N+1], then the target's own token after them."""
     n = common_prefix(proposal, targets)
     return proposal[:n] + [targets[n]]
 
 
-def accept_sampled(proposal: list[int], p: mx.array, q_probs: mx.array | None) -> list[int]:
-    """Speculative sampling: p [N+1, V] the target's, q [N, V] the draft's (None: one-hot at the proposal).
+def accept_sampled(proposal: list[int], p, q_probs: mx.array | None) -> list[int]:
+    """Speculative sampling: p(i) -> [V] the target's after proposal i-1; q [N, V] the draft's (None: one-hot).
 
     Proposal i is kept with probability min(1, p_i(d) / q_i(d)); the first one rejected is
     replaced by a draw from max(0, p_i - q_i), normalized; if all are kept, one more from p_N.
+    p is a function so that rows after the first rejection are never filtered (top-p sorts V).
     """
     for i, d in enumerate(proposal):
-        q_i = q_probs[i] if q_probs is not None else (mx.arange(p.shape[-1]) == d).astype(p.dtype)  # [V]
-        if mx.random.uniform().item() * q_i[d].item() < p[i, d].item():
+        p_i = p(i)  # [V]
+        q_i = q_probs[i] if q_probs is not None else (mx.arange(p_i.shape[-1]) == d).astype(p_i.dtype)  # [V]
+        if mx.random.uniform().item() * q_i[d].item() < p_i[d].item():
             continue
-        residual = mx.maximum(p[i] - q_i, 0)  # [V]
+        residual = mx.maximum(p_i - q_i, 0)  # [V]
         return proposal[:i] + [mx.random.categorical(mx.log(residual)).item()]
-    return proposal + [mx.random.categorical(mx.log(p[len(proposal)])).item()]
+    return proposal + [mx.random.categorical(mx.log(p(len(proposal)))).item()]
 
 
 def speculative_tokens(
@@ -230,11 +238,11 @@ def speculative_tokens(
         proposal, rest = proposal[:k], max(rest - 1, 0)
         cache = q.reserve(cache, pos + 1 + len(proposal))
         logits, cache = compiled_verify_step(params, config, mx.array([context[-1], *proposal])[None], cache, kernels)
-        logits = penalized(logits, [window(proposal[:i]) for i in range(len(proposal) + 1)], s)
+        windows = [window(proposal[:i]) for i in range(len(proposal) + 1)]  # what each row is penalized for
         if s.temp == 0:
-            new = accept_greedy(proposal, mx.argmax(logits, axis=-1).tolist())
+            new = accept_greedy(proposal, mx.argmax(penalized(logits, windows, s), axis=-1).tolist())
         else:
-            new = accept_sampled(proposal, q.softmax(q.tempered_logprobs(logits, s)), q_probs)
+            new = accept_sampled(proposal, partial(target_distribution, logits, windows=windows, s=s), q_probs)
         if proposal:
             misses = 0 if len(new) > 1 else misses + 1
             rest = min(2 ** (misses - 1), BACKOFF_MAX) if misses else 0

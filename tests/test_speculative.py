@@ -270,9 +270,7 @@ def test_sampling_keeps_the_target_distribution(proposer):
 # The packaged model
 # ---------------------------------------------------------------------------------------------
 
-CODE_EDIT = '''Add type hints and docstrings to this function. Reply with the code only.
-
-def moving_average(values, window):
+CODE = '''def moving_average(values, window):
     result = []
     total = 0
     for i, value in enumerate(values):
@@ -283,19 +281,25 @@ def moving_average(values, window):
             result.append(total / window)
     return result
 '''
+PACKAGED_PROMPTS = {  # name: (text, chat-templated)
+    "copying code": (CODE + "\n\n# The same function once more, unchanged:\n\n", False),
+    "a question": ("Why is the sky blue? Answer in two sentences.", True),
+}
 
 
 @pytest.mark.packaged_model
-@pytest.mark.parametrize("text", [CODE_EDIT, "Why is the sky blue? Answer in two sentences."])
-def test_greedy_on_the_packaged_model_equals_plain_greedy(packaged, text):
+@pytest.mark.parametrize("name", PACKAGED_PROMPTS)
+def test_greedy_on_the_packaged_model_equals_plain_greedy(packaged, name):
     _, params, config, tokenizer = packaged
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+    text, templated = PACKAGED_PROMPTS[name]
+    prompt = (tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+              if templated else tokenizer.encode(text))
     eos = frozenset(tokenizer.eos_token_ids)
     truth, _ = plain(params, config, prompt, max_tokens=40, eos_ids=eos)
     tokens, report = speculative(params, config, prompt, sp.Lookup(), max_tokens=40, eos_ids=eos)
     assert tokens == truth, f"lookup:\n{tokenizer.decode(tokens)}\n!=\n{tokenizer.decode(truth)}"
-    if text == CODE_EDIT:  # the answer copies the prompt's code: most proposals are right
-        assert acceptance(report) > 0.5 and report["step_tokens"] / report["verify_steps"] > 2
+    if name == "copying code":  # most proposals are right
+        assert acceptance(report) > 0.5 and report["step_tokens"] / report["verify_steps"] > 2, report
     tokens, report = speculative(params, config, prompt, sp.DraftModel(params, config, config.vocab_size),
                                  max_tokens=16, eos_ids=eos, num_draft=4)
     assert tokens == truth[:16] and acceptance(report) > 0.9  # drafting for itself: almost all accepted
