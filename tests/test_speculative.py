@@ -309,7 +309,7 @@ def test_greedy_on_the_packaged_model_equals_plain_greedy(packaged, name):
 # The command line
 # ---------------------------------------------------------------------------------------------
 
-SPECULATIVE_STATS = STATS + r" \| speculative: \d+% of \d+ proposed accepted, \d+\.\d\d tokens per verifier step"
+SPECULATIVE_STATS = STATS.removesuffix(")?") + ")"  # the speculative part required
 
 
 def test_generate_speculating_prints_what_plain_greedy_prints(tiny_folder):
