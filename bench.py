@@ -312,9 +312,9 @@ def main(path, key, field, folder):
 
 WORKLOADS = {  # name: (the user's message, tokens to generate)
     "code edit": ("Add type hints and docstrings to this code. Reply with the code only.\n\n```python\n"
-                  + EDIT_CODE + "```", 320),
+                  + EDIT_CODE + "```", 256),
     "question": ("Why do some programming languages use garbage collection and others do not? "
-                 "Explain the trade-offs.", 160),
+                 "Explain the trade-offs.", 128),
 }
 
 
