@@ -30,7 +30,7 @@ __all__ = ["lookup_proposal", "Lookup", "DraftModel", "verify_step", "accept_gre
            "speculative_tokens", "NUM_DRAFT", "DEFAULT"]
 
 NUM_DRAFT = 8  # proposals per verifier step (--num-draft), measured: see the README
-DEFAULT = "lookup"  # what --speculate defaults to, measured: see the README
+DEFAULT = "none"  # what --speculate defaults to: see "Decisions" in the README
 # After n verifier steps in a row that kept no proposal, the next 2^(n-1) steps propose nothing (at most
 # BACKOFF_MAX): a step over rejected proposals costs more than a decode step and gives the same one token.
 BACKOFF_MAX = 16
