@@ -19,9 +19,10 @@ import time
 import mlx.core as mx
 
 import blas
+import speculative
 import weights
 
-__all__ = ["SHAPES", "run", "table"]
+__all__ = ["SHAPES", "run", "table", "run_speculative", "speculative_table"]
 
 
 class BenchError(Exception):
@@ -253,6 +254,158 @@ def run(model=None, shape=None, dtype=None, kernels=("reference", "fast"), lengt
         "mlx_lm_stock_blas": probe("mlx_lm", model, shape, dtype, 32, 16, {"QWEN2_SCRATCH_BLAS": "reference"})
         if int4 and mx.default_device() == mx.cpu else None,
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Speculative decoding: two workloads, each with and without it (bench --speculative)
+# ---------------------------------------------------------------------------------------------
+
+EDIT_CODE = '''import json
+import os
+
+
+def load_records(path):
+    records = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                records.append(json.loads(line))
+    return records
+
+
+def group_by(records, key):
+    groups = {}
+    for record in records:
+        groups.setdefault(record[key], []).append(record)
+    return groups
+
+
+def summarize(groups, field):
+    summary = {}
+    for name, items in groups.items():
+        values = [item[field] for item in items if field in item]
+        if values:
+            summary[name] = {
+                "count": len(values),
+                "mean": sum(values) / len(values),
+                "min": min(values),
+                "max": max(values),
+            }
+    return summary
+
+
+def save_summary(summary, folder, name):
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, name + ".json")
+    with open(path, "w") as f:
+        json.dump(summary, f, indent=2)
+    return path
+
+
+def top_groups(summary, n):
+    ranked = sorted(summary.items(), key=lambda item: item[1]["mean"], reverse=True)
+    return [name for name, _ in ranked[:n]]
+
+
+def main(path, key, field, folder):
+    records = load_records(path)
+    summary = summarize(group_by(records, key), field)
+    print("best:", ", ".join(top_groups(summary, 3)))
+    return save_summary(summary, folder, field)
+'''  # 316 tokens
+
+WORKLOADS = {  # name: (the user's message, tokens to generate)
+    "code edit": ("Add type hints and docstrings to this code. Reply with the code only.\n\n```python\n"
+                  + EDIT_CODE + "```", 256),
+    "question": ("Why do some programming languages use garbage collection and others do not? "
+                 "Explain the trade-offs.", 128),
+}
+
+
+def verifier_cost(params, config, kernels, ks, context=512, trials=7) -> dict:
+    """Time of one verifier step over k+1 tokens / one decode step, at `context` cached tokens: medians by k."""
+    prompt = mx.random.randint(0, config.vocab_size, (1, context), key=mx.random.key(2))
+    _, cache = q.prefill(params, config, prompt, q.new_cache(config, dtype=params["model"]["norm"]["weight"].dtype),
+                         kernels)
+    cache = q.reserve(cache, context + max(ks) + 1)
+
+    def step(length):
+        tokens = mx.ones((1, length), mx.int32)
+        f = q.compiled_decode_step if length == 1 else speculative.compiled_verify_step
+        return timed_eval(lambda: f(params, config, tokens, cache, kernels))
+
+    for length in [1, *(k + 1 for k in ks)]:  # traces
+        step(length)
+    ratios = {k: [] for k in ks}
+    for _ in range(trials):  # alternated, each step against the decode step just before it
+        for k in ks:
+            decode = step(1)
+            ratios[k].append(step(k + 1) / decode)
+    return {k: statistics.median(r) for k, r in ratios.items()}
+
+
+def decode_workload(params, config, prompt, kernels, max_tokens, eos, options) -> dict:
+    report, cache = {}, q.new_cache(config, dtype=params["model"]["norm"]["weight"].dtype)
+    tokens = options.get("tokens", q.generate_tokens)
+    rest = {k: v for k, v in options.items() if k != "tokens"}
+    list(tokens(params, config, prompt, cache, max_tokens=max_tokens, eos_ids=eos, kernels=kernels, report=report,
+                **rest))
+    return report
+
+
+def run_speculative(model=None, shape=None, dtype=None, kernels="reference", ks=(4, 8), trials=3, command="") -> dict:
+    """Both workloads, greedy, plain and with prompt lookup at each k, alternately; and the verifier's cost.
+
+    With --shape (random weights, which accept nothing) only the verifier's cost is measured.
+    """
+    dtype = dtype or ("bfloat16" if mx.default_device() == mx.gpu else "float32")
+    params, config, _, source = bench_weights(model, shape, dtype)
+    log(f"bench --speculative: {source}, {dtype}, {mx.default_device()}, BLAS {blas.describe()}")
+    warm_up_gpu()
+    report = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "source": source, "dtype": dtype,
+              "device": device_name(), "blas": blas.describe(), "mlx": mx.__version__, "trials": trials,
+              "verifier_cost": verifier_cost(params, config, kernels, ks), "workloads": {}}
+    log(f"  verifier step / decode step: {report['verifier_cost']}")
+    if shape:
+        return report
+    tokenizer = weights.load_tokenizer(weights.resolve(model))
+    eos = frozenset(tokenizer.eos_token_ids)
+    contenders = {"plain": {}} | {f"lookup k={k}": dict(tokens=speculative.speculative_tokens, num_draft=k)
+                                  for k in ks}
+    for name, (text, max_tokens) in WORKLOADS.items():
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+        for options in contenders.values():  # warm-up: traces
+            decode_workload(params, config, prompt, kernels, 16, eos, options)
+        runs = {c: [] for c in contenders}
+        for trial in range(trials):
+            for c, options in contenders.items():
+                runs[c].append(decode_workload(params, config, prompt, kernels, max_tokens, eos, options))
+                log(f"  {name}, trial {trial + 1}/{trials}, {c}: {runs[c][-1]['generation_tps']:.2f} tok/s")
+        plain_tps = statistics.median(r["generation_tps"] for r in runs["plain"])
+        rows = {}
+        for c, reports in runs.items():
+            last, tps = reports[-1], statistics.median(r["generation_tps"] for r in reports)
+            rows[c] = {"prompt_tokens": len(prompt), "tokens": last["generation_tokens"], "decode": tps,
+                       "speedup": tps / plain_tps, "same_as_plain": last["generated"] == runs["plain"][-1]["generated"]}
+            if "verify_steps" in last:
+                rows[c]["acceptance"] = last["accepted"] / max(last["proposed"], 1)
+                rows[c]["tokens_per_step"] = last["step_tokens"] / last["verify_steps"]
+        report["workloads"][name] = rows
+    return report
+
+
+def speculative_table(r: dict) -> str:
+    lines = ["verifier step over k+1 tokens / decode step: "
+             + ", ".join(f"k={k}: {v:.2f}x" for k, v in r["verifier_cost"].items())]
+    for name, rows in r["workloads"].items():
+        for c, row in rows.items():
+            spec = (f", acceptance {row['acceptance']:.0%}, {row['tokens_per_step']:.2f} tokens/step"
+                    if "acceptance" in row else "")
+            lines.append(f"{name:<10} {c:<12} {row['decode']:6.2f} tok/s ({row['speedup']:.2f}x plain), "
+                         f"{row['tokens']} tokens{spec}{'' if row['same_as_plain'] else ', OUTPUT DIFFERS'}")
+    lines.append(f"{r['source']} | {r['dtype']} | {r['device']} | BLAS {r['blas']} | MLX {r['mlx']} | {r['date']}")
+    return "\n".join(lines)
 
 
 def device_name() -> str:

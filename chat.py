@@ -44,8 +44,9 @@ class Chat:
     """A conversation: the turns so far, and the KV cache of the tokens last run through the model."""
 
     def __init__(self, params, config, tokenizer, system=None, sampling=q.Sampling(), max_tokens=512,
-                 max_kv_size=None, kernels="reference"):
+                 max_kv_size=None, kernels="reference", speculation=None):
         self.params, self.config, self.tokenizer = params, config, tokenizer
+        self.speculation = speculation or {}  # generate's options for speculative decoding; {}: plain
         self.system, self.sampling, self.max_tokens, self.kernels = system, sampling, max_tokens, kernels
         self.max_kv = max_kv_size or config.max_position_embeddings
         self.turns: list[tuple[str, str]] = []  # (user, assistant), complete turns only
@@ -102,9 +103,10 @@ class Chat:
         reuse = min(common_prefix(self.cached, ids), len(ids) - 1)
         cache = {"layers": self.cache["layers"], "offset": mx.array(reuse)}
         report, answer = {}, []
+        speculation = {**self.speculation, "history": ids[:reuse]} if self.speculation else {}
         for segment in q.generate(self.params, self.config, self.tokenizer, ids[reuse:], cache, report,
                                   sampling=self.sampling, max_tokens=self.max_tokens,
-                                  max_kv_size=self.max_kv, kernels=self.kernels):
+                                  max_kv_size=self.max_kv, kernels=self.kernels, **speculation):
             answer.append(segment)
             yield segment
         self.turns.append((user, "".join(answer)))

@@ -21,6 +21,7 @@ import bench
 import blas
 import chat
 import server
+import speculative
 import weights
 
 PACKAGED_NAME = "qwen2.5-coder-0.5b-instruct"  # the model id the server gives the packaged model
@@ -88,6 +89,41 @@ def sampling_options(fallback: dict, max_tokens: int):
             f = option(f)
         return f
     return decorate
+
+
+def speculation_options(f):
+    """--speculate, --draft-model and --num-draft, the same on generate and chat."""
+    f = click.option("--num-draft", type=click.IntRange(min=1), default=speculative.NUM_DRAFT, show_default=True,
+                     help="Proposals checked per verifier step (k).")(f)
+    f = click.option("--draft-model", default=None, metavar="M",
+                     help="A smaller model with the same tokenizer (any --model source), for --speculate draft.")(f)
+    f = click.option("--speculate", type=click.Choice(["none", "lookup", "draft"]), default=None,
+                     help="Speculative decoding, exact: propose tokens by prompt lookup or a draft model and check "
+                          f"them in one step [default: draft with --draft-model, else {speculative.DEFAULT}].")(f)
+    return f
+
+
+def chosen_speculation(o: dict) -> str:
+    """--speculate as given or defaulted, checked against --draft-model."""
+    speculate = o["speculate"] or ("draft" if o["draft_model"] else speculative.DEFAULT)
+    if speculate == "draft" and not o["draft_model"]:
+        raise click.UsageError("--speculate draft needs --draft-model M")
+    if speculate != "draft" and o["draft_model"]:
+        raise click.UsageError(f"--draft-model needs --speculate draft (not {speculate})")
+    return speculate
+
+
+def speculation_from(o: dict, speculate: str, dtype, kernels, config, tokenizer) -> dict:
+    """The options q.generate takes to speculate as o says; {} for plain decoding."""
+    if speculate == "none":
+        return {}
+    propose = speculative.Lookup()
+    if speculate == "draft":
+        params, draft_config, draft_tokenizer = load_model(o["draft_model"], dtype)
+        if draft_tokenizer.vocab != tokenizer.vocab:
+            raise click.ClickException(f"the draft model {o['draft_model']} has another tokenizer than the model")
+        propose = speculative.DraftModel(params, draft_config, config.vocab_size, kernels)
+    return dict(tokens=speculative.speculative_tokens, propose=propose, num_draft=o["num_draft"])
 
 
 def sampling_from(o: dict, model, fallback: dict) -> q.Sampling:
@@ -179,6 +215,7 @@ def cli():
               help="Continue the prompt as plain text, without the chat template.")
 @click.option("--quiet", "-q", is_flag=True, help="No stats line on stderr.")
 @sampling_options(GREEDY, max_tokens=256)
+@speculation_options
 def generate_command(model, dtype, kernels, prompt, prompt_file, system, raw, quiet, **o):
     """Generate text for one prompt: the text on stdout, one stats line on stderr.
 
@@ -196,8 +233,10 @@ def generate_command(model, dtype, kernels, prompt, prompt_file, system, raw, qu
         raise click.BadParameter("the prompt is empty", param_hint="--prompt")
     if raw and system is not None:
         raise click.UsageError("--system needs the chat template: drop --raw or --system")
+    speculate = chosen_speculation(o)
     params, config, tokenizer = load_model(model, dtype)
     sampling = sampling_from(o, model, GREEDY)
+    speculation = speculation_from(o, speculate, dtype, kernels, config, tokenizer)
     if raw:
         ids = tokenizer.encode(prompt)
     else:
@@ -208,7 +247,7 @@ def generate_command(model, dtype, kernels, prompt, prompt_file, system, raw, qu
     try:
         for segment in q.generate(params, config, tokenizer, ids, report=report, kernels=kernels,
                                   sampling=sampling, max_tokens=o["max_tokens"],
-                                  max_kv_size=o["max_kv_size"]):
+                                  max_kv_size=o["max_kv_size"], **speculation):
             sys.stdout.write(segment)
             sys.stdout.flush()
         sys.stdout.write("\n")
@@ -229,6 +268,7 @@ def generate_command(model, dtype, kernels, prompt, prompt_file, system, raw, qu
 @click.option("--system", "--system-prompt", default=None, help="System message [default: the chat template's].")
 @click.option("--quiet", "-q", is_flag=True, help="No stats line after each answer.")
 @sampling_options(QWEN_CHAT, max_tokens=512)
+@speculation_options
 def chat_command(model, dtype, kernels, system, quiet, **o):
     """Chat with the model: answers stream as they are generated, and the history is kept.
 
@@ -244,10 +284,12 @@ def chat_command(model, dtype, kernels, system, quiet, **o):
       qwen2-scratch chat
       printf 'My name is Ada.\\nWhat is my name?\\n' | qwen2-scratch chat --temp 0
     """
+    speculate = chosen_speculation(o)
     params, config, tokenizer = load_model(model, dtype)
+    speculation = speculation_from(o, speculate, dtype, kernels, config, tokenizer)
     mx.random.seed(o["seed"])
     session = chat.Chat(params, config, tokenizer, system, sampling_from(o, model, QWEN_CHAT), o["max_tokens"],
-                        o["max_kv_size"], kernels)
+                        o["max_kv_size"], kernels, speculation)
     templated(tokenizer, [{"role": "system", "content": system or ""}, {"role": "user", "content": "hi"}])
     sys.stdin.reconfigure(errors="surrogateescape")  # a line that is not UTF-8 is refused, not fatal
     try:
@@ -322,7 +364,13 @@ def pull_command(model):
               help="Write every number, versions, device and BLAS here.")
 @click.option("--both-kernels/--one-kernel", default=True, show_default=True,
               help="Run ours with both --kernels (reference and fast), or only the one given.")
-def bench_command(model, dtype, kernels, shape, prompt_tokens, gen_tokens, trials, int4, json_path, both_kernels):
+@click.option("--speculative", is_flag=True,
+              help="Instead: a code edit and a question, each plain and with prompt lookup at each --num-draft "
+                   "(greedy), and a verifier step's cost; with --shape, the cost only.")
+@click.option("--num-draft", "num_drafts", default="4,8", show_default=True,
+              help="With --speculative: the proposals per verifier step to try, comma-separated.")
+def bench_command(model, dtype, kernels, shape, prompt_tokens, gen_tokens, trials, int4, json_path, both_kernels,
+                  speculative, num_drafts):
     """Benchmark ours against mlx_lm on the same weights, dtype and BLAS, in one process.
 
     Contenders run alternately, trial by trial, after one warm-up run of each; each figure is
@@ -335,22 +383,20 @@ def bench_command(model, dtype, kernels, shape, prompt_tokens, gen_tokens, trial
       qwen2-scratch bench --json bench.json
       qwen2-scratch bench --shape qwen2-7b --prompt-tokens 128,2048 --no-int4
     """
-    try:
-        lengths = sorted({int(n) for n in prompt_tokens.split(",")})
-    except ValueError:
-        raise click.BadParameter("give whole numbers separated by commas, like 128,512",
-                                 param_hint="--prompt-tokens") from None
-    if not lengths or lengths[0] < 1:
-        raise click.BadParameter("prompt lengths must be at least 1", param_hint="--prompt-tokens")
+    lengths = whole_numbers(prompt_tokens, "--prompt-tokens", "128,512")
+    ks = whole_numbers(num_drafts, "--num-draft", "4,8")
     if json_path and not os.path.isdir(os.path.dirname(os.path.abspath(json_path))):
         raise click.BadParameter(f"the folder {os.path.dirname(os.path.abspath(json_path))} does not exist",
                                  param_hint="--json")
     try:
-        report = bench.run(model, shape, dtype, ["reference", "fast"] if both_kernels else [kernels], lengths,
-                           gen_tokens, trials, int4, command=" ".join(sys.orig_argv))
+        if speculative:
+            report = bench.run_speculative(model, shape, dtype, kernels, ks, trials, command=" ".join(sys.orig_argv))
+        else:
+            report = bench.run(model, shape, dtype, ["reference", "fast"] if both_kernels else [kernels], lengths,
+                               gen_tokens, trials, int4, command=" ".join(sys.orig_argv))
     except (weights.ModelError, bench.BenchError) as e:
         raise click.ClickException(str(e)) from None
-    click.echo(bench.table(report))
+    click.echo(bench.speculative_table(report) if speculative else bench.table(report))
     if json_path:
         with open(json_path, "w") as f:
             json.dump(report, f, indent=2)
@@ -390,6 +436,17 @@ def serve_command(model, dtype, kernels, host, port, api_key, max_kv_size):
     address = sock.getsockname()
     click.echo(f"serving {engine.name} on http://{host}:{address[1]}/v1 (Ctrl-C to stop)", err=True)
     server.serve(engine, sock, api_key)
+
+
+def whole_numbers(text: str, flag: str, example: str) -> list[int]:
+    """'128,512' -> [128, 512], sorted, each at least 1; else a one-line usage error."""
+    try:
+        numbers = sorted({int(n) for n in text.split(",")})
+    except ValueError:
+        raise click.BadParameter(f"give whole numbers separated by commas, like {example}", param_hint=flag) from None
+    if not numbers or numbers[0] < 1:
+        raise click.BadParameter("each number must be at least 1 (prompt lengths, proposals)", param_hint=flag)
+    return numbers
 
 
 def main():

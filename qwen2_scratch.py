@@ -409,10 +409,8 @@ def apply_min_p(logprobs: mx.array, p: float) -> mx.array:
 GREEDY_BELOW = 1e-5  # a temperature this small draws the argmax anyway (1 / temp would overflow)
 
 
-def sample(logits: mx.array, s: Sampling) -> mx.array:
-    """Logits [B, V] -> next token ids [B], after the filters that s turns on."""
-    if s.temp < GREEDY_BELOW:
-        return mx.argmax(logits, axis=-1)
+def tempered_logprobs(logits: mx.array, s: Sampling) -> mx.array:
+    """Logits [B, V] -> the unnormalized log-probabilities a sampler draws from: filtered, then / temp."""
     logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
     if 0 < s.top_p < 1:
         logprobs = apply_top_p(logprobs, s.top_p)
@@ -420,7 +418,14 @@ def sample(logits: mx.array, s: Sampling) -> mx.array:
         logprobs = apply_min_p(logprobs, s.min_p)
     if 0 < s.top_k < logprobs.shape[-1]:  # k at least the vocabulary keeps every token
         logprobs = apply_top_k(logprobs, s.top_k)
-    return mx.random.categorical(logprobs * (1 / s.temp))
+    return logprobs * (1 / s.temp)
+
+
+def sample(logits: mx.array, s: Sampling) -> mx.array:
+    """Logits [B, V] -> next token ids [B], after the filters that s turns on."""
+    if s.temp < GREEDY_BELOW:
+        return mx.argmax(logits, axis=-1)
+    return mx.random.categorical(tempered_logprobs(logits, s))
 
 
 # The random state goes in and comes out, so a compiled sampler draws fresh numbers each call.
@@ -432,6 +437,16 @@ def pick_next(logits: mx.array, recent: mx.array | None, s: Sampling) -> mx.arra
     if recent is not None and s.repetition_penalty != 1:
         logits = apply_repetition_penalty(logits, recent, s.repetition_penalty)
     return compiled_sample(logits, s)
+
+
+def context_after_prompt(prompt: list[int], cache: dict, max_kv_size: int) -> int:
+    """How many tokens the cache holds once the prompt is in; a ValueError if it cannot be."""
+    pos = int(cache["offset"].item()) + len(prompt)
+    if not prompt:
+        raise ValueError("the prompt is empty: give at least one token")
+    if pos > max_kv_size:
+        raise ValueError(f"the prompt needs {pos} tokens of context but --max-kv-size is {max_kv_size}")
+    return pos
 
 
 def generate_tokens(
@@ -454,11 +469,7 @@ def generate_tokens(
     """
     report = {} if report is None else report
     max_kv_size = max_kv_size or config.max_position_embeddings
-    pos = prompt_end = int(cache["offset"].item()) + len(prompt)  # tokens in the cache
-    if not prompt:
-        raise ValueError("the prompt is empty: give at least one token")
-    if pos > max_kv_size:
-        raise ValueError(f"the prompt needs {pos} tokens of context but --max-kv-size is {max_kv_size}")
+    pos = prompt_end = context_after_prompt(prompt, cache, max_kv_size)  # tokens in the cache
     penalize = sampling.repetition_penalty != 1
     context = min(sampling.repetition_context, max_kv_size)  # never more tokens than the cache holds
     recent = mx.array(prompt[-context:]) if penalize else None
@@ -513,18 +524,20 @@ def generate(
     prompt: list[int],
     cache: dict | None = None,
     report: dict | None = None,
+    tokens=generate_tokens,
     **options,
 ):
     """Yield the generated text in printable segments (mlx_lm's streaming detokenizer).
 
     Stops at any of the tokenizer's end-of-sequence ids or at max_tokens; options and report
-    are those of generate_tokens. The detokenizer is finalized, so no tail is lost.
+    are those of `tokens`: generate_tokens, or one with its contract (speculative decoding).
+    The detokenizer is finalized, so no tail is lost.
     """
     cache = new_cache(config, dtype=params["model"]["norm"]["weight"].dtype) if cache is None else cache
     detokenizer = tokenizer.detokenizer
     detokenizer.reset()
     eos = frozenset(tokenizer.eos_token_ids)
-    for token in generate_tokens(params, config, prompt, cache, eos_ids=eos, report=report, **options):
+    for token in tokens(params, config, prompt, cache, eos_ids=eos, report=report, **options):
         detokenizer.add_token(token)
         if segment := detokenizer.last_segment:  # reading it hands the segment over
             yield segment
@@ -566,7 +579,12 @@ def perplexity(params, config, tokens: list[int], context: int = 1024, kernels="
 
 
 def stats_line(r: dict) -> str:
-    """The report of generate_tokens as one line, as the commands print it."""
-    return (f"prefill: {r['prompt_tokens']} tokens, {r['prompt_tps']:.2f} tok/s | "
+    """The report of generate_tokens as one line, as the commands print it (speculation adds its own)."""
+    line = (f"prefill: {r['prompt_tokens']} tokens, {r['prompt_tps']:.2f} tok/s | "
             f"decode: {r['generation_tokens']} tokens, {r['generation_tps']:.2f} tok/s | "
             f"peak memory: {r['peak_memory']:.2f} GB")
+    if r.get("verify_steps"):
+        accepted = r["accepted"] / r["proposed"] if r["proposed"] else 0.0
+        line += (f" | speculative: {accepted:.0%} of {r['proposed']} proposed accepted, "
+                 f"{r['step_tokens'] / r['verify_steps']:.2f} tokens per verifier step")
+    return line

@@ -208,7 +208,8 @@ def packaged_mlx_lm(packaged):
 
 
 
-STATS = r"prefill: \d+ tokens, \d+\.\d\d tok/s \| decode: \d+ tokens, \d+\.\d\d tok/s \| peak memory: \d+\.\d\d GB"
+STATS = (r"prefill: \d+ tokens, \d+\.\d\d tok/s \| decode: \d+ tokens, \d+\.\d\d tok/s \| peak memory: \d+\.\d\d GB"
+         r"( \| speculative: \d+% of \d+ proposed accepted, \d+\.\d\d tokens per verifier step)?")
 
 
 def invoke(*args, input=None):
