@@ -61,6 +61,25 @@ def test_single_row_and_column_products_forwarded_to_gemv_match_numpy(case):
     assert_close(ours, mx.array(theirs), 1e-5, 1e-5, case)
 
 
+@pytest.mark.parametrize("rows", [2, 9, 16, 17])
+@pytest.mark.parametrize("case", ["x @ W.T", "x @ W", "x.T^T @ W.T", "addmm", "strided rows"])
+def test_few_row_products_taken_transposed_match_numpy(case, rows):
+    """blas_adapter.c takes products of 2-16 rows (a verifier step's) the other way round: all layouts agree."""
+    W, x, y = rand((37, 23), seed=3), rand((rows, 23), seed=4), rand((rows, 37), seed=5)
+    b = rand((37,), seed=6)
+    cases = {
+        "x @ W.T": lambda: (x @ W.T, np.array(x) @ np.array(W).T),
+        "x @ W": lambda: (y @ W, np.array(y) @ np.array(W)),
+        "x.T^T @ W.T": lambda: (mx.array(np.array(x).T).T @ W.T, np.array(x) @ np.array(W).T),
+        "addmm": lambda: (mx.addmm(b, x, W.T, alpha=0.5, beta=2.0),
+                          0.5 * np.array(x) @ np.array(W).T + 2 * np.array(b)),
+        "strided rows": lambda: (rand((rows, 46), seed=7)[:, ::2] @ W.T,
+                                 np.array(rand((rows, 46), seed=7))[:, ::2] @ np.array(W).T),
+    }
+    ours, theirs = cases[case]()
+    assert_close(ours, mx.array(theirs), 1e-5, 1e-5, case)
+
+
 
 
 # ---------------------------------------------------------------------------------------------
