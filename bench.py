@@ -9,6 +9,7 @@ same run.
 import qwen2_scratch as q  # first: the model loads the fast BLAS before MLX
 
 # isort: split
+import contextlib
 import json
 import os
 import statistics
@@ -189,7 +190,8 @@ def bench_int4(model, shape, dtype) -> dict:
     from mlx_lm.utils import quantize_model
 
     _, config, reference, _ = bench_weights(model, shape, "bfloat16")
-    quantize_model(reference, {}, group_size=64, bits=4)
+    with contextlib.redirect_stdout(sys.stderr):  # mlx_lm prints its bits per weight: stdout holds the table
+        quantize_model(reference, {}, group_size=64, bits=4)
     mx.eval(reference.parameters())
     prompt = mx.random.randint(0, config.vocab_size, (32,), key=mx.random.key(1)).tolist()
     to_first, rest, n = timed(run_mlx_lm(reference)(prompt, 16))
