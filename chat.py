@@ -31,15 +31,6 @@ Ctrl-C during an answer stops it; the cut answer and its question are dropped fr
 which keeps every complete turn before it."""
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 class Chat:
     """A conversation: the turns so far, and the KV cache of the tokens last run through the model."""
 
@@ -100,7 +91,7 @@ class Chat:
     def reply(self, user: str, ids: list[int], notice):
         """Yield the answer's text segments; the turn joins the history only once it completes."""
         # reuse the cached keys and values of the prefix this prompt shares with the last one
-        reuse = min(common_prefix(self.cached, ids), len(ids) - 1)
+        reuse = min(q.common_prefix(self.cached, ids), len(ids) - 1)
         cache = {"layers": self.cache["layers"], "offset": mx.array(reuse)}
         report, answer = {}, []
         speculation = {**self.speculation, "history": ids[:reuse]} if self.speculation else {}

@@ -319,6 +319,16 @@ def cache_capacity(cache: dict) -> int:
     return cache["layers"][0][0].shape[2]
 
 
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading token ids a and b share: the cached positions a new prompt can reuse."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def reserve(cache: dict, length: int, block_size: int = CACHE_BLOCK) -> dict:
     """Grow every layer's arrays to hold `length` positions, rounded up to whole blocks."""
     have = cache_capacity(cache)

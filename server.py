@@ -34,7 +34,6 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 import weights
-from chat import common_prefix
 
 __all__ = ["Engine", "app", "listen", "serve", "ApiError", "exposure_warning", "MAX_BODY_BYTES", "DEFAULT_MAX_TOKENS"]
 
@@ -237,7 +236,7 @@ class Engine:
             return None  # the client left while queued
         if options["seed"] is not None:
             mx.random.seed(options["seed"])
-        reuse = min(common_prefix(self.cached, ids), len(ids) - 1)
+        reuse = min(q.common_prefix(self.cached, ids), len(ids) - 1)
         cache = {"layers": self.cache["layers"], "offset": mx.array(reuse)}
         report, stop, count, finish = {}, StopText(options["stops"]), 0, None
         detokenizer = self.tokenizer.detokenizer

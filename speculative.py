@@ -91,7 +91,7 @@ class DraftModel:
     def __call__(self, context, window, k, s):
         if k == 0:
             return [], None
-        reuse = min(common_prefix(self.cached, context), len(context) - 1)
+        reuse = min(q.common_prefix(self.cached, context), len(context) - 1)
         new, pos = context[reuse:], len(context)
         cache = {"layers": self.cache["layers"], "offset": mx.array(reuse)}
         if len(new) > 2 * NUM_DRAFT:  # a prompt: chunked, uncompiled
@@ -120,15 +120,6 @@ class DraftModel:
         drafted = [t.item() for t in drafted]
         self.cache, self.cached = cache, context + drafted[:-1]
         return drafted, (mx.stack(probs) if probs else None)
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,7 +153,7 @@ def target_distribution(logits: mx.array, i: int, windows: list[list[int]], s: q
 
 def accept_greedy(proposal: list[int], targets: list[int]) -> list[int]:
     """The proposals equal to the target's argmax [N+1], then the target's own token after them."""
-    n = common_prefix(proposal, targets)
+    n = q.common_prefix(proposal, targets)
     return proposal[:n] + [targets[n]]
 
 

@@ -95,7 +95,7 @@ def test_chat_cache_reuse_gives_the_logits_of_a_fresh_prefill(tiny_tokenizer_dir
         for _ in c.reply(line, ids, print):
             pass
     ids = c.fit("jumps over the lazy dog", print)
-    reuse = chat_module.common_prefix(c.cached, ids)
+    reuse = q.common_prefix(c.cached, ids)
     assert len(ids) - reuse < len(ids) // 2, "most of the history should come from the cache"
     reused, _ = q.prefill(c.params, c.config, mx.array(ids[reuse:])[None],
                           {"layers": c.cache["layers"], "offset": mx.array(reuse)})
