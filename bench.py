@@ -22,6 +22,7 @@ import mlx.core as mx
 import blas
 import speculative
 import weights
+from engine import Engine, Request, Stats
 
 __all__ = ["SHAPES", "run", "table", "run_speculative", "speculative_table"]
 
@@ -74,10 +75,30 @@ def timed(tokens) -> tuple[float, float, int]:
 
 
 def run_ours(params, config, kernels):
+    """Our engine (no prompt cache: every trial prefills its whole prompt), greedy, no end-of-sequence."""
+    runner = Engine(params, config, NoEos(), kernels, max_batch=1, prompt_cache_bytes=0)
+
     def run(prompt, n):
-        cache = q.new_cache(config, dtype=params["model"]["norm"]["weight"].dtype)
-        return q.generate_tokens(params, config, prompt, cache, max_tokens=n, kernels=kernels)
+        return (e.token for e in runner.generate(Request(tuple(prompt), max_tokens=n)) if e.token is not None)
     return run
+
+
+class NoEos:
+    """A tokenizer stand-in for timing: no end-of-sequence id, and a detokenizer that keeps nothing."""
+
+    eos_token_ids = ()
+
+    class detokenizer:  # noqa: N801  (the attribute name mlx_lm's wrapper uses)
+        last_segment = ""
+
+        @staticmethod
+        def reset(): ...
+
+        @staticmethod
+        def add_token(token): ...
+
+        @staticmethod
+        def finalize(): ...
 
 
 def run_mlx_lm(model):
@@ -334,8 +355,7 @@ def verifier_cost(params, config, kernels, ks, context=512, trials=7) -> dict:
 
     def step(length):
         tokens = mx.ones((1, length), mx.int32)
-        f = q.compiled_decode_step if length == 1 else speculative.compiled_verify_step
-        return timed_eval(lambda: f(params, config, tokens, cache, kernels))
+        return timed_eval(lambda: q.compiled_decode_step(params, config, tokens, cache, kernels))
 
     for length in [1, *(k + 1 for k in ks)]:  # traces
         step(length)
@@ -347,13 +367,12 @@ def verifier_cost(params, config, kernels, ks, context=512, trials=7) -> dict:
     return {k: statistics.median(r) for k, r in ratios.items()}
 
 
-def decode_workload(params, config, prompt, kernels, max_tokens, eos, options) -> dict:
-    report, cache = {}, q.new_cache(config, dtype=params["model"]["norm"]["weight"].dtype)
-    tokens = options.get("tokens", q.generate_tokens)
-    rest = {k: v for k, v in options.items() if k != "tokens"}
-    list(tokens(params, config, prompt, cache, max_tokens=max_tokens, eos_ids=eos, kernels=kernels, report=report,
-                **rest))
-    return report
+def decode_workload(params, config, tokenizer, prompt, kernels, max_tokens, k) -> tuple[list[int], Stats]:
+    """Greedy decoding of prompt, plain (k = 0) or with prompt lookup proposing k: (tokens, stats)."""
+    runner = Engine(params, config, tokenizer, kernels, max_batch=1, prompt_cache_bytes=0,
+                    proposer=speculative.Lookup() if k else None, num_draft=k or speculative.NUM_DRAFT)
+    events = list(runner.generate(Request(tuple(prompt), max_tokens=max_tokens)))
+    return [e.token for e in events if e.token is not None], events[-1].stats
 
 
 def run_speculative(model=None, shape=None, dtype=None, kernels="reference", ks=(4, 8), trials=3, command="") -> dict:
@@ -372,27 +391,25 @@ def run_speculative(model=None, shape=None, dtype=None, kernels="reference", ks=
     if shape:
         return report
     tokenizer = weights.load_tokenizer(weights.resolve(model))
-    eos = frozenset(tokenizer.eos_token_ids)
-    contenders = {"plain": {}} | {f"lookup k={k}": dict(tokens=speculative.speculative_tokens, num_draft=k)
-                                  for k in ks}
+    contenders = {"plain": 0} | {f"lookup k={k}": k for k in ks}
     for name, (text, max_tokens) in WORKLOADS.items():
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
-        for options in contenders.values():  # warm-up: traces
-            decode_workload(params, config, prompt, kernels, 16, eos, options)
+        for k in contenders.values():  # warm-up: traces
+            decode_workload(params, config, tokenizer, prompt, kernels, 16, k)
         runs = {c: [] for c in contenders}
         for trial in range(trials):
-            for c, options in contenders.items():
-                runs[c].append(decode_workload(params, config, prompt, kernels, max_tokens, eos, options))
-                log(f"  {name}, trial {trial + 1}/{trials}, {c}: {runs[c][-1]['generation_tps']:.2f} tok/s")
-        plain_tps = statistics.median(r["generation_tps"] for r in runs["plain"])
+            for c, k in contenders.items():
+                runs[c].append(decode_workload(params, config, tokenizer, prompt, kernels, max_tokens, k))
+                log(f"  {name}, trial {trial + 1}/{trials}, {c}: {runs[c][-1][1].generation_tps:.2f} tok/s")
+        plain_tps = statistics.median(s.generation_tps for _, s in runs["plain"])
         rows = {}
-        for c, reports in runs.items():
-            last, tps = reports[-1], statistics.median(r["generation_tps"] for r in reports)
-            rows[c] = {"prompt_tokens": len(prompt), "tokens": last["generation_tokens"], "decode": tps,
-                       "speedup": tps / plain_tps, "same_as_plain": last["generated"] == runs["plain"][-1]["generated"]}
-            if "verify_steps" in last:
-                rows[c]["acceptance"] = last["accepted"] / max(last["proposed"], 1)
-                rows[c]["tokens_per_step"] = last["step_tokens"] / last["verify_steps"]
+        for c, results in runs.items():
+            (tokens, last), tps = results[-1], statistics.median(s.generation_tps for _, s in results)
+            rows[c] = {"prompt_tokens": len(prompt), "tokens": len(tokens), "decode": tps,
+                       "speedup": tps / plain_tps, "same_as_plain": tokens == runs["plain"][-1][0]}
+            if last.verify_steps:
+                rows[c]["acceptance"] = last.accepted / max(last.proposed, 1)
+                rows[c]["tokens_per_step"] = (last.accepted + last.verify_steps) / last.verify_steps
         report["workloads"][name] = rows
     return report
 
@@ -450,3 +467,137 @@ def table(r: dict) -> str:
 
 if __name__ == "__main__":  # the memory probe: one contender alone in a fresh process
     run_probe(*json.loads(sys.argv[1]))
+
+
+# ---------------------------------------------------------------------------------------------
+# bench --serve: many clients at once against our server and mlx_lm.server, on the same weights and BLAS
+# ---------------------------------------------------------------------------------------------
+
+SERVE_QUESTIONS = [
+    "Write a short story about a lighthouse keeper.", "Explain how a hash map works.",
+    "Describe the water cycle in detail.", "Write a Python function that sorts a list, and explain it.",
+    "What are the benefits of unit tests?", "Tell me about the history of the bicycle.",
+    "Explain recursion to a beginner.", "Describe a walk through a forest in autumn.",
+]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(argv: list[str], port: int, env: dict) -> subprocess.Popen:
+    """A server in a process of its own, once /v1/models answers."""
+    import httpx
+
+    proc = subprocess.Popen(argv, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    for _ in range(600):
+        if proc.poll() is not None:
+            raise BenchError(f"{argv[0]} {argv[1:3]} exited: {proc.stderr.read().decode()[-500:]}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).status_code == 200:
+                return proc
+        time.sleep(0.5)
+    proc.kill()
+    raise BenchError(f"{argv[0]} did not answer on port {port} within 300 s")
+
+
+def mlx_lm_float32(folder) -> str:
+    """The model as an mlx_lm float32 folder (converted once into our cache), for mlx_lm.server."""
+    out = weights.cache_root() / "mlx-lm-float32" / folder.name
+    if not (out / "config.json").is_file():
+        subprocess.run([sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(folder), "--mlx-path", str(out),
+                        "--dtype", "float32"], check=True, capture_output=True)
+    return str(out)
+
+
+def one_client(port: int, question: str, max_tokens: int) -> dict:
+    """One streamed greedy chat completion: time to first token, latency, tokens."""
+    import httpx
+
+    body = {"model": "default", "messages": [{"role": "user", "content": question}], "temperature": 0,
+            "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True}}
+    tic, first, chunks, usage = time.perf_counter(), None, 0, None
+    with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=3600) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            data = json.loads(line[6:])
+            usage = data.get("usage") or usage
+            if data.get("choices") and data["choices"][0].get("delta", {}).get("content"):
+                first = first or time.perf_counter()
+                chunks += 1
+    tokens = usage["completion_tokens"] if usage else chunks
+    return {"ttft": (first or time.perf_counter()) - tic, "latency": time.perf_counter() - tic, "tokens": tokens}
+
+
+def burst(port: int, clients: int, max_tokens: int) -> dict:
+    """`clients` requests at once: aggregate tokens/s, and time-to-first-token and latency percentiles."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    tic = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        runs = list(pool.map(lambda i: one_client(port, SERVE_QUESTIONS[i % len(SERVE_QUESTIONS)], max_tokens),
+                             range(clients)))
+    wall = time.perf_counter() - tic
+
+    def pct(key, p):
+        values = sorted(r[key] for r in runs)
+        return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
+
+    return {"tokens_per_s": sum(r["tokens"] for r in runs) / wall, "tokens": sum(r["tokens"] for r in runs),
+            "ttft_p50": pct("ttft", 50), "ttft_p95": pct("ttft", 95),
+            "latency_p50": pct("latency", 50), "latency_p95": pct("latency", 95)}
+
+
+def run_serve(model=None, dtype=None, levels=(1, 8, 32), max_tokens=48, trials=1, parallel=None, command="") -> dict:
+    """Ours (`qwen2-scratch serve`) and mlx_lm.server side by side, alternating level by level and trial by trial."""
+    dtype = dtype or ("bfloat16" if mx.default_device() == mx.gpu else "float32")
+    folder = weights.resolve(model)
+    ports = {"ours": free_port(), "mlx_lm": free_port()}
+    ours = [sys.executable, "-m", "cli", "serve", "--port", str(ports["ours"]), "--dtype", dtype]
+    ours += (["--model", model] if model else []) + (["--parallel", str(parallel)] if parallel else [])
+    theirs = [sys.executable, "-m", "mlx_lm", "server", "--port", str(ports["mlx_lm"]), "--model",
+              mlx_lm_float32(folder) if dtype == "float32" else str(folder)]
+    env = {}
+    if blas.STATE.kind == "openblas":  # our BLAS under mlx_lm too: the same matmuls
+        env = {"LD_PRELOAD": str(blas.STATE.adapter), "LD_LIBRARY_PATH": str(blas.library_dir())}
+    procs = {}
+    try:
+        procs["ours"] = start_server(ours, ports["ours"], {})
+        procs["mlx_lm"] = start_server(theirs, ports["mlx_lm"], env)
+        for port in ports.values():  # warm-up: traces, first touches
+            burst(port, 2, 8)
+        results = {name: {n: [] for n in levels} for name in ports}
+        for trial in range(trials):
+            for n in levels:
+                for name, port in ports.items():
+                    results[name][n].append(burst(port, n, max_tokens))
+                    log(f"  serve, trial {trial + 1}/{trials}, {n} clients, {name}: "
+                        f"{results[name][n][-1]['tokens_per_s']:.2f} tok/s")
+    finally:
+        for proc in procs.values():
+            proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(10)
+    medians = {name: {n: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for n, runs in by_n.items()}
+               for name, by_n in results.items()}
+    return {"command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "source": str(folder), "dtype": dtype,
+            "device": device_name(), "blas": blas.describe(), "mlx": mx.__version__,
+            "mlx_lm": package_version("mlx-lm"), "max_tokens": max_tokens, "trials": trials, "results": medians,
+            "runs": results}
+
+
+def serve_table(r: dict) -> str:
+    head = ("clients", "contender", "tok/s", "ttft p50", "ttft p95", "lat p50", "lat p95")
+    lines = ["{:>7} {:<9} {:>8} {:>9} {:>9} {:>8} {:>8}".format(*head)]
+    for n in r["results"]["ours"]:
+        for name in r["results"]:
+            m = r["results"][name][n]
+            lines.append(f"{n:>7} {name:<9} {m['tokens_per_s']:8.2f} {m['ttft_p50']:8.2f}s {m['ttft_p95']:8.2f}s "
+                         f"{m['latency_p50']:7.2f}s {m['latency_p95']:7.2f}s")
+    lines.append(f"{r['source']} | {r['dtype']} | {r['device']} | BLAS {r['blas']} | MLX {r['mlx']} | {r['date']}")
+    return "\n".join(lines)

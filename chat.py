@@ -17,7 +17,9 @@ import termios
 import threading
 
 import jinja2
-import mlx.core as mx
+
+from engine import Engine, Event, Request, stats_line
+from say import say
 
 __all__ = ["Chat", "repl"]
 
@@ -32,18 +34,15 @@ which keeps every complete turn before it."""
 
 
 class Chat:
-    """A conversation: the turns so far, and the KV cache of the tokens last run through the model."""
+    """A conversation: the turns so far, answered through the engine (whose prompt cache keeps the
+    keys and values of the turns before, so a turn prefills little more than its new tokens)."""
 
-    def __init__(self, params, config, tokenizer, system=None, sampling=q.Sampling(), max_tokens=512,
-                 max_kv_size=None, kernels="reference", speculation=None):
-        self.params, self.config, self.tokenizer = params, config, tokenizer
-        self.speculation = speculation or {}  # generate's options for speculative decoding; {}: plain
-        self.system, self.sampling, self.max_tokens, self.kernels = system, sampling, max_tokens, kernels
-        self.max_kv = max_kv_size or config.max_position_embeddings
+    def __init__(self, engine: Engine, system=None, sampling=q.Sampling(), max_tokens=512, seed: int = 0):
+        self.engine, self.tokenizer = engine, engine.tokenizer
+        self.system, self.sampling, self.max_tokens, self.seed = system, sampling, max_tokens, seed
+        self.max_kv = engine.max_kv
         self.turns: list[tuple[str, str]] = []  # (user, assistant), complete turns only
-        self.cache = q.new_cache(config, dtype=params["model"]["norm"]["weight"].dtype)
-        self.cached: list[int] = []  # the token ids whose keys and values the cache holds
-        self.last_report: dict = {}
+        self.last: Event | None = None  # the last answer's final event: usage and stats
 
     def prompt_ids(self, user: str) -> list[int]:
         """The whole history re-templated: one system message, the turns in order, the new message."""
@@ -83,29 +82,24 @@ class Chat:
 
     def ask(self, user: str, notice=None):
         """One turn from a script: yield the answer's text segments (none when the message cannot fit)."""
-        notice = notice or (lambda text: print(text, file=sys.stderr, flush=True))
+        notice = notice or say
         ids = self.fit(user, notice)
         if ids is not None:
             yield from self.reply(user, ids, notice)
 
     def reply(self, user: str, ids: list[int], notice):
         """Yield the answer's text segments; the turn joins the history only once it completes."""
-        # reuse the cached keys and values of the prefix this prompt shares with the last one
-        reuse = min(q.common_prefix(self.cached, ids), len(ids) - 1)
-        cache = {"layers": self.cache["layers"], "offset": mx.array(reuse)}
-        report, answer = {}, []
-        speculation = {**self.speculation, "history": ids[:reuse]} if self.speculation else {}
-        for segment in q.generate(self.params, self.config, self.tokenizer, ids[reuse:], cache, report,
-                                  sampling=self.sampling, max_tokens=self.max_tokens,
-                                  max_kv_size=self.max_kv, kernels=self.kernels, **speculation):
-            answer.append(segment)
-            yield segment
+        request = Request(tuple(ids), self.sampling, self.max_tokens, seed=self.seed + len(self.turns))
+        answer = []
+        for event in self.engine.generate(request):
+            if event.text:
+                answer.append(event.text)
+                yield event.text
+            if event.finish_reason:
+                self.last = event
         self.turns.append((user, "".join(answer)))
-        self.cache = report["cache"]
-        self.cached = (ids + report["generated"])[: len(ids) + report["cached_new"]]
-        if report["finish_reason"] == "context":
+        if self.last.finish_reason == "context":
             notice(f"notice: the answer stopped at --max-kv-size {self.max_kv}")
-        self.last_report = report
 
 
 def is_utf8(line: str) -> bool:
@@ -115,10 +109,6 @@ def is_utf8(line: str) -> bool:
         return True
     except UnicodeEncodeError:
         return False
-
-
-def notice(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
 
 
 class CtrlC:
@@ -186,17 +176,17 @@ def read_line(lines, ctrl_c: CtrlC, text: str = "> ") -> str | None:
 
 def answer(chat: Chat, line: str, interactive: bool, ctrl_c: CtrlC, quiet: bool = False) -> None:
     """Stream the answer to one user line, then its stats; KeyboardInterrupt on Ctrl-C."""
-    ids = chat.fit(line, notice)
+    ids = chat.fit(line, say)
     if ids is None:
         return
     with ctrl_c.raises():
-        for segment in chat.reply(line, ids, notice):
+        for segment in chat.reply(line, ids, say):
             sys.stdout.write(segment)
             sys.stdout.flush()
     sys.stdout.write("\n" if interactive else "\n\n")
     sys.stdout.flush()
     if not quiet:
-        notice(q.stats_line(chat.last_report))
+        say(stats_line(chat.last.stats, chat.last.usage))
 
 
 MULTILINE = '"""'  # ollama's quotes around a message of several lines
@@ -233,8 +223,7 @@ def repl(chat: Chat, interactive: bool, quiet: bool = False) -> None:
 def warm_up(chat: Chat) -> None:
     """Run the compiled decode step and sampler once, before the first prompt: on their first call MLX
     runs a shell command (system(), which ignores SIGINT while it runs), and a Ctrl-C then was lost."""
-    cache = q.new_cache(chat.config, dtype=chat.params["model"]["norm"]["weight"].dtype)
-    for _ in q.generate_tokens(chat.params, chat.config, [0], cache, chat.sampling, max_tokens=2, kernels=chat.kernels):
+    for _ in chat.engine.generate(Request((0,), chat.sampling, max_tokens=2)):
         pass
 
 
@@ -242,36 +231,36 @@ def talk(chat: Chat, interactive: bool, ctrl_c: CtrlC, quiet: bool) -> None:
     warm_up(chat)
     if interactive:
         import readline  # noqa: F401  (line editing and history for input())
-    config = chat.config
-    notice(f"qwen2-scratch chat ({config.num_hidden_layers} layers, {len(chat.tokenizer.vocab)} tokens); "
+    config = chat.engine.config
+    say(f"qwen2-scratch chat ({config.num_hidden_layers} layers, {len(chat.tokenizer.vocab)} tokens); "
            "/help for commands, Ctrl-D or /quit to leave")
     lines = None if interactive else iter(sys.stdin)
     while True:
         if ctrl_c.pressed:  # after the answer's last token, before the prompt
             ctrl_c.pressed = False
-            notice("[interrupted: the answer was complete and stays in the history]")
+            say("[interrupted: the answer was complete and stays in the history]")
         line = read_line(lines, ctrl_c)
         if line is not None and line.strip().startswith(MULTILINE):
             line = read_message(line.strip(), lambda: read_line(lines, ctrl_c, "... "))
         if line is None:
             if interactive:
-                notice("")
+                say("")
             return
         line = line.strip()
         if not is_utf8(line):
-            notice("error: this line is not valid UTF-8; it was not sent")
+            say("error: this line is not valid UTF-8; it was not sent")
         elif line.startswith("/"):
             said = chat.command(line)
             if said == "quit":
                 return
-            notice(said)
+            say(said)
         elif line:
             try:
                 answer(chat, line, interactive, ctrl_c, quiet)
             except jinja2.TemplateError as e:
-                notice(f"error: the model's chat template refused this turn ({e}); it was not sent")
+                say(f"error: the model's chat template refused this turn ({e}); it was not sent")
             except KeyboardInterrupt:
                 sys.stdout.write("\n")
                 sys.stdout.flush()
-                notice("[interrupted: this question and its answer were dropped from the history]")
+                say("[interrupted: this question and its answer were dropped from the history]")
                 ctrl_c.pressed = False

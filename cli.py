@@ -20,6 +20,7 @@ import mlx.core as mx
 import bench
 import blas
 import chat
+import engine
 import server
 import speculative
 import weights
@@ -113,17 +114,23 @@ def chosen_speculation(o: dict) -> str:
     return speculate
 
 
-def speculation_from(o: dict, speculate: str, dtype, kernels, config, tokenizer) -> dict:
-    """The options q.generate takes to speculate as o says; {} for plain decoding."""
+def proposer_from(o: dict, speculate: str, dtype, kernels, config, tokenizer):
+    """The proposer the engine speculates with, as o says; None for plain decoding."""
     if speculate == "none":
-        return {}
-    propose = speculative.Lookup()
-    if speculate == "draft":
-        params, draft_config, draft_tokenizer = load_model(o["draft_model"], dtype)
-        if draft_tokenizer.vocab != tokenizer.vocab:
-            raise click.ClickException(f"the draft model {o['draft_model']} has another tokenizer than the model")
-        propose = speculative.DraftModel(params, draft_config, config.vocab_size, kernels)
-    return dict(tokens=speculative.speculative_tokens, propose=propose, num_draft=o["num_draft"])
+        return None
+    if speculate == "lookup":
+        return speculative.Lookup()
+    params, draft_config, draft_tokenizer = load_model(o["draft_model"], dtype)
+    if draft_tokenizer.vocab != tokenizer.vocab:
+        raise click.ClickException(f"the draft model {o['draft_model']} has another tokenizer than the model")
+    return speculative.DraftModel(params, draft_config, config.vocab_size, kernels)
+
+
+def engine_for(params, config, tokenizer, kernels, o: dict, speculate: str, dtype, **options) -> engine.Engine:
+    """The generation engine over the model, with the run's context limit and speculation."""
+    return engine.Engine(params, config, tokenizer, kernels, max_kv_size=o["max_kv_size"],
+                         proposer=proposer_from(o, speculate, dtype, kernels, config, tokenizer),
+                         num_draft=o["num_draft"], **options)
 
 
 def sampling_from(o: dict, model, fallback: dict) -> q.Sampling:
@@ -236,31 +243,28 @@ def generate_command(model, dtype, kernels, prompt, prompt_file, system, raw, qu
     speculate = chosen_speculation(o)
     params, config, tokenizer = load_model(model, dtype)
     sampling = sampling_from(o, model, GREEDY)
-    speculation = speculation_from(o, speculate, dtype, kernels, config, tokenizer)
+    runner = engine_for(params, config, tokenizer, kernels, o, speculate, dtype, max_batch=1)
     if raw:
         ids = tokenizer.encode(prompt)
     else:
         messages = ([{"role": "system", "content": system}] if system is not None else [])
         ids = templated(tokenizer, messages + [{"role": "user", "content": prompt}])
-    mx.random.seed(o["seed"])
-    report = {}
+    last = None
     try:
-        for segment in q.generate(params, config, tokenizer, ids, report=report, kernels=kernels,
-                                  sampling=sampling, max_tokens=o["max_tokens"],
-                                  max_kv_size=o["max_kv_size"], **speculation):
-            sys.stdout.write(segment)
+        for event in runner.generate(engine.Request(tuple(ids), sampling, o["max_tokens"], seed=o["seed"])):
+            sys.stdout.write(event.text)
             sys.stdout.flush()
+            last = event
         sys.stdout.write("\n")
         sys.stdout.flush()
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     except BrokenPipeError:
         quiet_broken_pipe()
-    if report.get("finish_reason") == "context":
-        click.echo(f"notice: stopped at --max-kv-size {o['max_kv_size'] or config.max_position_embeddings}",
-                   err=True)
+    if last.finish_reason == "context":
+        click.echo(f"notice: stopped at --max-kv-size {runner.max_kv}", err=True)
     if not quiet:
-        click.echo(q.stats_line(report), err=True)
+        click.echo(engine.stats_line(last.stats, last.usage), err=True)
 
 
 @cli.command("chat")
@@ -286,10 +290,8 @@ def chat_command(model, dtype, kernels, system, quiet, **o):
     """
     speculate = chosen_speculation(o)
     params, config, tokenizer = load_model(model, dtype)
-    speculation = speculation_from(o, speculate, dtype, kernels, config, tokenizer)
-    mx.random.seed(o["seed"])
-    session = chat.Chat(params, config, tokenizer, system, sampling_from(o, model, QWEN_CHAT), o["max_tokens"],
-                        o["max_kv_size"], kernels, speculation)
+    runner = engine_for(params, config, tokenizer, kernels, o, speculate, dtype, max_batch=1)
+    session = chat.Chat(runner, system, sampling_from(o, model, QWEN_CHAT), o["max_tokens"], o["seed"])
     templated(tokenizer, [{"role": "system", "content": system or ""}, {"role": "user", "content": "hi"}])
     sys.stdin.reconfigure(errors="surrogateescape")  # a line that is not UTF-8 is refused, not fatal
     try:
@@ -369,8 +371,13 @@ def pull_command(model):
                    "(greedy), and a verifier step's cost; with --shape, the cost only.")
 @click.option("--num-draft", "num_drafts", default="4,8", show_default=True,
               help="With --speculative: the proposals per verifier step to try, comma-separated.")
+@click.option("--serve", "serve", is_flag=True,
+              help="Instead: our server against mlx_lm.server (same weights and BLAS), with --clients clients at once "
+                   "each asking for --gen-tokens greedy tokens; aggregate tok/s, time to first token and latency.")
+@click.option("--clients", default="1,8,32", show_default=True, help="With --serve: client counts, comma-separated.")
+@click.option("--parallel", type=click.IntRange(1, 16), default=None, help="With --serve: our server's --parallel.")
 def bench_command(model, dtype, kernels, shape, prompt_tokens, gen_tokens, trials, int4, json_path, both_kernels,
-                  speculative, num_drafts):
+                  speculative, num_drafts, serve, clients, parallel):
     """Benchmark ours against mlx_lm on the same weights, dtype and BLAS, in one process.
 
     Contenders run alternately, trial by trial, after one warm-up run of each; each figure is
@@ -388,15 +395,20 @@ def bench_command(model, dtype, kernels, shape, prompt_tokens, gen_tokens, trial
     if json_path and not os.path.isdir(os.path.dirname(os.path.abspath(json_path))):
         raise click.BadParameter(f"the folder {os.path.dirname(os.path.abspath(json_path))} does not exist",
                                  param_hint="--json")
+    levels = whole_numbers(clients, "--clients", "1,8,32")
     try:
-        if speculative:
+        if serve:
+            report = bench.run_serve(model, dtype, levels, gen_tokens, trials, parallel,
+                                     command=" ".join(sys.orig_argv))
+        elif speculative:
             report = bench.run_speculative(model, shape, dtype, kernels, ks, trials, command=" ".join(sys.orig_argv))
         else:
             report = bench.run(model, shape, dtype, ["reference", "fast"] if both_kernels else [kernels], lengths,
                                gen_tokens, trials, int4, command=" ".join(sys.orig_argv))
     except (weights.ModelError, bench.BenchError) as e:
         raise click.ClickException(str(e)) from None
-    click.echo(bench.speculative_table(report) if speculative else bench.table(report))
+    click.echo(bench.serve_table(report) if serve else bench.speculative_table(report) if speculative
+               else bench.table(report))
     if json_path:
         with open(json_path, "w") as f:
             json.dump(report, f, indent=2)
@@ -412,10 +424,14 @@ def bench_command(model, dtype, kernels, shape, prompt_tokens, gen_tokens, trial
 @click.option("--api-key", default=None, metavar="K", help="Require Authorization: Bearer K on /v1 requests.")
 @click.option("--max-kv-size", type=click.IntRange(min=2), default=None,
               help="Most tokens of context [default: the model's max_position_embeddings].")
-def serve_command(model, dtype, kernels, host, port, api_key, max_kv_size):
+@click.option("--parallel", type=click.IntRange(1, 16), default=None,
+              help="Most requests decoding together in one batch; more wait in arrival order "
+                   "[default: 8 on the CPU, 16 on a GPU].")
+def serve_command(model, dtype, kernels, host, port, api_key, max_kv_size, parallel):
     """Serve the model through an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions).
 
-    Requests generate one at a time, in arrival order. Sampling defaults come from the model's
+    Up to --parallel requests decode together, each with its own settings and seed (a request's
+    answer does not depend on what else runs); the rest wait in arrival order. Sampling defaults come from the model's
     generation_config.json (a request's own fields win); "temperature": 0 is greedy.
 
     \b
@@ -430,12 +446,14 @@ def serve_command(model, dtype, kernels, host, port, api_key, max_kv_size):
     except OSError as e:
         raise click.ClickException(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
     defaults = weights.sampling_defaults(weights.resolve(model))
-    engine = server.Engine(params, config, tokenizer, model or PACKAGED_NAME, defaults, kernels, max_kv_size)
+    parallel = parallel or (16 if mx.default_device() == mx.gpu else 8)
+    backend = server.Engine(params, config, tokenizer, model or PACKAGED_NAME, defaults, kernels, max_kv_size,
+                            parallel)
     if warning := server.exposure_warning(host):
         click.echo(warning, err=True)
     address = sock.getsockname()
-    click.echo(f"serving {engine.name} on http://{host}:{address[1]}/v1 (Ctrl-C to stop)", err=True)
-    server.serve(engine, sock, api_key)
+    click.echo(f"serving {backend.name} on http://{host}:{address[1]}/v1 (Ctrl-C to stop)", err=True)
+    server.serve(backend, sock, api_key)
 
 
 def whole_numbers(text: str, flag: str, example: str) -> list[int]:

@@ -26,15 +26,16 @@ Shape legend, used in every comment below:
 import blas  # noqa: F401  (first: loads a real BLAS into the process before MLX loads its own)
 
 # isort: split
+import hashlib
 import math
-import time
+from collections.abc import Callable
 from typing import NamedTuple
 
 import mlx.core as mx
 
 __all__ = [
     "Config", "config_from_dict", "forward", "new_cache", "prefill", "decode_step", "Sampling", "sample",
-    "generate_tokens", "generate", "perplexity", "stats_line",
+    "perplexity",
 ]
 
 # ---------------------------------------------------------------------------------------------
@@ -84,13 +85,15 @@ def linear(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.ar
 
 
 def causal_mask(L: int, S: int, offset: mx.array | int | None = None) -> mx.array:
-    """[L, S] boolean, True where query i may see key j, aligned bottom-right.
+    """[L, S] boolean, True where query i may see key j, aligned bottom-right; [B, 1, L, S] for offsets [B].
 
     Query i sits at position offset + i, so it sees keys j <= offset + i; the default
     offset S - L is tril(k=S-L), right for a query shorter than the keys (decode).
     Keys past offset + L (unfilled cache slots) are never seen.
     """
     offset = S - L if offset is None else offset
+    if isinstance(offset, mx.array) and offset.ndim == 1:  # one offset per row of a batch
+        return (mx.arange(S) <= mx.arange(L)[:, None] + offset[:, None, None])[:, None]  # [B, 1, L, S]
     return mx.arange(S)[None, :] <= (mx.arange(L) + offset)[:, None]
 
 
@@ -136,12 +139,15 @@ def rope(x: mx.array, theta: float, offset: mx.array | int = 0, traditional: boo
     """Rotate each pair of features by position * theta^(-2i/D): [B, H, L, D] -> [B, H, L, D].
 
     Qwen2 pairs feature i with i + D/2 (split halves); the traditional form pairs 2i with 2i+1.
-    offset is the position of the first query (an mx.array, so a compiled step traces once).
+    offset is the position of the first query: a number, or one per row [B] (an mx.array, so a
+    compiled step traces once).
     """
     L, D = x.shape[-2], x.shape[-1]
     inv_freq = theta ** (-mx.arange(0, D, 2, dtype=mx.float32) / D)  # [D/2]
-    positions = mx.arange(L, dtype=mx.float32) + offset  # [L]
-    angles = positions[:, None] * inv_freq[None, :]  # [L, D/2]
+    positions = mx.arange(L, dtype=mx.float32) + mx.expand_dims(mx.array(offset, mx.float32), -1)  # [L] or [B, L]
+    angles = positions[..., None] * inv_freq  # [L, D/2], or [B, L, D/2]
+    if angles.ndim == 3:
+        angles = angles[:, None]  # [B, 1, L, D/2]: each row at its own positions
     cos, sin = mx.cos(angles), mx.sin(angles)
     if traditional:
         x1, x2 = x[..., 0::2], x[..., 1::2]
@@ -179,7 +185,7 @@ def mlp(x: mx.array, gate_proj: dict, up_proj: dict, down_proj: dict) -> mx.arra
 
 
 # ---------------------------------------------------------------------------------------------
-# The fast kernels: mx.fast at the same call sites (--kernels fast)
+# The kernels: ours, or mx.fast at the same call sites (--kernels fast), chosen once
 # ---------------------------------------------------------------------------------------------
 
 
@@ -196,15 +202,29 @@ def fast_attention(q, k, v, scale=None, mask=None):
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
 
 
+class Kernels(NamedTuple):
+    """The three functions a layer can take from mx.fast instead of ours."""
+
+    norm: Callable
+    rope: Callable
+    attention: Callable
+
+
 KERNELS = {
-    "reference": (rms_norm, rope, scaled_dot_product_attention),
-    "fast": (fast_rms_norm, fast_rope, fast_attention),
+    "reference": Kernels(rms_norm, rope, scaled_dot_product_attention),
+    "fast": Kernels(fast_rms_norm, fast_rope, fast_attention),
 }
 
 
 # ---------------------------------------------------------------------------------------------
 # Day 3: the Qwen2 attention layer, with a KV cache that is plain data
 # ---------------------------------------------------------------------------------------------
+
+
+def write_cache(cached: mx.array, new: mx.array, offset: mx.array) -> mx.array:
+    """[B, K, S, D] with new [B, K, L, D] written from each row's offset [B] on -> [B, K, S, D]."""
+    slots = offset[:, None, None, None] + mx.arange(new.shape[2])[:, None]  # [B, 1, L, 1]
+    return mx.put_along_axis(cached, mx.broadcast_to(slots, new.shape), new, axis=2)
 
 
 def self_attention(
@@ -214,32 +234,33 @@ def self_attention(
     v_proj: dict,
     o_proj: dict,
     config: Config,
-    kv: tuple | None,
-    offset: mx.array,
-    kernels: str = "reference",
+    kv: tuple | None = None,
+    offset: mx.array | int = 0,
+    mask: mx.array | str | None = "causal",
+    kernels: Kernels = KERNELS["reference"],
 ) -> tuple[mx.array, tuple | None]:
     """Grouped-query attention: [B, L, E] -> [B, L, E], and the layer's updated (keys, values).
 
-    kv is this layer's cache, ([B, K, S, D], [B, K, S, D]) preallocated to capacity S, of
-    which the first offset positions hold earlier tokens; None attends to x alone.
+    kv is this layer's cache, ([B, K, S, D], [B, K, S, D]) preallocated to capacity S, of which
+    the first offset[b] positions of row b hold earlier tokens; None attends to x alone.
+    mask: "causal" (the model's), None (every key; the course's full attention) or an array.
     """
-    _, rope_fn, attention_fn = KERNELS[kernels]
     B, L, _ = x.shape
     H, K, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     # Qwen2 gives q, k and v a bias (o_proj has none)
     q = linear(x, **q_proj).reshape(B, L, H, D).transpose(0, 2, 1, 3)  # [B, H, L, D]
     k = linear(x, **k_proj).reshape(B, L, K, D).transpose(0, 2, 1, 3)  # [B, K, L, D]
     v = linear(x, **v_proj).reshape(B, L, K, D).transpose(0, 2, 1, 3)  # [B, K, L, D]
-    q = rope_fn(q, config.rope_theta, offset)
-    k = rope_fn(k, config.rope_theta, offset)
-    if kv is None:
-        mask = "causal" if L > 1 else None
-    else:
-        keys = mx.slice_update(kv[0], k, offset, axes=(2,))  # [B, K, S, D]
-        values = mx.slice_update(kv[1], v, offset, axes=(2,))
-        kv, k, v = (keys, values), keys, values
-        mask = causal_mask(L, keys.shape[2], offset)  # [L, S]: hides unfilled slots too
-    out = attention_fn(q, k, v, scale=D**-0.5, mask=mask)  # [B, H, L, D]
+    q = kernels.rope(q, config.rope_theta, offset)
+    k = kernels.rope(k, config.rope_theta, offset)
+    if kv is not None:
+        kv = (write_cache(kv[0], k, offset), write_cache(kv[1], v, offset))  # [B, K, S, D] each
+        k, v = kv
+        if isinstance(mask, str):  # each row's own positions; hides the unfilled slots too
+            mask = causal_mask(L, k.shape[2], offset)  # [B, 1, L, S]
+    elif isinstance(mask, str) and L == 1:
+        mask = None  # one query sees every key
+    out = kernels.attention(q, k, v, scale=D**-0.5, mask=mask)  # [B, H, L, D]
     out = out.transpose(0, 2, 1, 3).reshape(B, L, H * D)  # [B, L, E]
     return linear(out, **o_proj), kv
 
@@ -253,35 +274,36 @@ def block(
     x: mx.array,
     layer: dict,
     config: Config,
-    kv: tuple | None,
-    offset: mx.array,
-    kernels: str = "reference",
+    kv: tuple | None = None,
+    offset: mx.array | int = 0,
+    mask: mx.array | str | None = "causal",
+    kernels: Kernels = KERNELS["reference"],
 ) -> tuple[mx.array, tuple | None]:
-    """Pre-norm transformer block: [B, L, E] -> [B, L, E]."""
-    norm = KERNELS[kernels][0]
+    """Pre-norm transformer block: [B, L, E] -> [B, L, E], and the layer's updated cache."""
     eps = config.rms_norm_eps
     a, kv = self_attention(
-        norm(x, layer["input_layernorm"]["weight"], eps), **layer["self_attn"],
-        config=config, kv=kv, offset=offset, kernels=kernels,
+        kernels.norm(x, layer["input_layernorm"]["weight"], eps), **layer["self_attn"],
+        config=config, kv=kv, offset=offset, mask=mask, kernels=kernels,
     )
     h = x + a
-    out = h + mlp(norm(h, layer["post_attention_layernorm"]["weight"], eps), **layer["mlp"])
+    out = h + mlp(kernels.norm(h, layer["post_attention_layernorm"]["weight"], eps), **layer["mlp"])
     return out, kv
 
 
 def hidden_states(
     params: dict, config: Config, tokens: mx.array, cache: dict | None = None, kernels: str = "reference"
 ) -> tuple[mx.array, dict | None]:
-    """Token ids [B, L] -> final-normed hidden states [B, L, E], and the updated cache."""
+    """Token ids [B, L] -> final-normed hidden states [B, L, E], and the cache with them added."""
+    kernels = KERNELS[kernels]
     model = params["model"]
     x = model["embed_tokens"]["weight"][tokens]  # [B, L, E]
-    offset = mx.array(0) if cache is None else cache["offset"]
+    offset = mx.array(0) if cache is None else cache["offset"]  # [B]: each row's next position
     new_kv = []
     for i, layer in enumerate(model["layers"]):
         kv = None if cache is None else cache["layers"][i]
-        x, kv = block(x, layer, config, kv, offset, kernels)
+        x, kv = block(x, layer, config, kv, offset, kernels=kernels)
         new_kv.append(kv)
-    x = KERNELS[kernels][0](x, model["norm"]["weight"], config.rms_norm_eps)
+    x = kernels.norm(x, model["norm"]["weight"], config.rms_norm_eps)
     if cache is not None:
         cache = {"layers": new_kv, "offset": offset + tokens.shape[1]}
     return x, cache
@@ -302,17 +324,22 @@ def forward(
 
 
 # ---------------------------------------------------------------------------------------------
-# The KV cache: preallocated per-layer arrays, grown in blocks
+# The KV cache: preallocated per-layer arrays, one offset per row, grown in blocks
 # ---------------------------------------------------------------------------------------------
+#
+# A batch holds sequences of different lengths. Row b's tokens sit at positions 0 .. offset[b] - 1
+# of its own row, as they would alone (tiny-llm's per-request offsets, not mlx_lm's left padding):
+# RoPE, the causal mask and the cache writes read each row's offset, so a row's arithmetic is the
+# same alone and in any batch, and a row joins or leaves without moving the others.
 
 CACHE_BLOCK = 256  # positions added at a time; the compiled step traces once per capacity
 
 
 def new_cache(config: Config, batch: int = 1, dtype=mx.float32) -> dict:
-    """An empty cache: per layer (keys, values) of [B, K, 0, D], and offset 0."""
+    """An empty cache: per layer (keys, values) of [B, K, 0, D], and offsets [B] of 0."""
     shape = (batch, config.num_key_value_heads, 0, config.head_dim)
     layers = [(mx.zeros(shape, dtype), mx.zeros(shape, dtype)) for _ in range(config.num_hidden_layers)]
-    return {"layers": layers, "offset": mx.array(0)}
+    return {"layers": layers, "offset": mx.zeros((batch,), mx.int32)}
 
 
 def cache_capacity(cache: dict) -> int:
@@ -344,7 +371,7 @@ def reserve(cache: dict, length: int, block_size: int = CACHE_BLOCK) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Days 6 and 7: prefill, one compiled decode step, sampling, generation
+# Days 6 and 7: prefill, one compiled decode step, sampling
 # ---------------------------------------------------------------------------------------------
 
 # Prompt tokens per forward call, measured: on the 2-core CPU 256 beats 512 (less of the softmax
@@ -352,24 +379,37 @@ def reserve(cache: dict, length: int, block_size: int = CACHE_BLOCK) -> dict:
 PREFILL_CHUNK = {"cpu": 256, "gpu": 2048}
 
 
+def prefill_chunk() -> int:
+    return PREFILL_CHUNK["gpu" if mx.default_device() == mx.gpu else "cpu"]
+
+
 def prefill(params, config, tokens, cache, kernels="reference", chunk=None):
-    """Run the prompt [B, L] into the cache in chunks -> (logits of its last token [B, V], cache)."""
-    chunk = chunk or PREFILL_CHUNK["gpu" if mx.default_device() == mx.gpu else "cpu"]
-    offset = int(cache["offset"].item())
-    for start in range(0, tokens.shape[1], chunk):
-        piece = tokens[:, start : start + chunk]
+    """Run the prompt [B, L] into the cache in chunks -> (logits of its last token [B, V], cache).
+
+    Chunks start at multiples of `chunk` from position 0 (the first one may be shorter when the
+    cache holds a prefix): a prompt is cut the same way whatever the cache holds.
+    """
+    chunk = chunk or prefill_chunk()
+    first = start = int(cache["offset"].max().item())
+    end = first + tokens.shape[1]
+    while start < end:
+        stop = min((start // chunk + 1) * chunk, end)
         # grown to the exact length, so that the prompt attends to no empty slot
-        cache = reserve(cache, offset + start + piece.shape[1], block_size=1)
-        h, cache = hidden_states(params, config, piece, cache, kernels)
-        if start + chunk < tokens.shape[1]:
+        cache = reserve(cache, stop, block_size=1)
+        h, cache = hidden_states(params, config, tokens[:, start - first : stop - first], cache, kernels)
+        if stop < end:
             mx.eval(cache)  # only the cache: no logits for the prompt's inner tokens
+        start = stop
     return output_logits(params, h[:, -1]), cache
 
 
-def decode_step(params, config, token, cache, kernels="reference"):
-    """One token per sequence [B, 1] -> (logits [B, V], cache). Compiled below."""
-    h, cache = hidden_states(params, config, token, cache, kernels)
-    return output_logits(params, h[:, -1]), cache
+def decode_step(params, config, tokens, cache, kernels="reference"):
+    """One or more tokens per sequence [B, L] -> (logits of each [B, L, V], cache).
+
+    L = 1 decodes; L = k + 1 verifies k speculative proposals. Compiled below: positions are
+    arrays, so it traces once per (B, L, cache capacity), never per token.
+    """
+    return forward(params, config, tokens, cache, kernels)
 
 
 compiled_decode_step = mx.compile(decode_step)
@@ -419,9 +459,15 @@ def apply_min_p(logprobs: mx.array, p: float) -> mx.array:
 GREEDY_BELOW = 1e-5  # a temperature this small draws the argmax anyway (1 / temp would overflow)
 
 
+def log_softmax(logits: mx.array) -> mx.array:
+    """[..., V] -> log-probabilities [..., V], in float32."""
+    logits = logits.astype(mx.float32)
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+
 def tempered_logprobs(logits: mx.array, s: Sampling) -> mx.array:
     """Logits [B, V] -> the unnormalized log-probabilities a sampler draws from: filtered, then / temp."""
-    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    logprobs = log_softmax(logits)
     if 0 < s.top_p < 1:
         logprobs = apply_top_p(logprobs, s.top_p)
     if s.min_p > 0:
@@ -431,129 +477,21 @@ def tempered_logprobs(logits: mx.array, s: Sampling) -> mx.array:
     return logprobs * (1 / s.temp)
 
 
-def sample(logits: mx.array, s: Sampling) -> mx.array:
-    """Logits [B, V] -> next token ids [B], after the filters that s turns on."""
+def sample(logits: mx.array, s: Sampling, key: mx.array | None = None) -> mx.array:
+    """Logits [B, V] -> next token ids [B], after the filters that s turns on; key: the random key."""
     if s.temp < GREEDY_BELOW:
         return mx.argmax(logits, axis=-1)
-    return mx.random.categorical(tempered_logprobs(logits, s))
+    return mx.random.categorical(tempered_logprobs(logits, s), key=key)
 
 
-# The random state goes in and comes out, so a compiled sampler draws fresh numbers each call.
-compiled_sample = mx.compile(sample, inputs=mx.random.state, outputs=mx.random.state)
+compiled_sample = mx.compile(sample)
 
 
-def pick_next(logits: mx.array, recent: mx.array | None, s: Sampling) -> mx.array:
-    """Logits [1, V] and recent token ids [N] -> the next token [1]."""
-    if recent is not None and s.repetition_penalty != 1:
-        logits = apply_repetition_penalty(logits, recent, s.repetition_penalty)
-    return compiled_sample(logits, s)
-
-
-def context_after_prompt(prompt: list[int], cache: dict, max_kv_size: int) -> int:
-    """How many tokens the cache holds once the prompt is in; a ValueError if it cannot be."""
-    pos = int(cache["offset"].item()) + len(prompt)
-    if not prompt:
-        raise ValueError("the prompt is empty: give at least one token")
-    if pos > max_kv_size:
-        raise ValueError(f"the prompt needs {pos} tokens of context but --max-kv-size is {max_kv_size}")
-    return pos
-
-
-def generate_tokens(
-    params: dict,
-    config: Config,
-    prompt: list[int],
-    cache: dict,
-    sampling: Sampling = Sampling(),
-    max_tokens: int = 256,
-    max_kv_size: int | None = None,
-    eos_ids: frozenset = frozenset(),
-    kernels: str = "reference",
-    report: dict | None = None,
-):
-    """Yield generated token ids for `prompt` (the tokens after what the cache already holds).
-
-    report, when given, is filled with the stats (mlx_lm's definitions), the final cache and
-    the finish reason: "stop" (an end-of-sequence id), "length" (max_tokens) or "context"
-    (the cache reached max_kv_size).
-    """
-    report = {} if report is None else report
-    max_kv_size = max_kv_size or config.max_position_embeddings
-    pos = prompt_end = context_after_prompt(prompt, cache, max_kv_size)  # tokens in the cache
-    penalize = sampling.repetition_penalty != 1
-    context = min(sampling.repetition_context, max_kv_size)  # never more tokens than the cache holds
-    recent = mx.array(prompt[-context:]) if penalize else None
-
-    tic = time.perf_counter()
-    logits, cache = prefill(params, config, mx.array(prompt)[None], cache, kernels)
-    y = pick_next(logits, recent, sampling)
-    mx.async_eval(y)
-    n, finish, t_first, generated = 0, "length", tic, []
-    while True:
-        next_y = None
-        if n + 1 < max_tokens and pos < max_kv_size:
-            # build token n+1's graph before handing out token n, so the two overlap
-            cache = reserve(cache, pos + 1)
-            logits, cache = compiled_decode_step(params, config, y[:, None], cache, kernels)
-            pos += 1
-            if penalize:
-                recent = mx.concatenate([recent, y])[-context:]
-            next_y = pick_next(logits, recent, sampling)
-            mx.async_eval(next_y)
-        token = y.item()
-        generated.append(token)
-        if n == 0:
-            t_first = time.perf_counter()
-            report["prompt_tokens"] = len(prompt)
-            report["prompt_tps"] = len(prompt) / (t_first - tic)
-        n += 1
-        if token in eos_ids:
-            finish = "stop"
-            break
-        yield token
-        if next_y is None:
-            finish = "length" if n >= max_tokens else "context"
-            break
-        y = next_y
-    elapsed = time.perf_counter() - t_first
-    report.update(
-        generation_tokens=n,
-        generation_tps=(n - 1) / elapsed if n > 1 and elapsed > 0 else 0.0,
-        peak_memory=mx.get_peak_memory() / 1e9,
-        finish_reason=finish,
-        generated=generated,  # every token drawn, the end-of-sequence one included
-        cache=cache,  # holds the prompt and the first cached_new of `generated`
-        cached_new=pos - prompt_end,
-    )
-
-
-def generate(
-    params: dict,
-    config: Config,
-    tokenizer,
-    prompt: list[int],
-    cache: dict | None = None,
-    report: dict | None = None,
-    tokens=generate_tokens,
-    **options,
-):
-    """Yield the generated text in printable segments (mlx_lm's streaming detokenizer).
-
-    Stops at any of the tokenizer's end-of-sequence ids or at max_tokens; options and report
-    are those of `tokens`: generate_tokens, or one with its contract (speculative decoding).
-    The detokenizer is finalized, so no tail is lost.
-    """
-    cache = new_cache(config, dtype=params["model"]["norm"]["weight"].dtype) if cache is None else cache
-    detokenizer = tokenizer.detokenizer
-    detokenizer.reset()
-    eos = frozenset(tokenizer.eos_token_ids)
-    for token in tokens(params, config, prompt, cache, eos_ids=eos, report=report, **options):
-        detokenizer.add_token(token)
-        if segment := detokenizer.last_segment:  # reading it hands the segment over
-            yield segment
-    detokenizer.finalize()
-    if segment := detokenizer.last_segment:
-        yield segment
+def sampling_key(seed: int, position: int) -> mx.array:
+    """The random key of the token at `position` of a request seeded `seed`: a hash of the two, so
+    that nothing else (the process, other requests, what ran before) moves a request's draws."""
+    digest = hashlib.blake2b(f"{seed}:{position}".encode(), digest_size=8).digest()
+    return mx.random.key(int.from_bytes(digest, "little"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -586,15 +524,3 @@ def perplexity(params, config, tokens: list[int], context: int = 1024, kernels="
         raise ValueError("the text has fewer than two tokens: nothing to score")
     mean = nll / scored
     return {"tokens": len(tokens), "nll": mean, "perplexity": math.exp(mean)}
-
-
-def stats_line(r: dict) -> str:
-    """The report of generate_tokens as one line, as the commands print it (speculation adds its own)."""
-    line = (f"prefill: {r['prompt_tokens']} tokens, {r['prompt_tps']:.2f} tok/s | "
-            f"decode: {r['generation_tokens']} tokens, {r['generation_tps']:.2f} tok/s | "
-            f"peak memory: {r['peak_memory']:.2f} GB")
-    if r.get("verify_steps"):
-        accepted = r["accepted"] / r["proposed"] if r["proposed"] else 0.0
-        line += (f" | speculative: {accepted:.0%} of {r['proposed']} proposed accepted, "
-                 f"{r['step_tokens'] / r['verify_steps']:.2f} tokens per verifier step")
-    return line

@@ -3,14 +3,15 @@
 Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions (each streamed as
 server-sent events with "stream": true, ending in `data: [DONE]`), GET /health.
 
-One worker thread owns the model: requests queue in arrival order and generate one at a time,
-and a request whose messages extend the previous conversation reuses the KV cache of the
-prefix they share, as the chat does. A streaming client that goes away stops its generation at
-the next token. Errors use OpenAI's format, {"error": {"message", "type", "param", "code"}},
+One worker thread steps the generation engine (engine.py): up to --parallel requests decode
+together in one batch, the rest wait in arrival order, and every request reuses the prompt cache's
+keys and values of any earlier prompt it starts with. A client that goes away frees its row at
+the next step. Errors use OpenAI's format, {"error": {"message", "type", "param", "code"}},
 and never carry a stack trace.
 """
 
-import qwen2_scratch as q  # first: the model loads the fast BLAS before MLX
+
+import qwen2_scratch as q  # noqa: F401  (first: the model loads the fast BLAS before MLX)
 
 # isort: split
 import asyncio
@@ -18,32 +19,27 @@ import hmac
 import ipaddress
 import json
 import math
-import queue
 import socket
-import sys
 import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
 
-import mlx.core as mx
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
+import engine as generation
 import weights
+from say import say
 
 __all__ = ["Engine", "app", "listen", "serve", "ApiError", "exposure_warning", "MAX_BODY_BYTES", "DEFAULT_MAX_TOKENS"]
 
 MAX_BODY_BYTES = 1 << 20  # a whole 32k-token context is ~130 KB of text; 1 MiB leaves room for JSON escapes
 DEFAULT_MAX_TOKENS = 512  # when a request sets none, as the chat and mlx_lm.server
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-
-
-def log(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
 
 
 def exposure_warning(host: str) -> str | None:
@@ -168,135 +164,59 @@ def completion_prompt(body: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Stop strings: hold back what may begin one, cut at the first
-# ---------------------------------------------------------------------------------------------
-
-
-class StopText:
-    """Streams text with the stop strings cut out: text that may begin a stop string waits."""
-
-    def __init__(self, stops: list[str]):
-        self.stops, self.pending = stops, ""
-
-    def feed(self, segment: str) -> tuple[str, bool]:
-        """The text safe to send now, and whether a stop string was reached."""
-        text = self.pending + segment
-        found = [i for s in self.stops if (i := text.find(s)) >= 0]
-        if found:
-            self.pending = ""
-            return text[: min(found)], True
-        held = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-        self.pending = text[len(text) - held :]
-        return text[: len(text) - held], False
-
-    def flush(self) -> str:
-        text, self.pending = self.pending, ""
-        return text
-
-
-# ---------------------------------------------------------------------------------------------
 # The engine: the model, its prompt cache, and the one thread that runs it
 # ---------------------------------------------------------------------------------------------
 
 
 class Engine:
-    """The model behind the API. One worker thread runs every generation, in arrival order.
+    """The model behind the API: the generation engine, stepped by a worker thread of its own, with
+    up to `parallel` requests decoding together; the rest wait in arrival order.
 
     defaults: the sampling values a request does not set (weights.sampling_defaults: the model's
     generation_config.json), as Sampling's field names.
     """
 
     def __init__(self, params, config, tokenizer, name: str, defaults: dict, kernels="reference",
-                 max_kv_size=None):
-        self.params, self.config, self.tokenizer = params, config, tokenizer
-        self.name, self.defaults, self.kernels = name, defaults, kernels
-        self.max_kv = max_kv_size or config.max_position_embeddings
-        self.jobs: queue.SimpleQueue = queue.SimpleQueue()  # FIFO: requests generate in arrival order
-        self.closing = threading.Event()
-        # a daemon thread that never ends: MLX aborts the process at exit when a thread that ran
-        # async_eval has ended (measured with MLX 0.32.4: "terminate called without an active exception")
-        threading.Thread(target=self.work, name="generate", daemon=True).start()
-        # the KV cache of the tokens last run through the model, reused for a shared prefix as in the chat
-        self.cache = q.new_cache(config, dtype=params["model"]["norm"]["weight"].dtype)
-        self.cached: list[int] = []
-        mx.eval(params, self.cache)  # MLX streams are per thread: the worker must find nothing left to compute
-
-    def work(self) -> None:
-        while True:
-            self.jobs.get()()
+                 max_kv_size=None, parallel: int = 8):
+        self.tokenizer, self.name, self.defaults = tokenizer, name, defaults
+        self.engine = generation.Engine(params, config, tokenizer, kernels, max_batch=parallel,
+                                        max_kv_size=max_kv_size)
+        self.max_kv = self.engine.max_kv
+        self.engine.start()
 
     def check_fits(self, ids: list[int], param: str) -> None:
         if len(ids) >= self.max_kv:
             raise ApiError(400, f"the prompt has {len(ids)} tokens, but the context holds {self.max_kv} "
                                 "(and at least one token must be generated)", param, "context_length_exceeded")
 
-    def run(self, ids: list[int], options: dict, emit, cancelled: threading.Event) -> dict | None:
-        """On the worker thread: generate for ids, emit(text) as it comes; the finish reason and usage."""
-        if cancelled.is_set() or self.closing.is_set():
-            return None  # the client left while queued
-        if options["seed"] is not None:
-            mx.random.seed(options["seed"])
-        reuse = min(q.common_prefix(self.cached, ids), len(ids) - 1)
-        cache = {"layers": self.cache["layers"], "offset": mx.array(reuse)}
-        report, stop, count, finish = {}, StopText(options["stops"]), 0, None
-        detokenizer = self.tokenizer.detokenizer
-        tokens = q.generate_tokens(self.params, self.config, ids[reuse:], cache, options["sampling"],
-                                   options["max_tokens"], self.max_kv, frozenset(self.tokenizer.eos_token_ids),
-                                   self.kernels, report)
-        for token in tokens:
-            count += 1
-            detokenizer.add_token(token)
-            text, hit = stop.feed(detokenizer.last_segment)
-            if text:
-                emit(text)
-            if hit or cancelled.is_set() or self.closing.is_set():
-                finish = "stop" if hit else "cancelled"
-                break
-        tokens.close()
-        if finish is None:  # ran to its end: the report is complete and the cache can be kept
-            detokenizer.finalize()
-            text, hit = stop.feed(detokenizer.last_segment)
-            emit(text if hit else text + stop.flush())
-            finish = "stop" if hit or report["finish_reason"] == "stop" else "length"
-            count = report["generation_tokens"]  # the end-of-sequence token included, as the stats line
-            self.cache = report["cache"]
-            self.cached = (ids + report["generated"])[: len(ids) + report["cached_new"]]
-        return {"finish_reason": finish, "usage": {
-            "prompt_tokens": len(ids), "completion_tokens": count, "total_tokens": len(ids) + count,
-            "prompt_tokens_details": {"cached_tokens": reuse}}}
-
     async def generate(self, ids: list[int], options: dict, cancelled: threading.Event):
-        """Yield the text pieces of one generation, then its result dict; queued behind earlier ones."""
+        """Yield the text pieces of one generation, then its result dict."""
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-
-        def emit(text):
-            if text:
-                loop.call_soon_threadsafe(queue.put_nowait, text)
-
-        def job():
-            try:
-                result = self.run(ids, options, emit, cancelled)
-            except Exception as e:  # reaches the client as a one-line error, never a traceback
-                result = e
-            loop.call_soon_threadsafe(queue.put_nowait, result)
-
-        self.jobs.put(job)
+        events: asyncio.Queue = asyncio.Queue()
+        request = generation.Request(tuple(ids), options["sampling"], options["max_tokens"], tuple(options["stops"]),
+                                     options["seed"])
+        handle = self.engine.submit(request, lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
         try:
-            while isinstance(item := await queue.get(), str):
-                yield item
+            while True:
+                event = await events.get()
+                if event.text:
+                    yield event.text
+                if event.finish_reason:
+                    break
         finally:
-            cancelled.set()  # the client left (or the stream ended): stop at the next token
-        if isinstance(item, Exception):
-            log(f"error: generation failed: {type(item).__name__}: {item}")
-            raise ApiError(500, f"generation failed: {item}")
-        if item is None:  # never started: the server is stopping
+            handle.cancel()  # the client left (or the stream ended): its row is freed at the next step
+            cancelled.set()
+        if event.finish_reason == "cancelled":
             raise ApiError(503, "the server is stopping")
-        yield item
+        usage = event.usage
+        yield {"finish_reason": event.finish_reason if event.finish_reason != "context" else "length", "usage": {
+            "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": usage.cached_tokens}}}
 
     def close(self) -> None:
-        """Stop: a running generation ends at its next token, queued ones never start."""
-        self.closing.set()
+        """Stop: running and queued generations end at the next step."""
+        self.engine.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,7 +268,7 @@ def endpoint(handler, api_key, engine):
         except ApiError as e:
             return e.response()
         except Exception as e:
-            log(f"error: {request.url.path}: {type(e).__name__}: {e}")
+            say(f"error: {request.url.path}: {type(e).__name__}: {e}")
             return ApiError(500, f"internal error: {type(e).__name__}").response()
     return wrapped
 

@@ -15,10 +15,11 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-from conftest import COMMAND
 
+import engine
 import server
 import weights
+from conftest import COMMAND
 
 KEY = "test-key-0123456789"
 TIMEOUT = 300  # seconds for any one request: the 2-core machine is shared, so generous but bounded
@@ -35,7 +36,7 @@ def test_stop_text_cuts_at_the_first_stop_whatever_the_segments(stops):
     text = "hello world, the end! xx END"
     first = min(i for s in stops if (i := text.find(s)) >= 0)
     for size in (1, 2, 3, 7, len(text)):
-        cut, sent, hit = server.StopText(stops), [], False
+        cut, sent, hit = engine.StopMatcher(tuple(stops)), [], False
         for start in range(0, len(text), size):
             piece, hit = cut.feed(text[start : start + size])
             sent.append(piece)
@@ -45,7 +46,7 @@ def test_stop_text_cuts_at_the_first_stop_whatever_the_segments(stops):
 
 
 def test_stop_text_holds_back_only_what_may_begin_a_stop():
-    cut = server.StopText(["STOP"])
+    cut = engine.StopMatcher(("STOP",))
     assert cut.feed("abc ST") == ("abc ", False)
     assert cut.feed("x") == ("STx", False)
     assert cut.feed("S") == ("", False) and cut.flush() == "S"

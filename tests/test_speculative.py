@@ -1,20 +1,19 @@
-"""Speculative decoding against plain decoding: the same greedy tokens with every proposer (right,
-wrong, running into the end of the context, holding an end-of-sequence id), the same cache after
-rollback, the target's distribution when sampling (chi-square), one trace per (length, block)."""
+"""Speculative decoding against plain decoding, through the engine: the same tokens with every
+proposer (right, wrong, running into the end of the context, holding an end-of-sequence id),
+greedy and sampled, and one trace per (length, block)."""
 
 import qwen2_scratch as q  # noqa: F401  (first: the fast BLAS before MLX)
 
 # isort: split
-import itertools
 import json
-import math
 import re
 
 import mlx.core as mx
 import pytest
-from conftest import LAYER_TOL, STATS, assert_close, invoke, reference_model, run_cli
 
 import speculative as sp
+from conftest import STATS, IdTokenizer, invoke, reference_model, run_cli
+from engine import Engine, Request
 
 # ---------------------------------------------------------------------------------------------
 # Proposers the tests control, and the two random models
@@ -22,18 +21,18 @@ import speculative as sp
 
 
 class Oracle:
-    """Proposes what plain greedy decoding generates, with every `wrong_every`-th proposal changed."""
+    """Proposes what plain decoding generates, with every `wrong_every`-th proposal changed."""
 
     def __init__(self, prompt_len, truth, wrong_every=0, V=300):
         self.prompt_len, self.truth, self.wrong_every, self.V = prompt_len, truth, wrong_every, V
 
-    def __call__(self, context, window, k, sampling):
+    def __call__(self, context, k):
         g = len(context) - self.prompt_len  # tokens generated so far
         out = list(self.truth[g : g + k])
         for i in range(len(out)):
             if self.wrong_every and (g + i) % self.wrong_every == self.wrong_every - 1:
                 out[i] = (out[i] + 1) % self.V
-        return out, None
+        return out
 
 
 class Wrong:
@@ -42,8 +41,8 @@ class Wrong:
     def __init__(self, tokens):
         self.tokens = tokens
 
-    def __call__(self, context, window, k, sampling):
-        return self.tokens[:k], None
+    def __call__(self, context, k):
+        return self.tokens[:k]
 
 
 def target():
@@ -52,21 +51,24 @@ def target():
     return params, config
 
 
+def run(params, config, prompt, propose=None, k=sp.NUM_DRAFT, eos=(), max_kv_size=None, sampling=q.Sampling(),
+        max_tokens=24, seed=0):
+    """(every token drawn, the final event) of one request through the engine."""
+    runner = Engine(params, config, IdTokenizer(eos), max_kv_size=max_kv_size, proposer=propose, num_draft=k)
+    events = list(runner.generate(Request(tuple(prompt), sampling, max_tokens, seed=seed)))
+    return [e.token for e in events if e.token is not None], events[-1]
+
+
 def plain(params, config, prompt, **options):
-    report = {}
-    tokens = list(q.generate_tokens(params, config, prompt, q.new_cache(config), report=report, **options))
-    return tokens, report
+    return run(params, config, prompt, **options)
 
 
 def speculative(params, config, prompt, propose, **options):
-    report = {}
-    tokens = list(sp.speculative_tokens(params, config, prompt, q.new_cache(config), propose=propose, report=report,
-                                        **options))
-    return tokens, report
+    return run(params, config, prompt, propose, **options)
 
 
-def acceptance(report):
-    return report["accepted"] / max(report["proposed"], 1)
+def acceptance(last):
+    return last.stats.accepted / max(last.stats.proposed, 1)
 
 
 PROMPT = mx.random.randint(0, 300, (20,), key=mx.random.key(0)).tolist()
@@ -106,20 +108,35 @@ def proposers(params, config, truth):
 
 def test_greedy_equals_plain_greedy_with_every_proposer():
     params, config = target()
-    truth, plain_report = plain(params, config, PROMPT, max_tokens=N)
+    truth, plain_last = plain(params, config, PROMPT, max_tokens=N)
     for name, (propose, rate) in proposers(params, config, truth).items():
         for k in (1, 4, 8):
-            tokens, report = speculative(params, config, PROMPT, propose, max_tokens=N, num_draft=k)
+            tokens, last = speculative(params, config, PROMPT, propose, max_tokens=N, k=k)
             assert tokens == truth, f"{name}, k={k}: {tokens} != {truth}"
-            assert report["finish_reason"] == "length" and report["generated"] == plain_report["generated"]
-            assert report["step_tokens"] == N - 1 and report["verify_steps"] <= N - 1
+            assert last.finish_reason == "length" and last.usage == plain_last.usage
             if rate:  # the proposer is in the regime its name says
-                assert rate[0] <= acceptance(report) <= rate[1], f"{name}, k={k}: acceptance {acceptance(report)}"
+                assert rate[0] <= acceptance(last) <= rate[1], f"{name}, k={k}: acceptance {acceptance(last)}"
             if name == "mostly wrong":  # fruitless proposals make it fall back to plain steps
-                assert report["proposed"] <= 8 * k and report["verify_steps"] == N - 1, report
+                assert last.stats.proposed <= 8 * k, last.stats
     # the lookup finds the output's loops here: it is right more often than not
-    _, report = speculative(params, config, PROMPT, sp.Lookup(), max_tokens=N)
-    assert report["proposed"] > 0 and report["step_tokens"] / report["verify_steps"] > 1.3
+    _, last = speculative(params, config, PROMPT, sp.Lookup(), max_tokens=N)
+    assert last.stats.proposed > 0 and (last.stats.accepted + last.stats.verify_steps) / last.stats.verify_steps > 1.3
+
+
+SAMPLED = q.Sampling(temp=0.8, top_k=6, repetition_penalty=1.3, repetition_context=4)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sampled_tokens_equal_plain_sampling_with_the_same_seed(seed):
+    """A proposal is kept only where the row's own draw (its seed, its position) equals it: the same tokens."""
+    params, config = target()
+    truth, _ = plain(params, config, PROMPT, max_tokens=N, sampling=SAMPLED, seed=seed)
+    assert truth != plain(params, config, PROMPT, max_tokens=N, sampling=SAMPLED, seed=seed + 10)[0]
+    for propose in (Oracle(len(PROMPT), truth), Oracle(len(PROMPT), truth, wrong_every=3), sp.Lookup(),
+                    sp.DraftModel(params, config, config.vocab_size)):
+        tokens, last = speculative(params, config, PROMPT, propose, max_tokens=N, sampling=SAMPLED, seed=seed, k=4)
+        assert tokens == truth, f"{type(propose).__name__}: {tokens} != {truth}"
+        assert last.stats.verify_steps > 0
 
 
 @pytest.mark.parametrize("room", [1, 2, 5, 13])
@@ -127,16 +144,14 @@ def test_a_proposal_running_into_the_end_of_the_context(room):
     params, config = target()
     truth, _ = plain(params, config, PROMPT, max_tokens=N)
     limit = len(PROMPT) + room
-    expected, plain_report = plain(params, config, PROMPT, max_tokens=N, max_kv_size=limit)
-    tokens, report = speculative(params, config, PROMPT, Oracle(len(PROMPT), truth), max_tokens=N,
-                                 max_kv_size=limit, num_draft=8)
+    expected, plain_last = plain(params, config, PROMPT, max_tokens=N, max_kv_size=limit)
+    tokens, last = speculative(params, config, PROMPT, Oracle(len(PROMPT), truth), max_tokens=N,
+                               max_kv_size=limit, k=8)
     assert tokens == expected == truth[: room + 1]
-    assert report["finish_reason"] == plain_report["finish_reason"] == "context"
-    assert report["cached_new"] == plain_report["cached_new"] == room
-    assert q.cache_capacity(report["cache"]) >= limit and report["cache"]["offset"].item() == limit
+    assert last.finish_reason == plain_last.finish_reason == "context"
     # and into max_tokens: no proposal is verified beyond it
-    tokens, report = speculative(params, config, PROMPT, Oracle(len(PROMPT), truth), max_tokens=room, num_draft=8)
-    assert tokens == truth[:room] and report["finish_reason"] == "length"
+    tokens, last = speculative(params, config, PROMPT, Oracle(len(PROMPT), truth), max_tokens=room, k=8)
+    assert tokens == truth[:room] and last.finish_reason == "length"
 
 
 def test_a_proposal_containing_an_end_of_sequence_id():
@@ -144,36 +159,20 @@ def test_a_proposal_containing_an_end_of_sequence_id():
     truth, _ = plain(params, config, PROMPT, max_tokens=N)
     m = next(i for i in range(8, N) if truth[i] not in truth[:i])  # the first time it is drawn
     eos = truth[m]
-    expected, plain_report = plain(params, config, PROMPT, max_tokens=N, eos_ids=frozenset({eos}))
+    expected, plain_last = plain(params, config, PROMPT, max_tokens=N, eos=(eos,))
     # accepted: the oracle proposes the run up to and past the end-of-sequence id
-    tokens, report = speculative(params, config, PROMPT, Oracle(len(PROMPT), truth), max_tokens=N,
-                                 eos_ids=frozenset({eos}), num_draft=8)
-    assert tokens == expected == truth[:m]
-    assert report["generated"] == plain_report["generated"] == truth[: m + 1] and report["finish_reason"] == "stop"
+    tokens, last = speculative(params, config, PROMPT, Oracle(len(PROMPT), truth), max_tokens=N, eos=(eos,), k=8)
+    assert tokens == expected == truth[: m + 1]
+    assert last.finish_reason == plain_last.finish_reason == "stop"
     # rejected: an end-of-sequence id the target does not pick ends nothing
     wrong_eos = 3
     assert wrong_eos not in truth
-    tokens, report = speculative(params, config, PROMPT, Wrong([wrong_eos] * 8), max_tokens=N,
-                                 eos_ids=frozenset({wrong_eos}))
-    assert tokens == truth and report["finish_reason"] == "length" and report["proposed"] > 0
-
-
-def test_cache_rollback_equals_the_cache_plain_decoding_builds():
-    params, config = target()
-    truth, plain_report = plain(params, config, PROMPT, max_tokens=30)
-    for propose in (Wrong([3, 2, 1, 0]), Oracle(len(PROMPT), truth, wrong_every=3)):
-        _, report = speculative(params, config, PROMPT, propose, max_tokens=30, num_draft=4)
-        assert report["accepted"] < report["proposed"], "some proposals must have been rolled back"
-        ours, theirs = report["cache"], plain_report["cache"]
-        n = theirs["offset"].item()
-        assert ours["offset"].item() == n and report["cached_new"] == plain_report["cached_new"]
-        for i, ((k1, v1), (k2, v2)) in enumerate(zip(ours["layers"], theirs["layers"], strict=True)):
-            assert_close(k1[:, :, :n], k2[:, :, :n], *LAYER_TOL[mx.float32], f"layer {i} keys")
-            assert_close(v1[:, :, :n], v2[:, :, :n], *LAYER_TOL[mx.float32], f"layer {i} values")
+    tokens, last = speculative(params, config, PROMPT, Wrong([wrong_eos] * 8), max_tokens=N, eos=(wrong_eos,))
+    assert tokens == truth and last.finish_reason == "length" and last.stats.proposed > 0
 
 
 def test_the_verifier_traces_once_per_length_and_cache_block(monkeypatch):
-    # a config no other test uses, so every trace of the compiled verifier is counted here
+    # a config no other test uses, so every trace of the compiled step is counted here
     _, params, config, _ = reference_model(tie=False, hidden_size=40, num_attention_heads=5, num_key_value_heads=1,
                                            intermediate_size=72, vocab_size=120)
     traces = []
@@ -184,86 +183,13 @@ def test_the_verifier_traces_once_per_length_and_cache_block(monkeypatch):
         return original(params, config, tokens, cache, kernels)
 
     monkeypatch.setattr(q, "forward", counting)
-    block, k = 32, 4
-    monkeypatch.setattr(q.reserve, "__defaults__", (block,))
-    prompt = [1, 2, 3, 4, 5, 6] * 3
-    tokens = list(sp.speculative_tokens(params, config, prompt, q.new_cache(config), max_tokens=3 * block,
-                                        num_draft=k))
-    assert len(tokens) == 3 * block
+    monkeypatch.setattr(q, "CACHE_BLOCK", 32)
+    k, prompt = 4, [1, 2, 3, 4, 5, 6] * 3
+    tokens, _ = speculative(params, config, prompt, sp.Lookup(), max_tokens=96, k=k)
+    assert len(tokens) == 96
     assert len(set(traces)) == len(traces), f"traced twice: {traces}"
-    assert all(n <= k + 1 for n, _ in traces) and len({c for _, c in traces}) <= 4, f"traces: {traces}"
-    assert len(traces) < 3 * block // 2, f"{len(traces)} traces for {3 * block} tokens"
-
-
-# ---------------------------------------------------------------------------------------------
-# Sampling: the output distribution is the target's
-# ---------------------------------------------------------------------------------------------
-
-
-def chi_square_bound(df: int, z: float = 3.09) -> float:
-    """The chi-square quantile at 1 - 0.001 (z of the normal), by Wilson and Hilferty's approximation."""
-    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
-
-
-def chi_square(counts: dict, expected: dict, draws: int) -> tuple[float, int]:
-    """Pearson's statistic over cells expected at least 5 times (the rest pooled into one), and its df."""
-    big = [c for c in expected if expected[c] * draws >= 5]
-    rest_e = draws - sum(expected[c] * draws for c in big)
-    rest_o = draws - sum(counts.get(c, 0) for c in big)
-    stat = sum((counts.get(c, 0) - expected[c] * draws) ** 2 / (expected[c] * draws) for c in big)
-    if rest_e >= 5:
-        stat += (rest_o - rest_e) ** 2 / rest_e
-        return stat, len(big)
-    return stat, len(big) - 1
-
-
-def pair_distribution(params, config, prompt, s: q.Sampling) -> dict:
-    """The exact probability of each first two generated tokens (t1, t2), from full forward passes."""
-    V = config.vocab_size
-
-    def next_probs(tokens, seen):
-        logits, _ = q.forward(params, config, mx.array(tokens)[None])
-        logits = sp.penalized(logits[0, -1:], [seen[-s.repetition_context :]], s)
-        return q.softmax(q.tempered_logprobs(logits, s))[0].tolist()
-
-    p1 = next_probs(prompt, prompt)
-    return {(a, b): p1[a] * pb for a in range(V) if p1[a] > 0
-            for b, pb in enumerate(next_probs(prompt + [a], prompt + [a]))}
-
-
-SAMPLED = q.Sampling(temp=0.8, top_k=6, repetition_penalty=1.3, repetition_context=4)
-
-
-@pytest.mark.parametrize("proposer", ["lookup", "draft"])
-def test_sampling_keeps_the_target_distribution(proposer):
-    V, draws = 8, 1500
-    _, params, config, _ = reference_model(tie=False, vocab_size=V, seed=3)
-    _, dparams, dconfig, _ = reference_model(tie=False, vocab_size=V, seed=4)
-    prompt = [1, 2, 3, 4, 5, 6, 7, 0] * 2 + [1, 2]  # lookup always proposes here
-    expected = pair_distribution(params, config, prompt, SAMPLED)
-    draft_expected = pair_distribution(dparams, dconfig, prompt, SAMPLED)
-    proposer = sp.Lookup() if proposer == "lookup" else sp.DraftModel(dparams, dconfig, V)
-    asked = []
-
-    def propose(*args):
-        ids, q_probs = proposer(*args)
-        asked.append(len(ids))
-        return ids, q_probs
-
-    counts = {}
-    mx.random.seed(7)
-    for _ in range(draws):
-        report = {}
-        tokens = sp.speculative_tokens(params, config, prompt, q.new_cache(config), propose=propose, sampling=SAMPLED,
-                                       max_tokens=6, num_draft=4, report=report)
-        pair = tuple(itertools.islice(tokens, 2))  # t2 is the verifier's first answer
-        counts[pair] = counts.get(pair, 0) + 1
-    stat, df = chi_square(counts, expected, draws)
-    assert stat < chi_square_bound(df), f"chi-square {stat:.1f} over {df} degrees of freedom"
-    # the test can tell distributions apart: the draft's own pairs are far from the target's
-    far, df2 = chi_square({c: round(p * draws) for c, p in draft_expected.items()}, expected, draws)
-    assert far > chi_square_bound(df2), f"the draft's distribution is too close to tell ({far:.1f})"
-    assert len(asked) == draws and sum(asked) >= 3 * draws, "the verifier had proposals to check every time"
+    assert all(n <= k + 1 for n, _ in traces), f"traces: {traces}"
+    assert len(traces) < 96 // 2, f"{len(traces)} traces for 96 tokens"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,15 +220,15 @@ def test_greedy_on_the_packaged_model_equals_plain_greedy(packaged, name):
     text, templated = PACKAGED_PROMPTS[name]
     prompt = (tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
               if templated else tokenizer.encode(text))
-    eos = frozenset(tokenizer.eos_token_ids)
-    truth, _ = plain(params, config, prompt, max_tokens=40, eos_ids=eos)
-    tokens, report = speculative(params, config, prompt, sp.Lookup(), max_tokens=40, eos_ids=eos)
+    eos = tuple(tokenizer.eos_token_ids)
+    truth, _ = plain(params, config, prompt, max_tokens=40, eos=eos)
+    tokens, last = speculative(params, config, prompt, sp.Lookup(), max_tokens=40, eos=eos)
     assert tokens == truth, f"lookup:\n{tokenizer.decode(tokens)}\n!=\n{tokenizer.decode(truth)}"
     if name == "copying code":  # most proposals are right
-        assert acceptance(report) > 0.5 and report["step_tokens"] / report["verify_steps"] > 2, report
-    tokens, report = speculative(params, config, prompt, sp.DraftModel(params, config, config.vocab_size),
-                                 max_tokens=16, eos_ids=eos, num_draft=4)
-    assert tokens == truth[:16] and acceptance(report) > 0.9  # drafting for itself: almost all accepted
+        assert acceptance(last) > 0.5 and (last.stats.accepted / last.stats.verify_steps) > 1, last.stats
+    tokens, last = speculative(params, config, prompt, sp.DraftModel(params, config, config.vocab_size),
+                               max_tokens=16, eos=eos, k=4)
+    assert tokens == truth[:16] and acceptance(last) > 0.9  # drafting for itself: almost all accepted
 
 
 # ---------------------------------------------------------------------------------------------

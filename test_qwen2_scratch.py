@@ -10,6 +10,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten, tree_unflatten
+
+import weights
 from conftest import (
     DTYPES,
     HERE,
@@ -24,9 +27,7 @@ from conftest import (
     rand,
     reference_model,
 )
-from mlx.utils import tree_flatten, tree_unflatten
-
-import weights
+from engine import Engine, Request
 
 # ---------------------------------------------------------------------------------------------
 # Day 1: softmax, linear, silu, attention
@@ -192,7 +193,7 @@ def test_cached_decoding_equals_full_forward(kernels):
     for i in range(5, 12):
         logits, cache = q.forward(params, config, tokens[:, i : i + 1], cache, kernels)
         steps.append(logits)
-    assert cache["offset"].item() == 12
+    assert cache["offset"].tolist() == [12, 12]
     assert_close(mx.concatenate(steps, axis=1), full, 0, LOGITS_ATOL_F32, "prompt then token by token")
 
 
@@ -225,27 +226,73 @@ def test_decoding_three_blocks_traces_once_per_block(monkeypatch):
     original = q.hidden_states
 
     def counting(params, config, tokens, cache=None, kernels="reference"):
-        if tokens.shape[1] == 1:  # the decode step's trace (the prompt below is longer)
-            traces.append(q.cache_capacity(cache))
+        traces.append(q.cache_capacity(cache))  # runs only while the compiled step traces
         return original(params, config, tokens, cache, kernels)
 
     monkeypatch.setattr(q, "hidden_states", counting)
     block = 32
-    monkeypatch.setattr(q, "CACHE_BLOCK", block)
-    monkeypatch.setattr(q.reserve, "__defaults__", (block,))
-    tokens = list(q.generate_tokens(params, config, [1, 2, 3], q.new_cache(config), max_tokens=3 * block))
-    assert len(tokens) == 3 * block
-    assert 1 <= len(traces) <= 4 and len(set(traces)) == len(traces), f"traces at capacities {traces}"
+    _, cache = q.prefill(params, config, mx.array([[1, 2, 3]]), q.new_cache(config))
+    traces.clear()
+    token = mx.array([[4]])
+    for pos in range(3, 3 * block):
+        cache = q.reserve(cache, pos + 1, block_size=block)
+        logits, cache = q.compiled_decode_step(params, config, token, cache)
+        token = mx.argmax(logits[:, -1], axis=-1).astype(mx.int32)[:, None]
+        mx.eval(token, cache)
+    assert traces == [block, 2 * block, 3 * block], f"traces at capacities {traces}"
 
 
-def test_generation_stops_at_max_kv_size():
+# ---------------------------------------------------------------------------------------------
+# A batch is one more axis: rows of different lengths, each at its own offset
+# ---------------------------------------------------------------------------------------------
+
+
+def test_rows_of_a_batch_are_computed_as_they_would_be_alone():
+    """Three prompts of different lengths decoded together equal each decoded alone, bit for bit."""
     _, params, config, _ = reference_model()
-    report = {}
-    tokens = list(q.generate_tokens(params, config, [1, 2, 3], q.new_cache(config), max_tokens=50,
-                                    max_kv_size=10, report=report))
-    assert report["finish_reason"] == "context" and len(tokens) == 8  # 3 + 7 fill the 10 slots, +1 drawn
-    with pytest.raises(ValueError, match="max-kv-size"):
-        list(q.generate_tokens(params, config, list(range(12)), q.new_cache(config), max_kv_size=10))
+    prompts = [[5, 6, 7], list(range(10, 30)), [40, 41, 42, 43, 44, 45, 46, 47, 48, 49]]
+    alone, caches, last = [], [], []
+    for p in prompts:
+        logits, cache = q.prefill(params, config, mx.array([p]), q.new_cache(config))
+        cache = q.reserve(cache, len(p) + 1)
+        step, cache = q.compiled_decode_step(params, config, mx.argmax(logits, -1)[:, None], cache)
+        alone.append(np.array(step[0, -1]))
+        caches.append(cache)
+        last.append(mx.argmax(logits, -1))
+    capacity = max(q.cache_capacity(c) for c in caches)
+    caches = [q.reserve(c, capacity, block_size=1) for c in caches]
+    batch = {"layers": [(mx.concatenate([c["layers"][i][0] for c in caches]),
+                         mx.concatenate([c["layers"][i][1] for c in caches])) for i in range(config.num_hidden_layers)],
+             "offset": mx.array([len(p) for p in prompts], mx.int32)}
+    batch = q.reserve(batch, capacity + q.CACHE_BLOCK)  # a larger capacity than any row had alone
+    together, _ = q.compiled_decode_step(params, config, mx.concatenate(last)[:, None], batch)
+    for i in range(len(prompts)):
+        assert np.array_equal(np.array(together[i, -1]), alone[i]), f"row {i} differs in the batch"
+
+
+def test_offsets_per_row_rotate_and_mask_each_row_at_its_own_positions():
+    x = rand((2, 4, 3, 16))
+    both = q.rope(x, 1e4, mx.array([0, 9]))
+    assert_close(both[0:1], q.rope(x[0:1], 1e4, 0), 0, 0, "row 0 at offset 0")
+    assert_close(both[1:2], q.rope(x[1:2], 1e4, 9), 0, 0, "row 1 at offset 9")
+    mask = q.causal_mask(2, 8, mx.array([1, 5]))  # [B, 1, L, S]
+    assert mask.shape == (2, 1, 2, 8)
+    assert np.array_equal(np.array(mask[1, 0]), np.array(q.causal_mask(2, 8, 5)))
+
+
+@pytest.mark.parametrize("mask", [None, "causal", "array"])
+def test_attention_layer_takes_the_course_masks(mask):
+    """mask=None is full attention, "causal" the model's, an array is added to the scores: as mlx_lm's
+    Attention computes with the same mask."""
+    model, params, config, _ = reference_model()
+    layer = params["model"]["layers"][0]
+    x = rand((2, 6, config.hidden_size), seed=4)
+    given = rand((6, 6), seed=5) if mask == "array" else mask
+    ours, _ = q.self_attention(x, **layer["self_attn"], config=config, mask=given)
+    theirs = model.model.layers[0].self_attn(x, mask=given)
+    assert_close(ours, theirs, *LAYER_TOL[mx.float32], f"attention, mask {mask}")
+    ours_block, _ = q.block(x, layer, config, mask=given)
+    assert_close(ours_block, model.model.layers[0](x, mask=given), *LAYER_TOL[mx.float32], f"block, mask {mask}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,7 +339,7 @@ def test_sampler_draws_what_mlx_lm_draws_with_the_same_seed(s):
     ours, theirs = [], []
     mx.random.seed(11)
     for _ in range(20):
-        ours.append(q.compiled_sample(logits, s).item())
+        ours.append(q.sample(logits, s).item())
     mx.random.seed(11)
     for _ in range(20):
         theirs.append(theirs_sampler(lp).item())
@@ -300,6 +347,16 @@ def test_sampler_draws_what_mlx_lm_draws_with_the_same_seed(s):
     if s.temp > 0:
         assert len(set(ours)) > 1, "sampling at temperature > 0 should not be constant here"
 
+
+def test_a_draw_depends_on_the_seed_and_the_position_only():
+    logits, _ = logprobs_for_sampling(3)
+    s = q.Sampling(temp=1.0)
+    draws = [q.compiled_sample(logits, s, q.sampling_key(7, pos)).item() for pos in range(30)]
+    mx.random.seed(123)  # the process-wide generator moves nothing
+    again = [q.sample(logits, s, q.sampling_key(7, pos)).item() for pos in range(30)]
+    assert draws == again
+    assert len(set(draws)) > 1
+    assert draws != [q.sample(logits, s, q.sampling_key(8, pos)).item() for pos in range(30)]
 
 
 GREEDY_PROMPTS = [  # (text, chat-templated)
@@ -320,8 +377,10 @@ def test_greedy_generation_equals_mlx_lm_token_for_token(packaged, packaged_mlx_
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
     else:
         prompt = tokenizer.encode(text)
-    ours = list(q.generate_tokens(params, config, prompt, q.new_cache(config), max_tokens=32))
+    runner = Engine(params, config, tokenizer)
+    ours = [e.token for e in runner.generate(Request(tuple(prompt), max_tokens=32)) if e.token is not None]
     theirs = [t for t, _ in generate_step(mx.array(prompt), packaged_mlx_lm[0], max_tokens=32)]
+    theirs = theirs[: next((i + 1 for i, t in enumerate(theirs) if t in tokenizer.eos_token_ids), len(theirs))]
     assert ours == theirs, f"ours: {tokenizer.decode(ours)!r}\ntheirs: {tokenizer.decode(theirs)!r}"
 
 
@@ -348,27 +407,3 @@ def test_perplexity_equals_mlx_lm(packaged, packaged_mlx_lm):
     assert abs(ours["nll"] - nll) / nll < 1e-3, (ours, nll)
     assert abs(ours["perplexity"] - np.exp(nll)) / np.exp(nll) < 1e-3
     assert 1 < ours["perplexity"] < 100  # a uniform guess over the vocabulary would score 151936
-
-
-
-def test_generation_stops_at_the_first_end_of_sequence_id():
-    _, params, config, _ = reference_model()
-    free = list(q.generate_tokens(params, config, [1, 2, 3], q.new_cache(config), max_tokens=20))
-    assert len(free) == 20
-    report = {}
-    stop = free[5]
-    stopped = list(q.generate_tokens(params, config, [1, 2, 3], q.new_cache(config), max_tokens=20,
-                                     eos_ids=frozenset({stop}), report=report))
-    assert stopped == free[: free.index(stop)] and report["finish_reason"] == "stop"
-
-
-def test_generate_yields_the_whole_text_with_the_tail(tiny_folder):
-    params, config, tokenizer = weights.load(str(tiny_folder))
-    prompt = tokenizer.encode("the lazy")
-    text = "".join(q.generate(params, config, tokenizer, prompt, max_tokens=40))
-    cache = q.new_cache(config, dtype=params["model"]["norm"]["weight"].dtype)  # as generate makes it
-    tokens = list(q.generate_tokens(params, config, prompt, cache, max_tokens=40))
-    assert 2 not in tokens and 0 not in tokens  # the tiny folder never ends by itself
-    assert text == tokenizer.decode(tokens)  # finalize() flushed the last segment
-
-

@@ -36,10 +36,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 # SIGINT ignored, and children would inherit that; a handled signal is reset to default on exec.
 signal.signal(signal.SIGINT, signal.default_int_handler)
 # The console script and every subprocess import this checkout's modules (not another editable install's).
-os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parent.parent),
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parent),
                                                          os.environ.get("PYTHONPATH")]))
 
-HERE = Path(__file__).parent.parent  # the project folder
+HERE = Path(__file__).parent  # the project folder
 COMMAND = Path(sys.executable).with_name("qwen2-scratch")  # the console script make install puts in .venv/bin
 
 # Named tolerances: (rtol, atol) by dtype, and looser ones where more arithmetic piles up.
@@ -88,6 +88,35 @@ def reference_model(tie=True, dtype=mx.float32, seed=0, **overrides):
     mx.eval(model.parameters())
     return model, tree_unflatten(tree_flatten(model.parameters())), q.config_from_dict(raw), raw
 
+
+
+class IdTokenizer:
+    """For random models that have no vocabulary: each token's text is " <id>", and eos ends an answer."""
+
+    def __init__(self, eos=()):
+        self.eos_token_ids = list(eos)
+
+    @property
+    def detokenizer(self):
+        return IdDetokenizer()
+
+
+class IdDetokenizer:
+    def reset(self):
+        self.last_segment = ""
+
+    def add_token(self, token):
+        self.last_segment += f" {token}"
+
+    def finalize(self):
+        pass
+
+    def __getattribute__(self, name):
+        if name == "last_segment":  # reading it hands the segment over, as mlx_lm's does
+            segment = object.__getattribute__(self, "last_segment")
+            object.__setattr__(self, "last_segment", "")
+            return segment
+        return object.__getattribute__(self, name)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,512 @@
+"""The generation engine: many sequences at once, one batched decode step, typed events.
+
+Every front end (generate, chat, serve, bench, the Python API) hands the engine a `Request` and
+reads `Event`s back. The engine holds the rows being decoded and, each `step()`:
+
+    admit     one prefill chunk of the oldest waiting request; chunks interleave with decode
+              steps, so a long prompt never freezes the rows already streaming. A prompt whose
+              last chunk is in samples its first token and joins the batch as a new row.
+    decode    one compiled step over every row ([B, 1] -> [B, V]); a row alone with a proposer
+              verifies k speculative proposals in the same step instead ([1, k + 1]).
+    sample    each row with its own settings and its own random key (seed, position).
+    retire    rows that ended (end-of-sequence, a stop string, max_tokens, the context) or were
+              cancelled: their cache rows are dropped at once.
+
+One request, one answer: a request's tokens do not depend on what else is in the batch, on what
+the prompt cache holds, or on speculation. The rows of the model's products are computed one by
+one in a fixed order (see blas_adapter.c), prompts are cut into prefill chunks at fixed
+positions, the prompt cache gives back whole chunks only, a row's draws come from a key made of
+its seed and the token's position, and speculation keeps a proposal only where the row's own
+draw equals it.
+"""
+
+import qwen2_scratch as q  # first: the model loads the fast BLAS before MLX
+
+# isort: split
+import os
+import queue
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
+
+import mlx.core as mx
+
+import speculative
+
+__all__ = ["Request", "Event", "Usage", "Stats", "Handle", "Engine", "PromptCache", "StopMatcher", "stats_line"]
+
+
+class Request(NamedTuple):
+    """What to generate: prompt token ids and how to draw the answer."""
+
+    prompt: tuple[int, ...]
+    sampling: q.Sampling = q.Sampling()
+    max_tokens: int = 256
+    stops: tuple[str, ...] = ()  # stop strings: the text ends before the first one
+    seed: int | None = None  # None: a fresh random seed
+    cache_scope: str = ""  # prompt-cache entries are shared only within a scope (the server: per API key)
+
+
+class Usage(NamedTuple):
+    prompt_tokens: int
+    completion_tokens: int  # every token drawn, an end-of-sequence one included (as mlx_lm counts)
+    cached_tokens: int  # prompt tokens whose keys and values came from the prompt cache
+
+
+class Stats(NamedTuple):
+    """A request's timings (mlx_lm's definitions) and, when it speculated, its proposals."""
+
+    prompt_tps: float  # prompt tokens per second of prefill (cached tokens not counted)
+    generation_tps: float  # tokens per second after the first
+    time_to_first_token: float  # seconds from submission
+    peak_memory: float  # GB, the process's peak so far
+    proposed: int = 0
+    accepted: int = 0
+    verify_steps: int = 0
+
+
+class Event(NamedTuple):
+    """One step of one request: a token and its text, or (last) the finish reason with usage and stats."""
+
+    token: int | None
+    text: str
+    logprob: float | None  # the model's log-probability of token, before any sampling filter
+    finish_reason: str | None = None  # "stop", "length", "context" or "cancelled", on the last event
+    usage: Usage | None = None
+    stats: Stats | None = None
+
+
+def stats_line(stats: Stats, usage: Usage) -> str:
+    """One line, as the commands print it after an answer."""
+    line = (f"prefill: {usage.prompt_tokens} tokens, {stats.prompt_tps:.2f} tok/s | "
+            f"decode: {usage.completion_tokens} tokens, {stats.generation_tps:.2f} tok/s | "
+            f"peak memory: {stats.peak_memory:.2f} GB")
+    if stats.verify_steps:
+        accepted = stats.accepted / stats.proposed if stats.proposed else 0.0
+        line += (f" | speculative: {accepted:.0%} of {stats.proposed} proposed accepted, "
+                 f"{(stats.accepted + stats.verify_steps) / stats.verify_steps:.2f} tokens per verifier step")
+    return line
+
+
+# ---------------------------------------------------------------------------------------------
+# Stop strings, matched as the text streams
+# ---------------------------------------------------------------------------------------------
+
+
+class StopMatcher:
+    """Cuts streamed text at the first stop string; holds back only a tail that may begin one.
+
+    Each piece is searched together with the held tail (shorter than the longest stop), so the
+    work per piece is linear in the piece and the stops, never in the text so far.
+    """
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops, self.held = tuple(s for s in stops if s), ""
+
+    def feed(self, piece: str) -> tuple[str, bool]:
+        """The text safe to send now, and whether a stop string was reached."""
+        text = self.held + piece
+        found = [i for s in self.stops if (i := text.find(s)) >= 0]
+        if found:
+            self.held = ""
+            return text[: min(found)], True
+        keep = max((self.partial(text, s) for s in self.stops), default=0)
+        self.held = text[len(text) - keep :]
+        return text[: len(text) - keep], False
+
+    @staticmethod
+    def partial(text: str, stop: str) -> int:
+        """The length of the longest end of text that begins stop (shorter than stop)."""
+        tail = text[-(len(stop) - 1) :] if len(stop) > 1 else ""
+        i = tail.find(stop[0])
+        while i >= 0:
+            if stop.startswith(tail[i:]):
+                return len(tail) - i
+            i = tail.find(stop[0], i + 1)
+        return 0
+
+    def flush(self) -> str:
+        text, self.held = self.held, ""
+        return text
+
+
+# ---------------------------------------------------------------------------------------------
+# The prompt cache: keys and values of whole prefill chunks, many entries, least recently used out
+# ---------------------------------------------------------------------------------------------
+
+
+class PromptCache:
+    """Keys and values of prompts already prefilled, to reuse for any prompt that starts the same.
+
+    Only whole prefill chunks are kept: a prompt that reuses them is then computed exactly as it
+    would be from nothing (the same chunks at the same positions). Bounded in bytes; the least
+    recently used entry goes first. Entries are shared only within a scope.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.bytes = max_bytes, 0
+        self.entries: OrderedDict[tuple[str, tuple[int, ...]], list] = OrderedDict()  # -> [(keys, values)]
+        self.lock = threading.Lock()
+
+    def lookup(self, scope: str, prompt: tuple[int, ...], chunk: int) -> tuple[int, list | None]:
+        """How many leading tokens of prompt can be reused (whole chunks, at least one token left), and their layers."""
+        with self.lock:
+            best, best_key = 0, None
+            for key in self.entries:
+                if key[0] == scope and (n := q.common_prefix(key[1], prompt)) > best:
+                    best, best_key = n, key
+            reuse = min(best, len(prompt) - 1) // chunk * chunk
+            if reuse == 0:
+                return 0, None
+            self.entries.move_to_end(best_key)
+            return reuse, [(k[:, :, :reuse], v[:, :, :reuse]) for k, v in self.entries[best_key]]
+
+    def store(self, scope: str, prompt: tuple[int, ...], layers: list, chunk: int) -> None:
+        """Keep the whole chunks of prompt's keys and values ([1, K, >= n, D] per layer)."""
+        n = len(prompt) // chunk * chunk
+        if n == 0:
+            return
+        tokens = tuple(prompt[:n])
+        layers = [(k[:, :, :n], v[:, :, :n]) for k, v in layers]
+        size = sum(k.nbytes + v.nbytes for k, v in layers)
+        if size > self.max_bytes:
+            return
+        with self.lock:
+            for key in [k for k in self.entries if k[0] == scope and tokens[: len(k[1])] == k[1]]:
+                self.drop(key)  # an entry this one extends says nothing more
+            if (scope, tokens) in self.entries:
+                self.drop((scope, tokens))
+            self.entries[(scope, tokens)] = layers
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                self.drop(next(iter(self.entries)))
+
+    def drop(self, key) -> None:
+        self.bytes -= sum(k.nbytes + v.nbytes for k, v in self.entries.pop(key))
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests in flight
+# ---------------------------------------------------------------------------------------------
+
+
+class Handle:
+    """A submitted request: its events arrive through `deliver` (by default a queue read by `events`)."""
+
+    def __init__(self, request: Request, deliver: Callable[[Event], None] | None = None):
+        self.request = request
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.deliver = deliver or self.queue.put
+        self.cancelled = threading.Event()
+        self.done = threading.Event()
+
+    def cancel(self) -> None:
+        """Stop at the next step: a waiting request never starts, a running row is retired."""
+        self.cancelled.set()
+
+
+class Row:
+    """One sequence being generated: its request, its tokens so far and its text state."""
+
+    def __init__(self, handle: Handle, tokenizer, eos: frozenset, reused: int):
+        self.handle, self.request = handle, handle.request
+        self.seed = self.request.seed if self.request.seed is not None else int.from_bytes(os.urandom(8), "little")
+        self.tokens = list(self.request.prompt)  # the prompt, then every token drawn
+        self.detokenizer = tokenizer.detokenizer
+        self.detokenizer.reset()
+        self.stop = StopMatcher(self.request.stops)
+        self.eos, self.reused = eos, reused
+        self.cache: dict | None = None  # its own cache while its prompt is prefilled
+        self.prefilled = reused
+        self.submitted = time.perf_counter()
+        self.t_prefill = 0.0  # seconds spent in its prefill chunks
+        self.t_first = self.t_last = 0.0
+        self.generated = 0
+        self.proposed = self.accepted = self.verify_steps = 0
+        self.misses = self.rest = 0  # speculation: fruitless verifier steps in a row, plain steps left
+
+    @property
+    def position(self) -> int:
+        """Where the next token's keys and values go: every token but the last drawn is in the cache."""
+        return len(self.tokens) - 1
+
+    def window(self, extra: list[int] = ()) -> list[int]:
+        s = self.request.sampling
+        return (self.tokens + list(extra))[-s.repetition_context :] if s.repetition_penalty != 1 else []
+
+
+def draw(logits: mx.array, row: Row, window: list[int], position: int) -> tuple[mx.array, mx.array]:
+    """One row's logits [1, V] -> (its token [1], the token's log-probability [1]), lazily."""
+    s = row.request.sampling
+    logprobs = q.log_softmax(logits)
+    if window:
+        logits = q.apply_repetition_penalty(logits, mx.array(window), s.repetition_penalty)
+    token = q.compiled_sample(logits, s, q.sampling_key(row.seed, position))
+    return token, mx.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0]
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine
+# ---------------------------------------------------------------------------------------------
+
+
+class Engine:
+    """The model, its prompt cache and the rows being decoded; `step()` moves every row one token on.
+
+    Driven by one thread: the caller's (`generate`), or a worker's (`start`, for the server).
+    `submit` may be called from any thread.
+    """
+
+    def __init__(self, params, config, tokenizer, kernels: str = "reference", max_batch: int = 8,
+                 max_kv_size: int | None = None, prompt_cache_bytes: int = 1 << 30, proposer=None,
+                 num_draft: int = 8):
+        self.params, self.config, self.tokenizer, self.kernels = params, config, tokenizer, kernels
+        self.max_batch, self.proposer, self.num_draft = max_batch, proposer, num_draft
+        self.max_kv = max_kv_size or config.max_position_embeddings
+        self.eos = frozenset(tokenizer.eos_token_ids)
+        self.dtype = params["model"]["norm"]["weight"].dtype
+        self.chunk = q.prefill_chunk()
+        self.prompt_cache = PromptCache(prompt_cache_bytes)
+        self.incoming: queue.SimpleQueue = queue.SimpleQueue()
+        self.waiting: list[Row] = []  # admitted in order; the first is being prefilled
+        self.rows: list[Row] = []  # the batch, in cache row order
+        self.cache: dict | None = None  # the batch's cache: [B, K, S, D] per layer, offsets [B]
+        self.wake = threading.Event()
+        self.closing = False
+
+    # -- the front ends' side ------------------------------------------------------------------
+
+    def check(self, request: Request) -> None:
+        """A ValueError for a request that cannot run (the front ends turn it into their own error)."""
+        if not request.prompt:
+            raise ValueError("the prompt is empty: give at least one token")
+        if len(request.prompt) >= self.max_kv:
+            raise ValueError(f"the prompt has {len(request.prompt)} tokens, but the context holds {self.max_kv} "
+                             "(and at least one token must be generated)")
+        if request.max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1")
+        if not all(0 <= t < self.config.vocab_size for t in request.prompt):
+            raise ValueError(f"the prompt holds token ids outside the vocabulary (0 to {self.config.vocab_size - 1})")
+
+    def submit(self, request: Request, deliver: Callable[[Event], None] | None = None) -> Handle:
+        """Queue a request (any thread); its events go to deliver, or to the handle's queue."""
+        self.check(request)
+        handle = Handle(request, deliver)
+        self.incoming.put(handle)
+        self.wake.set()
+        return handle
+
+    def generate(self, request: Request) -> Iterator[Event]:
+        """Run one request in this thread, stepping the engine until it ends; its events as they come.
+
+        Closing the iterator early (or Ctrl-C) cancels the request and frees its row.
+        """
+        handle = self.submit(request)
+        try:
+            while not handle.done.is_set():
+                self.step()
+                while not handle.queue.empty():
+                    yield handle.queue.get()
+            while not handle.queue.empty():
+                yield handle.queue.get()
+        finally:
+            if not handle.done.is_set():  # closed early, or interrupted (perhaps halfway through a step)
+                self.reset()
+
+    def reset(self) -> None:
+        """Cancel every request and empty the batch (after a step was interrupted halfway)."""
+        rows, self.rows, self.cache = self.rows + self.waiting, [], None
+        self.waiting = []
+        while not self.incoming.empty():
+            rows.append(Row(self.incoming.get(), self.tokenizer, self.eos, 0))
+        for row in rows:
+            if not row.handle.done.is_set():
+                self.finish(row, "cancelled")
+
+    def start(self) -> None:
+        """Step in a worker thread of its own until close() (the server)."""
+        mx.eval(self.params)  # MLX streams are per thread: leave the worker nothing to compute twice
+        # a daemon thread that never ends: MLX aborts the process at exit when a thread that ran
+        # computations has ended (measured with MLX 0.32.4: "terminate called without an active exception")
+        threading.Thread(target=self.work, name="engine", daemon=True).start()
+
+    def work(self) -> None:
+        while True:
+            if not self.step():
+                self.wake.wait(0.5)
+                self.wake.clear()
+
+    def close(self) -> None:
+        """Stop: every request, running or waiting, ends as cancelled at the next step."""
+        self.closing = True
+        self.wake.set()
+
+    @property
+    def load(self) -> tuple[int, int]:
+        """(rows decoding, requests waiting)."""
+        return len(self.rows), len(self.waiting) + self.incoming.qsize()
+
+    # -- one step ------------------------------------------------------------------------------
+
+    def step(self) -> bool:
+        """Admit, decode, sample, retire: one step. False when there was nothing to do."""
+        while not self.incoming.empty():
+            handle = self.incoming.get()
+            self.waiting.append(Row(handle, self.tokenizer, self.eos, 0))
+        for row in [r for r in self.waiting if r.handle.cancelled.is_set() or self.closing]:
+            self.waiting.remove(row)
+            self.finish(row, "cancelled")
+        self.retire([r for r in self.rows if r.handle.cancelled.is_set() or self.closing], "cancelled")
+        if not self.waiting and not self.rows:
+            return False
+        if self.waiting and len(self.rows) < self.max_batch:
+            self.prefill_chunk(self.waiting[0])
+        if self.rows:
+            self.decode()
+        return True
+
+    def prefill_chunk(self, row: Row) -> None:
+        """One chunk of row's prompt into its own cache; the last chunk draws its first token and joins the batch."""
+        tic = time.perf_counter()
+        prompt = row.request.prompt
+        if row.cache is None:
+            reuse, layers = self.prompt_cache.lookup(row.request.cache_scope, prompt, self.chunk)
+            row.cache = q.new_cache(self.config, 1, self.dtype)
+            if layers is not None:
+                row.cache = {"layers": layers, "offset": mx.array([reuse], mx.int32)}
+            row.reused = row.prefilled = reuse
+        stop = min((row.prefilled // self.chunk + 1) * self.chunk, len(prompt))
+        piece = mx.array(prompt[row.prefilled : stop])[None]
+        logits, row.cache = q.prefill(self.params, self.config, piece, row.cache, self.kernels, self.chunk)
+        row.prefilled = stop
+        if stop < len(prompt):
+            mx.eval(row.cache)
+            row.t_prefill += time.perf_counter() - tic
+            return
+        token, logprob = draw(logits, row, row.window(), len(prompt))
+        mx.eval(token, logprob, row.cache)
+        row.t_prefill += time.perf_counter() - tic
+        self.prompt_cache.store(row.request.cache_scope, prompt, row.cache["layers"], self.chunk)
+        self.waiting.remove(row)
+        self.join(row)
+        self.emit(row, [token.item()], [logprob.item()])
+
+    def join(self, row: Row) -> None:
+        """The row's cache becomes the batch's last row."""
+        cache, row.cache = row.cache, None
+        if self.cache is None:
+            self.cache = cache
+        else:
+            capacity = max(q.cache_capacity(self.cache), q.cache_capacity(cache))
+            both = [q.reserve(c, capacity, block_size=1) for c in (self.cache, cache)]
+            self.cache = {"layers": [(mx.concatenate([a[0], b[0]]), mx.concatenate([a[1], b[1]]))
+                                     for a, b in zip(both[0]["layers"], both[1]["layers"], strict=True)],
+                          "offset": mx.concatenate([self.cache["offset"], cache["offset"]])}
+        self.rows.append(row)
+
+    def decode(self) -> None:
+        """One step for every row: a batched decode step, or a verifier step for a row alone that speculates."""
+        if len(self.rows) == 1 and not self.waiting and self.proposer is not None:
+            return self.speculate(self.rows[0])
+        tokens = mx.array([[row.tokens[-1]] for row in self.rows])  # [B, 1]
+        self.cache = q.reserve(self.cache, max(row.position for row in self.rows) + 1)
+        logits, self.cache = q.compiled_decode_step(self.params, self.config, tokens, self.cache, self.kernels)
+        drawn = [draw(logits[i : i + 1, -1], row, row.window(), len(row.tokens)) for i, row in enumerate(self.rows)]
+        mx.eval(drawn, self.cache)
+        for row, (token, logprob) in zip(list(self.rows), drawn, strict=True):
+            self.emit(row, [token.item()], [logprob.item()])
+
+    def speculate(self, row: Row) -> None:
+        """Verify k proposals in one step; keep those equal to the row's own draws, and the first draw that differs."""
+        k = min(self.num_draft, row.request.max_tokens - row.generated - 1, self.max_kv - row.position - 1)
+        proposal = self.proposer(row.tokens, k) if k > 0 and row.rest == 0 else []
+        row.rest = max(row.rest - 1, 0)
+        pos = row.position
+        self.cache = q.reserve(self.cache, pos + 1 + len(proposal))
+        tokens = mx.array([[row.tokens[-1], *proposal]])  # [1, k + 1]
+        logits, self.cache = q.compiled_decode_step(self.params, self.config, tokens, self.cache, self.kernels)
+        drawn = [draw(logits[:, i], row, row.window(proposal[:i]), len(row.tokens) + i)
+                 for i in range(len(proposal) + 1)]
+        mx.eval(drawn)
+        new = speculative.accept(proposal, [t.item() for t, _ in drawn])
+        if proposal:
+            row.misses = 0 if len(new) > 1 else row.misses + 1
+            row.rest = min(2 ** (row.misses - 1), speculative.BACKOFF_MAX) if row.misses else 0
+            row.proposed, row.accepted, row.verify_steps = (row.proposed + len(proposal),
+                                                            row.accepted + len(new) - 1, row.verify_steps + 1)
+        # the cache keeps the last token and the accepted proposals; the rest is rolled back
+        self.cache = {"layers": self.cache["layers"], "offset": mx.array([pos + len(new)], mx.int32)}
+        self.emit(row, new, [lp.item() for _, lp in drawn[: len(new)]])
+
+    # -- handing tokens out ----------------------------------------------------------------------
+
+    def emit(self, row: Row, tokens: list[int], logprobs: list[float]) -> None:
+        """Hand the row's new tokens out as events, and retire it if it ended."""
+        now = time.perf_counter()
+        if row.generated == 0:
+            row.t_first = now
+        row.t_last = now
+        for token, logprob in zip(tokens, logprobs, strict=True):
+            row.tokens.append(token)
+            row.generated += 1
+            ended = self.ending(row, token)
+            if token in row.eos:
+                text, hit = self.text(row, final=True)
+            else:
+                row.detokenizer.add_token(token)
+                text, hit = self.text(row, final=ended is not None)
+            ended = "stop" if hit else ended
+            row.handle.deliver(Event(token, text, logprob))
+            if ended:
+                self.retire([row], ended)
+                return
+
+    def ending(self, row: Row, token: int) -> str | None:
+        if token in row.eos:
+            return "stop"
+        if row.generated >= row.request.max_tokens:
+            return "length"
+        if row.position >= self.max_kv:
+            return "context"
+        return None
+
+    @staticmethod
+    def text(row: Row, final: bool) -> tuple[str, bool]:
+        """The row's new printable text, stop strings cut out; at the end, everything held back."""
+        if final:
+            row.detokenizer.finalize()
+        text, hit = row.stop.feed(row.detokenizer.last_segment)
+        if final and not hit:
+            text += row.stop.flush()
+        return text, hit
+
+    def retire(self, rows: list[Row], reason: str) -> None:
+        """Drop rows from the batch (their cache rows go at once) and send their last event."""
+        if not rows:
+            return
+        keep = [i for i, r in enumerate(self.rows) if r not in rows]
+        if not keep:
+            self.cache = None
+        elif len(keep) < len(self.rows):
+            index = mx.array(keep)
+            self.cache = {"layers": [(k[index], v[index]) for k, v in self.cache["layers"]],
+                          "offset": self.cache["offset"][index]}
+        self.rows = [self.rows[i] for i in keep]
+        for row in rows:
+            self.finish(row, reason)
+
+    def finish(self, row: Row, reason: str) -> None:
+        row.cache = None
+        n = row.generated
+        elapsed = row.t_last - row.t_first
+        prefilled = len(row.request.prompt) - row.reused
+        stats = Stats(prompt_tps=prefilled / row.t_prefill if row.t_prefill else 0.0,
+                      generation_tps=(n - 1) / elapsed if n > 1 and elapsed > 0 else 0.0,
+                      time_to_first_token=(row.t_first - row.submitted) if n else 0.0,
+                      peak_memory=mx.get_peak_memory() / 1e9,
+                      proposed=row.proposed, accepted=row.accepted, verify_steps=row.verify_steps)
+        usage = Usage(len(row.request.prompt), n, row.reused)
+        row.handle.deliver(Event(None, "", None, reason, usage, stats))
+        row.handle.done.set()

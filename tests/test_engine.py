@@ -1,0 +1,258 @@
+"""The generation engine: one request, one answer (alone, in a batch, after a prompt-cache hit, in
+prefill chunks), stop strings, limits, cancellation, interleaved prefill, the prompt cache's bounds,
+and the packaged model in a batch of eight."""
+
+import qwen2_scratch as q  # noqa: F401  (first: the fast BLAS before MLX)
+
+# isort: split
+import threading
+
+import mlx.core as mx
+import pytest
+
+import engine as E
+from conftest import IdTokenizer, reference_model
+
+GREEDY, SAMPLED = q.Sampling(), q.Sampling(temp=0.9, top_p=0.9, top_k=40, repetition_penalty=1.1)
+
+
+def model():
+    _, params, config, _ = reference_model(tie=False, seed=0)
+    return params, config
+
+
+def prompts(n=8):
+    """Prompts of lengths across chunk boundaries (the chunk is 256 on the CPU)."""
+    lengths = [5, 17, 40, 300, 9, 3, 600, 12][:n]
+    return [tuple((7 * i + 3 * j) % 290 + 3 for j in range(length)) for i, length in enumerate(lengths)]
+
+
+def tokens_of(events):
+    return [e.token for e in events if e.token is not None]
+
+
+def alone(params, config, request, **options):
+    return tokens_of(E.Engine(params, config, IdTokenizer(), **options).generate(request))
+
+
+def run_together(engine, requests):
+    """Submit every request at once and step until all end: each one's tokens, and its final event."""
+    handles = [engine.submit(r) for r in requests]
+    while engine.step():
+        pass
+    results = []
+    for h in handles:
+        events = []
+        while not h.queue.empty():
+            events.append(h.queue.get())
+        results.append((tokens_of(events), events[-1]))
+    return results
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+def test_a_request_gives_the_same_tokens_alone_and_in_a_batch(sampling):
+    params, config = model()
+    requests = [E.Request(p, sampling, 24, seed=i) for i, p in enumerate(prompts())]
+    expected = [alone(params, config, r) for r in requests]
+    together = run_together(E.Engine(params, config, IdTokenizer(), max_batch=8), requests)
+    assert [t for t, _ in together] == expected
+    # and with a smaller batch, rows joining and leaving at other moments
+    together = run_together(E.Engine(params, config, IdTokenizer(), max_batch=3), requests)
+    assert [t for t, _ in together] == expected
+
+
+def test_a_request_gives_the_same_tokens_whatever_the_prompt_cache_holds():
+    params, config = model()
+    runner = E.Engine(params, config, IdTokenizer())
+    long = prompts()[6]  # 600 tokens: two whole chunks and a part
+    fresh = alone(params, config, E.Request(long, SAMPLED, 16, seed=3))
+    # a cache holding a shorter prefix, then the same prompt, then a longer one sharing it
+    assert tokens_of(runner.generate(E.Request(long[:300], SAMPLED, 4, seed=1)))
+    first = list(runner.generate(E.Request(long, SAMPLED, 16, seed=3)))
+    again = list(runner.generate(E.Request(long, SAMPLED, 16, seed=3)))
+    assert tokens_of(first) == tokens_of(again) == fresh
+    assert first[-1].usage.cached_tokens == 256 and again[-1].usage.cached_tokens == 512
+    extended = long + (5, 6, 7)
+    assert tokens_of(runner.generate(E.Request(extended, GREEDY, 8))) == alone(params, config,
+                                                                                  E.Request(extended, GREEDY, 8))
+
+
+def test_the_same_seed_gives_the_same_draws_and_another_seed_others():
+    params, config = model()
+    p = prompts()[1]
+    a = alone(params, config, E.Request(p, SAMPLED, 24, seed=5))
+    mx.random.seed(99)  # the process-wide generator moves nothing
+    assert alone(params, config, E.Request(p, SAMPLED, 24, seed=5)) == a
+    assert alone(params, config, E.Request(p, SAMPLED, 24, seed=6)) != a
+
+
+def test_limits_end_a_request_with_their_reason():
+    params, config = model()
+    p = prompts()[0]
+    events = list(E.Engine(params, config, IdTokenizer()).generate(E.Request(p, GREEDY, 7)))
+    assert len(tokens_of(events)) == 7 and events[-1].finish_reason == "length"
+    assert events[-1].usage == E.Usage(len(p), 7, 0)
+    events = list(E.Engine(params, config, IdTokenizer(), max_kv_size=len(p) + 3).generate(E.Request(p, GREEDY, 50)))
+    assert events[-1].finish_reason == "context" and len(tokens_of(events)) == 4  # 3 slots filled, +1 drawn
+    free = alone(params, config, E.Request(p, GREEDY, 20))
+    stop = free[5]
+    events = list(E.Engine(params, config, IdTokenizer([stop])).generate(E.Request(p, GREEDY, 20)))
+    assert tokens_of(events) == free[: free.index(stop) + 1] and events[-1].finish_reason == "stop"
+    runner = E.Engine(params, config, IdTokenizer(), max_kv_size=10)
+    with pytest.raises(ValueError, match="context holds 10"):
+        list(runner.generate(E.Request(tuple(range(3, 13)), GREEDY, 5)))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        list(runner.generate(E.Request((1, config.vocab_size), GREEDY, 5)))
+
+
+def test_stop_strings_cut_the_text_and_end_the_request():
+    params, config = model()
+    p = prompts()[0]
+    text = "".join(e.text for e in E.Engine(params, config, IdTokenizer()).generate(E.Request(p, GREEDY, 12)))
+    words = text.split()
+    stop = f" {words[4]} {words[5]}"
+    events = list(E.Engine(params, config, IdTokenizer()).generate(E.Request(p, GREEDY, 12, stops=(stop, "zzz"))))
+    assert "".join(e.text for e in events) == text[: text.index(stop)]
+    assert events[-1].finish_reason == "stop" and events[-1].usage.completion_tokens == 6
+
+
+def test_stop_matching_is_incremental_and_holds_back_only_a_possible_start():
+    m = E.StopMatcher(("abcd", "xy"))
+    assert m.feed("hello a") == ("hello ", False)  # "a" may begin "abcd"
+    assert m.feed("bx") == ("ab", False)  # "x" may begin "xy"
+    assert m.feed("z") == ("xz", False)
+    assert m.feed("..ab") == ("..", False)
+    assert m.feed("cd and more") == ("", True)
+    m = E.StopMatcher(("stop",))
+    assert m.feed("no st") == ("no ", False) and m.flush() == "st"
+    big = E.StopMatcher(("a" * 5000 + "b",) * 4)
+    for _ in range(200):  # each piece is searched with a bounded tail: no quadratic growth
+        out, hit = big.feed("a" * 100)
+        assert not hit and len(big.held) <= 5000
+
+
+def test_a_cancelled_request_frees_its_row_and_the_others_go_on():
+    params, config = model()
+    runner = E.Engine(params, config, IdTokenizer(), max_batch=4)
+    requests = [E.Request(p, GREEDY, 30) for p in prompts(3)]
+    expected = [alone(params, config, r) for r in requests]
+    handles = [runner.submit(r) for r in requests]
+    for _ in range(8):
+        runner.step()
+    handles[1].cancel()
+    while runner.step():
+        pass
+    results = []
+    for h in handles:
+        events = []
+        while not h.queue.empty():
+            events.append(h.queue.get())
+        results.append(events)
+    assert results[1][-1].finish_reason == "cancelled" and len(tokens_of(results[1])) < 30
+    assert tokens_of(results[0]) == expected[0] and tokens_of(results[2]) == expected[2]
+    assert runner.rows == [] and runner.cache is None
+
+
+def test_closing_the_generator_early_leaves_a_clean_engine():
+    params, config = model()
+    runner = E.Engine(params, config, IdTokenizer())
+    events = runner.generate(E.Request(prompts()[2], GREEDY, 30))
+    next(events), next(events)
+    events.close()
+    assert runner.rows == [] and runner.waiting == [] and runner.cache is None
+    assert tokens_of(runner.generate(E.Request(prompts()[2], GREEDY, 5))) == alone(
+        params, config, E.Request(prompts()[2], GREEDY, 5))
+
+
+def test_a_long_prompt_is_prefilled_between_decode_steps():
+    """While a 600-token prompt is prefilled (three chunks), a running row still gets a token every step."""
+    params, config = model()
+    runner = E.Engine(params, config, IdTokenizer())
+    short = runner.submit(E.Request(prompts()[0], GREEDY, 40))
+    runner.step()
+    assert short.queue.qsize() == 2  # its prompt fits one chunk: its first token, then a decode step
+    runner.submit(E.Request(prompts()[6], GREEDY, 5))
+    for step in range(3):
+        before = short.queue.qsize()
+        runner.step()
+        assert short.queue.qsize() == before + 1, f"step {step}: the running row waited for the prefill"
+    assert len(runner.rows) == 2  # the long prompt's last chunk is in: it joined the batch
+
+
+def test_requests_submitted_from_many_threads_while_it_steps():
+    """Clients submit from threads of their own while one thread steps (the server's worker runs in a
+    process of its own in tests/test_server.py: MLX aborts a process whose computing thread outlives main)."""
+    params, config = model()
+    runner = E.Engine(params, config, IdTokenizer(), max_batch=4)
+    requests = [E.Request(p, SAMPLED, 12, seed=i) for i, p in enumerate(prompts(6))]
+    results, done = [[] for _ in requests], [threading.Event() for _ in requests]
+
+    def client(i):
+        def deliver(e):
+            results[i].append(e)
+            if e.finish_reason:
+                done[i].set()
+        runner.submit(requests[i], deliver)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    while not all(d.is_set() for d in done):
+        if not runner.step():
+            runner.wake.wait(0.1)
+    assert [tokens_of(r) for r in results] == [alone(params, config, r) for r in requests]
+
+
+def test_the_prompt_cache_is_bounded_shares_within_a_scope_and_drops_the_least_recently_used():
+    params, config = model()
+    runner = E.Engine(params, config, IdTokenizer())
+    base = prompts()[6]  # 600 tokens: 512 of them cached
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 4
+    runner.prompt_cache = E.PromptCache(max_bytes=2 * 512 * per_token)
+    variants = [base[:520] + (i,) * 80 for i in range(3)]
+    for v in variants[:2]:
+        list(runner.generate(E.Request(v, GREEDY, 2, cache_scope="a")))
+    assert runner.prompt_cache.bytes <= runner.prompt_cache.max_bytes
+    # another scope never sees scope a's entries
+    other = list(runner.generate(E.Request(variants[0], GREEDY, 2, cache_scope="b")))
+    assert other[-1].usage.cached_tokens == 0
+    # one entry more than fits: the least recently used goes
+    again = list(runner.generate(E.Request(variants[1], GREEDY, 2, cache_scope="a")))
+    assert again[-1].usage.cached_tokens == 512
+    assert len(runner.prompt_cache.entries) == 2 and runner.prompt_cache.bytes <= runner.prompt_cache.max_bytes
+
+
+def test_memory_is_given_back_after_many_requests():
+    """Rows that end, or are cancelled, leave nothing behind: active memory after 60 mixed requests is what it
+    was after 10."""
+    params, config = model()
+    runner = E.Engine(params, config, IdTokenizer(), max_batch=4, prompt_cache_bytes=0)
+
+    def batch(n):
+        for i in range(n):
+            handles = [runner.submit(E.Request(p, SAMPLED, 6 + i % 5, seed=i)) for p in prompts(4)]
+            runner.step()
+            handles[i % 4].cancel()
+            while runner.step():
+                pass
+
+    batch(3)
+    mx.clear_cache()
+    after_few = mx.get_active_memory()
+    batch(15)
+    mx.clear_cache()
+    assert mx.get_active_memory() <= after_few * 1.1 + (1 << 20)
+
+
+@pytest.mark.packaged_model
+def test_the_packaged_model_answers_the_same_alone_and_in_a_batch_of_eight(packaged):
+    _, params, config, tokenizer = packaged
+    questions = ["Name three prime numbers below ten. Answer in one short sentence.", "What is 2 + 2?",
+                 "Write a haiku about the sea.", "Say hello in French.", "What is the capital of Italy?",
+                 "def add(a, b):", "List two colors.", "Why is the sky blue? One sentence."]
+    ids = [tuple(tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True))
+           for t in questions]
+    requests = [E.Request(p, GREEDY, 20) for p in ids]
+    expected = [tokens_of(E.Engine(params, config, tokenizer).generate(r)) for r in requests]
+    together = run_together(E.Engine(params, config, tokenizer, max_batch=8), requests)
+    assert [t for t, _ in together] == expected
