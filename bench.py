@@ -563,8 +563,8 @@ def run_serve(model=None, dtype=None, levels=(1, 8, 32), max_tokens=48, trials=1
     theirs = [sys.executable, "-m", "mlx_lm", "server", "--port", str(ports["mlx_lm"]), "--model",
               mlx_lm_float32(folder) if dtype == "float32" else str(folder)]
     env = {}
-    if blas.STATE.kind == "openblas":  # our BLAS under mlx_lm too: the same matmuls
-        env = {"LD_PRELOAD": str(blas.STATE.adapter), "LD_LIBRARY_PATH": str(blas.library_dir())}
+    if (state := blas.load()).kind == "openblas":  # our BLAS under mlx_lm too: the same matmuls
+        env = {"LD_PRELOAD": str(state.adapter), "LD_LIBRARY_PATH": str(blas.library_dir())}
     procs = {}
     try:
         procs["ours"] = start_server(ours, ports["ours"], {})

@@ -1,7 +1,8 @@
 """A real BLAS for MLX's CPU backend on Linux, loaded into this process before MLX.
 
-MLX's Linux wheel links the netlib reference BLAS (about 5 GFLOP/s). Importing this module
-loads blas_adapter.c (built once with cc into the user cache), which defines the BLAS calls
+MLX's Linux wheel links the netlib reference BLAS (about 5 GFLOP/s). `load()` (which the model
+calls first, before it imports MLX) loads blas_adapter.c, built once with cc into the user cache
+(by `make install`, or on first use), which defines the BLAS calls
 MLX makes and answers them with scipy-openblas32: a DYNAMIC_ARCH OpenBLAS that picks its
 kernels for the CPU at run time, so it runs on every x86-64 CPU. ctypes' RTLD_GLOBAL puts
 the adapter's symbols in the global scope, which the dynamic linker searches before the
@@ -27,7 +28,7 @@ import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
-__all__ = ["STATE", "describe", "in_use", "load"]
+__all__ = ["load", "describe", "in_use"]
 
 ADAPTER = "blas_adapter.c"
 LIBRARY = "scipy-openblas32"
@@ -130,15 +131,25 @@ def open_adapter(path: Path, key: str) -> ctypes.CDLL | None:
     return lib if check() == key.encode() else None
 
 
+LOADED: list[State] = []  # the one load() of this process
+
+
 def load() -> State:
-    """Load the adapter and OpenBLAS into this process (once), and say what runs MLX's matmuls."""
+    """Load the adapter and OpenBLAS into this process (the first call; later calls say what it did)."""
+    if not LOADED:
+        LOADED.append(find_or_build())
+    return LOADED[0]
+
+
+def find_or_build() -> State:
+    """What runs MLX's matmuls: the adapter and OpenBLAS, loaded now (built first if need be), or why not."""
     if sys.platform == "darwin":
         return State("accelerate")
     if sys.platform != "linux" or os.environ.get("QWEN2_SCRATCH_BLAS") == "reference":
         return State("reference", "QWEN2_SCRATCH_BLAS=reference" if sys.platform == "linux" else sys.platform)
     if "mlx.core" in sys.modules:
         warn("MLX was imported before qwen2_scratch, so it keeps its slow reference BLAS; "
-             "import qwen2_scratch (or blas) before mlx")
+             "import qwen2_scratch (or any module of ours) before mlx")
         return State("reference", "mlx was imported first")
     source, lib_dir = adapter_source(), library_dir()
     if source is None or lib_dir is None:
@@ -173,12 +184,11 @@ def in_use() -> str:
 
 def describe() -> str:
     """One line: the BLAS, its build configuration and the core it chose (OPENBLAS_CORETYPE shows here)."""
-    if STATE.kind != "openblas":
-        return {"accelerate": "Accelerate (macOS)"}.get(STATE.kind, f"MLX's reference BLAS ({STATE.why})")
-    get_config, get_core = STATE.library.scipy_openblas_get_config, STATE.library.scipy_openblas_get_corename
+    state = load()
+    if state.kind != "openblas":
+        return {"accelerate": "Accelerate (macOS)"}.get(state.kind, f"MLX's reference BLAS ({state.why})")
+    get_config, get_core = state.library.scipy_openblas_get_config, state.library.scipy_openblas_get_corename
     get_config.restype = get_core.restype = ctypes.c_char_p
     return (f"{get_config().decode().strip()} (core: {get_core().decode()}; "
             f"{LIBRARY} {importlib.metadata.version(LIBRARY)}, single-row products on sgemv)")
 
-
-STATE = load()

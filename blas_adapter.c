@@ -6,9 +6,11 @@
  * symbols all carry a scipy_ prefix. It is linked to that library with an rpath, so loading
  * this one file (blas.py does, RTLD_GLOBAL, before mlx.core) brings OpenBLAS with it.
  *
- * One more thing: MLX computes every float32 product with sgemm, decoding's single-row
+ * Two more things. MLX computes every float32 product with sgemm, decoding's single-row
  * [1, E] @ W.T included. OpenBLAS forwards such calls to gemv on ARM64 but not on x86-64,
  * where its sgemv reads the weights about 2x faster than its sgemm; so we forward them here.
+ * And products of a few rows are computed row by row with the same sgemv, so that a row's
+ * result does not depend on the rows beside it (see row_block).
  *
  * Built once by blas.py: cc -O2 -shared -fPIC -DADAPTER_KEY=... -L<lib> -lscipy_openblas -Wl,-rpath,<lib>
  */
@@ -21,7 +23,7 @@
 enum { RowMajor = 101, NoTrans = 111, Trans = 112 };
 /* Products of at most FEW_ROWS rows (a decode step of a batch, a verifier step) are computed row by
  * row with sgemv; the weights are walked in blocks of about BLOCK_BYTES, so each block is read from
- * memory once and from the cache for the other rows. */
+ * memory once and from the cache for the other rows. (Larger batches are not row by row: sgemm.) */
 enum { FEW_ROWS = 16, BLOCK_BYTES = 2 << 20, BLOCK_ALIGN = 64 };
 
 void scipy_cblas_sgemm(int, int, int, int, int, int, float, const float *, int, const float *, int, float,
@@ -56,8 +58,10 @@ void cblas_sgemm(int order, int ta, int tb, int M, int N, int K, float alpha, co
         return;
     }
     if (order == RowMajor && K > 0 && M > 1 && M <= FEW_ROWS) {
-        int block = BLOCK_BYTES / (4 * K) / BLOCK_ALIGN * BLOCK_ALIGN;
-        block = block < BLOCK_ALIGN ? BLOCK_ALIGN : block;
+        /* B as [N, K] (a layer's weights): blocks of its rows. B as [K, N] (attention's values, N small)
+         * is walked whole: sgemv over a block of its columns rounds differently from sgemv over all. */
+        int block = tb != NoTrans ? BLOCK_BYTES / (4 * K) / BLOCK_ALIGN * BLOCK_ALIGN : N;
+        block = block < BLOCK_ALIGN && block < N ? BLOCK_ALIGN : block;
         for (int j0 = 0; j0 < N; j0 += block)
             for (int i = 0; i < M; i++)
                 row_block(ta, tb, i, j0, N - j0 < block ? N - j0 : block, K, alpha, A, lda, B, ldb, beta, C, ldc);

@@ -328,10 +328,9 @@ def perplexity_command(model, dtype, kernels, path, context, as_json):
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     if as_json:
-        click.echo(json.dumps(result))
+        click.echo(json.dumps(result._asdict()))
     else:
-        click.echo(f"{result['tokens']} tokens, nll {result['nll']:.4f} nats/token, "
-                   f"perplexity {result['perplexity']:.3f}")
+        click.echo(f"{result.tokens} tokens, nll {result.nll:.4f} nats/token, perplexity {result.perplexity:.3f}")
 
 
 @cli.command("pull")

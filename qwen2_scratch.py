@@ -23,7 +23,9 @@ Shape legend, used in every comment below:
     V vocabulary size
 """
 
-import blas  # noqa: F401  (first: loads a real BLAS into the process before MLX loads its own)
+import blas
+
+blas.load()  # first: a real BLAS into the process, before MLX loads its own (see blas.py)
 
 # isort: split
 import hashlib
@@ -512,7 +514,13 @@ def negative_log_likelihood(params, config, tokens: list[int], kernels="referenc
     return total.item(), len(tokens) - 1
 
 
-def perplexity(params, config, tokens: list[int], context: int = 1024, kernels="reference") -> dict:
+class Perplexity(NamedTuple):
+    tokens: int  # in the text
+    nll: float  # mean negative log-likelihood per scored token, in nats
+    perplexity: float  # exp(nll)
+
+
+def perplexity(params, config, tokens: list[int], context: int = 1024, kernels="reference") -> Perplexity:
     """Split tokens into consecutive windows of `context` and score all but each window's first."""
     nll, scored = 0.0, 0
     for start in range(0, len(tokens), context):
@@ -523,4 +531,4 @@ def perplexity(params, config, tokens: list[int], context: int = 1024, kernels="
     if scored == 0:
         raise ValueError("the text has fewer than two tokens: nothing to score")
     mean = nll / scored
-    return {"tokens": len(tokens), "nll": mean, "perplexity": math.exp(mean)}
+    return Perplexity(len(tokens), mean, math.exp(mean))

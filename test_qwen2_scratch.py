@@ -403,7 +403,7 @@ def test_perplexity_equals_mlx_lm(packaged, packaged_mlx_lm):
     tokens = tokenizer.encode((HERE / "testdata" / "perplexity.txt").read_text(encoding="utf-8"))
     ours = q.perplexity(params, config, tokens, context=128)
     nll = reference_perplexity(packaged_mlx_lm[0], tokens, 128)
-    assert ours["tokens"] == len(tokens) > 300
-    assert abs(ours["nll"] - nll) / nll < 1e-3, (ours, nll)
-    assert abs(ours["perplexity"] - np.exp(nll)) / np.exp(nll) < 1e-3
-    assert 1 < ours["perplexity"] < 100  # a uniform guess over the vocabulary would score 151936
+    assert ours.tokens == len(tokens) > 300
+    assert abs(ours.nll - nll) / nll < 1e-3, (ours, nll)
+    assert abs(ours.perplexity - np.exp(nll)) / np.exp(nll) < 1e-3
+    assert 1 < ours.perplexity < 100  # a uniform guess over the vocabulary would score 151936

@@ -123,7 +123,7 @@ def test_perplexity_command_json_and_text(tiny_folder, tmp_path):
     assert set(line) == {"tokens", "nll", "perplexity"} and result.stdout.count("\n") == 1
     params, config, tokenizer = weights.load(str(tiny_folder))
     expected = q.perplexity(params, config, tokenizer.encode(text.read_text()), 16, cli.default_kernels())
-    assert line["tokens"] == expected["tokens"] and abs(line["nll"] - expected["nll"]) < 1e-6
+    assert line["tokens"] == expected.tokens and abs(line["nll"] - expected.nll) < 1e-6
     assert abs(line["perplexity"] - np.exp(line["nll"])) < 1e-6 * line["perplexity"]
     readable = invoke("perplexity", "-m", str(tiny_folder), "--file", str(text), "--context", "16")
     assert readable.exit_code == 0 and "perplexity" in readable.stdout and "{" not in readable.stdout

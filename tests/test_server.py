@@ -107,10 +107,10 @@ def expected(packaged, messages=MESSAGES, max_tokens=12, raw=None):
     folder, params, config, tokenizer = packaged
     sampling = weights.sampling_for(weights.sampling_defaults(folder), temp=0)
     ids = tokenizer.encode(raw) if raw else tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    report = {}
-    text = "".join(q.generate(params, config, tokenizer, ids, report=report, sampling=sampling,
-                              max_tokens=max_tokens))
-    return text, ids, report
+    events = list(engine.Engine(params, config, tokenizer).generate(engine.Request(tuple(ids), sampling, max_tokens)))
+    last = events[-1]
+    report = {"finish_reason": last.finish_reason, "generation_tokens": last.usage.completion_tokens}
+    return "".join(e.text for e in events), ids, report
 
 
 @pytest.mark.packaged_model

@@ -1,0 +1,63 @@
+"""The Python API, close to mlx_lm's names: `load`, `generate`, `stream_generate`.
+
+    import api
+    model = api.load()  # the packaged model; or api.load("qwen2-0.5b")
+    print(api.generate(model, [{"role": "user", "content": "Name one prime number."}], temp=0))
+    for event in api.stream_generate(model, "def add(a, b):", max_tokens=16):
+        print(event.text, end="")
+
+A prompt is a string (continued as it is) or a list of chat messages (run through the model's
+chat template). Sampling options not given come from the model's generation_config.json.
+Importing this module (or any of ours) before MLX loads the fast BLAS; where MLX came first,
+one warning line says that MLX keeps its slow reference BLAS.
+"""
+
+import qwen2_scratch as q  # first: the model loads the fast BLAS before MLX
+
+# isort: split
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import weights
+from engine import Engine, Event, Request, stats_line
+
+__all__ = ["Model", "load", "generate", "stream_generate", "Event", "stats_line"]
+
+
+class Model(NamedTuple):
+    """A loaded model: its weights, config and tokenizer, its sampling defaults, and the engine that runs it."""
+
+    params: dict
+    config: q.Config
+    tokenizer: object
+    defaults: dict
+    engine: Engine
+
+
+def load(model: str | None = None, dtype: str | None = None, kernels: str = "reference",
+         max_kv_size: int | None = None) -> Model:
+    """A model by name (a folder, a .gguf file, an alias, a hub id, or None: the packaged model)."""
+    params, config, tokenizer = weights.load(model, dtype)
+    defaults = weights.sampling_defaults(weights.resolve(model))
+    return Model(params, config, tokenizer, defaults, Engine(params, config, tokenizer, kernels,
+                                                             max_kv_size=max_kv_size))
+
+
+def prompt_ids(model: Model, prompt: str | list[dict]) -> tuple[int, ...]:
+    if isinstance(prompt, str):
+        return tuple(model.tokenizer.encode(prompt))
+    return tuple(model.tokenizer.apply_chat_template(prompt, add_generation_prompt=True))
+
+
+def stream_generate(model: Model, prompt: str | list[dict], max_tokens: int = 256, seed: int | None = 0,
+                    stop: tuple[str, ...] = (), **sampling) -> Iterator[Event]:
+    """The answer as typed events: text pieces with their token and log-probability, then the finish
+    reason with usage and stats. sampling: temp, top_p, top_k, min_p, repetition_penalty, repetition_context."""
+    request = Request(prompt_ids(model, prompt), weights.sampling_for(model.defaults, **sampling), max_tokens,
+                      tuple(stop), seed)
+    yield from model.engine.generate(request)
+
+
+def generate(model: Model, prompt: str | list[dict], **options) -> str:
+    """The whole answer as text (options as stream_generate's)."""
+    return "".join(event.text for event in stream_generate(model, prompt, **options))
