@@ -4,6 +4,7 @@ import qwen2_scratch as q  # noqa: F401  (first: the fast BLAS before MLX)
 
 # isort: split
 import json
+import pickle
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -76,7 +77,20 @@ def test_dtype_choice(tiny_folder):
     for name, dtype in weights.DTYPES.items():
         params, _, _ = weights.load(str(tiny_folder), name)
         assert {v.dtype for _, v in tree_flatten(params)} == {dtype}
-    assert weights.default_dtype() == ("bfloat16" if mx.default_device() == mx.gpu else "float32")
+
+
+DEFAULT_DTYPES = [(d, t) for d, t in [(mx.cpu, mx.float32), (mx.gpu, mx.bfloat16)] if mx.is_available(d)]
+
+
+@pytest.mark.parametrize("device,dtype", DEFAULT_DTYPES, ids=[str(d) for d, _ in DEFAULT_DTYPES])
+def test_no_dtype_means_float32_on_the_cpu_and_bfloat16_on_a_gpu(tiny_folder, device, dtype):
+    before = mx.default_device()
+    mx.set_default_device(device)
+    try:
+        params, _, _ = weights.load(str(tiny_folder))
+    finally:
+        mx.set_default_device(before)
+    assert {v.dtype for _, v in tree_flatten(params)} == {dtype}
 
 
 
@@ -121,6 +135,20 @@ def test_hub_id_loads_from_the_local_hub_cache_offline(tmp_path, tiny_folder):
 # ---------------------------------------------------------------------------------------------
 
 
+class RunsCode:
+    """Unpickled, it creates the file it names: what any code in a hostile checkpoint could do."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def code_running_pickle(path) -> bytes:
+    return pickle.dumps(RunsCode(path))
+
+
 def broken_folders(root, tiny_folder, tokenizer_dir):
     """name -> (a --model value, the words its error must contain)."""
     cases = {}
@@ -161,12 +189,16 @@ def broken_folders(root, tiny_folder, tokenizer_dir):
         mx.save_safetensors(str(folder / "model.safetensors"), broken)
         cases[name] = (str(folder), words)
     pickle_file = root / "pytorch_model.bin"
-    pickle_file.write_bytes(b"\x80\x04not really")
+    pickle_file.write_bytes(code_running_pickle(root / "pickle-ran"))
     cases["pickle file"] = (str(pickle_file), "pickle checkpoints are refused")
     pickle_folder = root / "pickle-folder"
     pickle_folder.mkdir()
-    (pickle_folder / "pytorch_model.bin").write_bytes(b"\x80\x04")
+    (pickle_folder / "pytorch_model.bin").write_bytes(code_running_pickle(root / "pickle-ran"))
     cases["pickle folder"] = (str(pickle_folder), "pickle checkpoints are refused")
+    beside_config = copy("pickle-beside-config")
+    (beside_config / "model.safetensors").unlink()
+    (beside_config / "pytorch_model.bin").write_bytes(code_running_pickle(root / "pickle-ran"))
+    cases["pickle beside config.json"] = (str(beside_config), "pickle checkpoints are refused")
     write_gguf(root / "truncated.gguf", model, raw, tokenizer_dir, truncate=True)
     cases["truncated gguf"] = (str(root / "truncated.gguf"), "truncated or corrupt GGUF")
     write_gguf(root / "llama.gguf", model, raw, tokenizer_dir, arch="llama")
@@ -183,7 +215,8 @@ def test_every_model_error_is_one_line_with_exit_code_1(tmp_path, tiny_folder, t
         assert result.exit_code == 1, f"{name}: exit {result.exit_code}: {result.output}"
         assert words in result.output, f"{name}: {result.output}"
         assert result.output.count("\n") == 1 and result.output.startswith("Error: "), f"{name}: {result.output}"
-        assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit), name
+        assert isinstance(result.exception, SystemExit), f"{name}: {result.exception!r}"
+    assert not (tmp_path / "pickle-ran").exists(), "a pickle was loaded: its code ran"
     # no half-written conversion was left behind by the failed GGUF conversions
     assert not any((tmp_path / "cache" / "qwen2-scratch").glob("gguf-*"))
     assert not any((tmp_path / "cache" / "qwen2-scratch").glob(".gguf-*"))
