@@ -15,13 +15,14 @@ import json
 import math
 import os
 import re
-import struct
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import mlx.core as mx
 from mlx.utils import tree_unflatten
 
-from convert import ModelError, gguf_folder, is_complete, one_line, packaged_folder
+from convert import ModelError, cache_root, gguf_folder, is_complete, one_line, packaged_folder
 
 __all__ = ["load", "resolve", "sampling_defaults", "sampling_for", "load_tokenizer", "ModelError", "ALIASES"]
 
@@ -35,6 +36,7 @@ ALIASES = {
     "qwen2-7b": "Qwen/Qwen2-7B-Instruct-MLX",
 }
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+TOKENIZER_FILES = [("tokenizer.json",), ("vocab.json", "merges.txt")]  # a fast (Rust) or a slow BPE tokenizer
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.jinja", "tokenizer.model"]
 CHOICES = (
@@ -57,14 +59,34 @@ def resolve(model: str | None) -> Path:
     """A model name -> the local folder it loads from: a path first, then an alias, then a hub id."""
     if model is None or model == "":
         return packaged_folder(check_converted)
-    path = Path(model).expanduser()
+    path = expand_user(model)
     if path.exists():
         return local_folder(path.resolve())
     if model in ALIASES:
         return hub_folder(ALIASES[model])
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", model) and not model.startswith((".", "/")):
+    if is_hub_id(model):
         return hub_folder(model)
-    raise ModelError(f"no model '{model}': not an existing path, an alias or a hub id; use {CHOICES}")
+    raise ModelError(f"no model '{model}': not an existing path, an alias or a hub id (owner/name); use {CHOICES}")
+
+
+def expand_user(model: str) -> Path:
+    """~ and ~user expanded where they can be (~nobody-here is left as written: then not a path)."""
+    try:
+        return Path(model).expanduser()
+    except RuntimeError:  # no such user, or no home folder
+        return Path(model)
+
+
+def is_hub_id(name: str) -> bool:
+    """owner/name as the hub allows them: nothing path-like (.., ~, a leading . or /) reaches the hub cache."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return name.count("/") == 1
 
 
 def local_folder(path: Path) -> Path:
@@ -119,15 +141,54 @@ def hub_cache_dir() -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+def is_whole(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_number(v) -> bool:
+    return is_whole(v) or isinstance(v, float)
+
+
+class Rule(NamedTuple):
+    """What one value of a model's JSON must be: tested, and said in words."""
+
+    test: Callable[[object], bool]
+    expected: str
+
+
+EOS_RULE = Rule(lambda v: is_whole(v) and v >= 0 or isinstance(v, list) and all(is_whole(i) and i >= 0 for i in v),
+                "a token id or a list of token ids")
+OBJECT_RULE = Rule(lambda v: isinstance(v, dict), "an object")
+# generation_config.json's values that we use (null: not set)
+GENERATION_RULES = {
+    "temperature": Rule(lambda v: is_number(v) and 0 <= v < math.inf, "a number of at least 0"),
+    "top_p": Rule(lambda v: is_number(v) and 0 < v <= 1, "a number above 0 and at most 1"),
+    "top_k": Rule(lambda v: is_whole(v) and 0 <= v <= 1 << 31, "a whole number from 0 to 2147483648"),
+    "repetition_penalty": Rule(lambda v: is_number(v) and 0 < v < math.inf, "a number above 0"),
+    "do_sample": Rule(lambda v: isinstance(v, bool), "true or false"),
+    "eos_token_id": EOS_RULE,
+}
+SAMPLING_NAMES = {"temperature": "temp", "top_p": "top_p", "top_k": "top_k", "repetition_penalty": "repetition_penalty"}
+
+
+def shown(value) -> str:
+    """A JSON value as the file says it, cut short: error messages stay one readable line."""
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_value(raw: dict, key: str, rule: Rule, where) -> None:
+    if raw.get(key) is not None and not rule.test(raw[key]):
+        raise ModelError(f"{where}: {key} is {shown(raw[key])}, expected {rule.expected}")
+
+
 def sampling_defaults(folder: Path) -> dict:
-    """The sampling values of the folder's generation_config.json, in our names ({} without one)."""
+    """The sampling values of the folder's generation_config.json, in our names ({} without one); each checked."""
     path = folder / "generation_config.json"
-    try:
-        g = json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, ValueError):
-        return {}
-    names = {"temperature": "temp", "top_p": "top_p", "top_k": "top_k", "repetition_penalty": "repetition_penalty"}
-    defaults = {ours: g[theirs] for theirs, ours in names.items() if isinstance(g.get(theirs), int | float)}
+    g = read_json(path) if path.is_file() else {}
+    for key, rule in GENERATION_RULES.items():
+        check_value(g, key, rule, path)
+    defaults = {ours: g[theirs] for theirs, ours in SAMPLING_NAMES.items() if g.get(theirs) is not None}
     if g.get("do_sample") is False:  # transformers then decodes greedily whatever the temperature
         defaults["temp"] = 0.0
     return defaults
@@ -147,6 +208,7 @@ def load(model: str | None = None, dtype: str | None = None):
     if dtype not in DTYPES:
         raise ModelError(f"unknown dtype '{dtype}': use one of {', '.join(DTYPES)}")
     folder = resolve(model)
+    sampling_defaults(folder)  # a bad generation_config.json fails here, before any weight is read
     params, config = load_params(folder, DTYPES[dtype])
     tokenizer = load_tokenizer(folder)
     check_vocabulary(tokenizer, config, folder)
@@ -168,7 +230,8 @@ def read_config(folder: Path) -> dict:
     path = folder / "config.json"
     raw = read_json(path)
     if raw.get("model_type") != "qwen2":
-        raise ModelError(f"{path}: model_type is {raw.get('model_type')!r}, but this project runs only 'qwen2' models")
+        raise ModelError(f"{path}: model_type is {shown(raw.get('model_type'))}, "
+                         "but this project runs only 'qwen2' models")
     missing = [f for f in ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
                            "num_key_value_heads", "vocab_size") if f not in raw]
     if missing:
@@ -201,7 +264,10 @@ def check_config(raw: dict, where) -> Config:
     """The config's values, each of the right type and range, and consistent -> Config; else ModelError."""
     for key in [*CONFIG_RANGES, "tie_word_embeddings"]:
         if key in raw and (problem := config_problem(key, raw[key])):
-            raise ModelError(f"{where}: {key} is {json.dumps(raw[key])}, {problem}")
+            raise ModelError(f"{where}: {key} is {shown(raw[key])}, {problem}")
+    for key in ("quantization", "quantization_config"):
+        check_value(raw, key, OBJECT_RULE, where)
+    check_value(raw, "eos_token_id", EOS_RULE, where)
     config = config_from_dict(raw)
     E, H, K = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
     if E % H or (E // H) % 2:
@@ -228,7 +294,7 @@ def load_params(folder: Path, dtype=mx.float32) -> tuple[dict, Config]:
     flat = sanitize(flat, config)
     flat = dequantize(flat, raw.get("quantization") or raw.get("quantization_config"), folder)
     check_shapes(flat, config, folder)
-    if not is_complete(folder):  # our own conversions were checked when they were made
+    if not (folder.is_relative_to(cache_root()) and is_complete(folder)):  # ours were checked when made
         check_finite(flat, folder)
     flat = {k: v.astype(dtype) for k, v in flat.items()}
     params = tree_unflatten(list(flat.items()))
@@ -237,19 +303,15 @@ def load_params(folder: Path, dtype=mx.float32) -> tuple[dict, Config]:
 
 
 def read_safetensors(path: Path) -> dict:
-    """Check a safetensors header against the file's size, then load it."""
+    """The file's tensors, once the safetensors library has checked it: a JSON object for a header
+    (of at most 100 MB), each tensor's dtype, shape and offsets consistent, and the file whole."""
+    from safetensors import SafetensorError, safe_open
+
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > size - 8:
-                raise ValueError(f"header of {n} bytes in a file of {size}")
-            header = json.loads(f.read(n))
-        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-        if 8 + n + end != size:
-            raise ValueError(f"the header describes {8 + n + end} bytes but the file has {size}")
+        with safe_open(str(path), "numpy"):
+            pass
         return mx.load(str(path))
-    except (OSError, ValueError, KeyError, TypeError, struct.error, RuntimeError) as e:
+    except (OSError, SafetensorError, ValueError, RuntimeError) as e:  # RuntimeError, ValueError: mx.load's
         raise ModelError(f"{path}: truncated or corrupt safetensors file ({one_line(e)}); download it again") from None
 
 
@@ -273,8 +335,11 @@ def dequantize(flat: dict, quantization: dict | None, folder: Path) -> dict:
             if value.shape[-1] * 32 != scales.shape[-1] * q["group_size"] * q["bits"]:
                 raise ModelError(f"{folder}: {prefix} does not fit quantization bits {q['bits']} and group_size "
                                  f"{q['group_size']} (packed {list(value.shape)}, scales {list(scales.shape)})")
-            out[key] = mx.dequantize(value, scales, flat.get(prefix + ".biases"), group_size=q["group_size"],
-                                     bits=q["bits"], mode=q.get("mode", "affine"))
+            try:
+                out[key] = mx.dequantize(value, scales, flat.get(prefix + ".biases"), group_size=q["group_size"],
+                                         bits=q["bits"], mode=q.get("mode", "affine"))
+            except (ValueError, TypeError, RuntimeError) as e:  # a mode MLX lacks, or dtypes it refuses
+                raise ModelError(f"{folder}: cannot dequantize {prefix} ({one_line(e)})") from None
         elif prefix not in quantized or name not in ("scales", "biases"):
             out[key] = value  # q/k/v's own `bias` stays as it is
     return out
@@ -363,7 +428,9 @@ def eos_ids(folder: Path, tokenizer) -> list[int]:
     for name in ("config.json", "generation_config.json"):
         path = folder / name
         if path.is_file():
-            value = read_json(path).get("eos_token_id")
+            raw = read_json(path)
+            check_value(raw, "eos_token_id", EOS_RULE, path)  # load_tokenizer may be called alone
+            value = raw.get("eos_token_id")
             ids += value if isinstance(value, list) else [value] if value is not None else []
     if tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
@@ -376,10 +443,16 @@ def load_tokenizer(folder: Path):
     """mlx_lm's own loader, which picks the streaming detokenizer that fits (BPE for Qwen2), with every EOS id."""
     from mlx_lm.tokenizer_utils import load as load_wrapper
 
+    if not any(all((folder / name).is_file() for name in names) for names in TOKENIZER_FILES):
+        # transformers would build a tokenizer of the special tokens alone, which encodes any text as nothing
+        raise ModelError(f"{folder}: no tokenizer files (tokenizer.json, or vocab.json and merges.txt); "
+                         "copy them from the model's release")
     try:
         tokenizer = load_wrapper(Path(folder), {"trust_remote_code": False})
     except Exception as e:  # transformers raises many kinds for a missing or broken tokenizer
         raise ModelError(f"{folder}: no usable tokenizer files ({one_line(e)})") from None
+    if not tokenizer.encode("hello world"):
+        raise ModelError(f"{folder}: the tokenizer encodes text as no tokens at all (an empty vocabulary?)")
     tokenizer.eos_token_ids = eos_ids(folder, tokenizer._tokenizer)
     return tokenizer
 

@@ -165,7 +165,7 @@ def broken_folders(root, tiny_folder, tokenizer_dir):
     cases["no config"] = (str(root / "empty"), "no config.json")
     llama = copy("llama")
     (llama / "config.json").write_text(json.dumps({**TINY, "model_type": "llama"}))
-    cases["llama config"] = (str(llama), "model_type is 'llama'")
+    cases["llama config"] = (str(llama), 'model_type is "llama"')
     bad_json = copy("bad-json")
     (bad_json / "config.json").write_text("{nope")
     cases["bad config"] = (str(bad_json), "not a readable JSON config")
