@@ -7,6 +7,7 @@ import qwen2_scratch as q  # noqa: F401  (first: the fast BLAS before MLX)
 import json
 import os
 import resource
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -124,23 +125,30 @@ def test_a_gguf_with_a_billion_blocks_is_refused(tmp_path, tiny_tokenizer_dir):
     assert "num_hidden_layers is 1000000000" in result.stderr and "Traceback" not in result.stderr
 
 
-def broken_gguf(path, tiny_tokenizer_dir, drop=None, eos=None, merges=None):
-    """A tiny GGUF file, then with a tensor dropped or a tokenizer field replaced (by rewriting it)."""
-    import gguf
-
+def broken_gguf(path, tiny_tokenizer_dir, drop=None, eos=None, merges=None, fields=()):
+    """A tiny GGUF file, then with a tensor dropped or metadata replaced (by rewriting it)."""
     model, raw = tiny_model(tie=False)
     write_gguf(path, model, raw, tiny_tokenizer_dir)
-    reader = gguf.GGUFReader(str(path))
-    writer = gguf.GGUFWriter(str(path) + ".new", "qwen2")
+    changes = {"tokenizer.ggml.eos_token_id": eos, "tokenizer.ggml.merges": merges}
+    rewrite_gguf(path, path, drop, {**{k: v for k, v in changes.items() if v is not None}, **dict(fields)})
+    return path
+
+
+def rewrite_gguf(source, out, drop=None, fields=None):
+    """source's GGUF rewritten into out: without the tensor drop, with fields' values in place of the
+    file's (a value alone keeps the field's type; (value, type, sub_type) gives it a new one)."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(source))
+    writer = gguf.GGUFWriter(str(out) + ".new", "qwen2")
+    fields = fields or {}
     for name, field in reader.fields.items():
         if name.startswith(("GGUF.", "general.architecture")):
             continue
-        value = field.contents()
-        if name == "tokenizer.ggml.eos_token_id" and eos is not None:
-            value = eos
-        if name == "tokenizer.ggml.merges" and merges is not None:
-            value = merges
-        writer.add_key_value(name, value, field.types[0], sub_type=field.types[-1] if len(field.types) > 1 else None)
+        value, kind, sub = field.contents(), field.types[0], field.types[-1] if len(field.types) > 1 else None
+        if name in fields:
+            value, kind, sub = fields[name] if isinstance(fields[name], tuple) else (fields[name], kind, sub)
+        writer.add_key_value(name, value, kind, sub_type=sub)
     for t in reader.tensors:
         if t.name != drop:
             writer.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
@@ -148,8 +156,7 @@ def broken_gguf(path, tiny_tokenizer_dir, drop=None, eos=None, merges=None):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    (path.parent / (path.name + ".new")).rename(path)
-    return path
+    Path(str(out) + ".new").rename(out)
 
 
 @pytest.mark.parametrize("change,words", [
@@ -162,10 +169,78 @@ def test_broken_gguf_vocabulary(tmp_path, tiny_tokenizer_dir, monkeypatch, chang
     one_line_error(invoke("pull", "-m", str(path)), words)
 
 
-def test_non_finite_weights_in_a_gguf_are_refused_at_conversion(tmp_path, tiny_tokenizer_dir, monkeypatch):
+def gguf_types():
+    import gguf
+
+    return gguf.GGUFValueType
+
+
+BAD_METADATA = {  # key -> (value, type, sub_type), the words of its error
+    "block_count as a string": ("qwen2.block_count", lambda T: ("2", T.STRING, None), "expected a whole number"),
+    "head_count as an array": ("qwen2.attention.head_count", lambda T: ([4, 4], T.ARRAY, T.UINT32),
+                               "expected a whole number"),
+    "rms epsilon as a string": ("qwen2.attention.layer_norm_rms_epsilon", lambda T: ("tiny", T.STRING, None),
+                                "expected a number"),
+    "eos id as a string": ("tokenizer.ggml.eos_token_id", lambda T: ("2", T.STRING, None), "expected a whole number"),
+    "tokens as numbers": ("tokenizer.ggml.tokens", lambda T: ([1, 2, 3], T.ARRAY, T.INT32),
+                          "expected a list of strings"),
+    "chat template not UTF-8": ("tokenizer.chat_template", lambda T: (b"{{ caf\xe9 }}", T.STRING, None),
+                                "cannot be read"),
+    "a token not UTF-8": ("tokenizer.ggml.tokens", lambda T: ([b"\xff\xfe", "a"], T.ARRAY, T.STRING),
+                          "cannot be read"),
+    "context length negative": ("qwen2.context_length", lambda T: (-5, T.INT32, None), "max_position_embeddings is -5"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_METADATA)
+def test_gguf_metadata_of_the_wrong_kind_is_named(tmp_path, tiny_tokenizer_dir, monkeypatch, case):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    key, value, words = BAD_METADATA[case]
+    path = broken_gguf(tmp_path / "bad.gguf", tiny_tokenizer_dir, fields={key: value(gguf_types())})
+    line = one_line_error(invoke("pull", "-m", str(path)), words)
+    assert str(path) in line and (key in line or "max_position_embeddings" in line), line
+    assert not list((tmp_path / "cache" / "qwen2-scratch").glob("*gguf-*")), "nothing half-written is left"
+
+
+def test_gguf_metadata_values_convert_or_give_one_model_error(tmp_path, tiny_tokenizer_dir):
+    """Property: any value of any GGUF type in any field we read converts, or fails with one ModelError line."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    T = gguf_types()
+    base = broken_gguf(tmp_path / "base.gguf", tiny_tokenizer_dir)
+    keys = ["qwen2.block_count", "qwen2.embedding_length", "qwen2.feed_forward_length", "qwen2.attention.head_count",
+            "qwen2.attention.head_count_kv", "qwen2.attention.layer_norm_rms_epsilon", "qwen2.rope.freq_base",
+            "qwen2.context_length", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.bos_token_id",
+            "tokenizer.ggml.model", "tokenizer.chat_template", "tokenizer.ggml.token_type"]
+    scalars = {T.UINT32: st.integers(0, 2**32 - 1), T.INT32: st.integers(-2**31, 2**31 - 1),
+               T.FLOAT32: st.floats(width=32), T.BOOL: st.booleans(), T.UINT8: st.integers(0, 255),
+               T.STRING: st.text(max_size=8) | st.binary(max_size=8)}
+    typed = st.sampled_from(sorted(scalars)).flatmap(lambda t: scalars[t].map(lambda v: (v, t, None)))
+    arrays = st.sampled_from([T.INT32, T.STRING]).flatmap(  # gguf writes no empty array
+        lambda t: st.lists(scalars[t], min_size=1, max_size=3).map(lambda v: (v, T.ARRAY, t)))
+    out = tmp_path / "converted"
+
+    @settings(max_examples=60, deadline=None)
+    @given(st.sampled_from(keys), typed | arrays)
+    def check(key, value):
+        path = tmp_path / "case.gguf"
+        rewrite_gguf(base, path, fields={key: value})
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir()
+        try:
+            convert.convert_gguf(path, out, weights.check_converted)
+        except weights.ModelError as e:
+            assert "\n" not in str(e) and str(path) in str(e), str(e)
+
+    check()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_in_a_gguf_are_refused_at_conversion(tmp_path, tiny_tokenizer_dir, monkeypatch, bad):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     model, raw = tiny_model(tie=False)
-    model.model.norm.weight[7] = float("nan")  # stored as F32
+    model.model.norm.weight[7] = bad  # stored as F32
     write_gguf(tmp_path / "nan.gguf", model, raw, tiny_tokenizer_dir)
     one_line_error(invoke("pull", "-m", str(tmp_path / "nan.gguf")), "output_norm.weight", "not finite")
 
