@@ -5,6 +5,8 @@ size of every file in it), then renamed into place: a run killed mid-conversion 
 temporary folder, which the next run removes. GGUF files are keyed by their content, not their
 name or mtime. What a checkpoint must hold (the config's ranges, every tensor's shape) is the
 weights room's knowledge: its callers pass it in as `check`, so imports here run only downward.
+ModelError and the small rules every value read from a model's files is held to (Rule, shown)
+live here, the lowest room that reads those files; weights.py uses the same ones.
 """
 
 import qwen2_scratch  # noqa: F401  (first: the model loads the fast BLAS before MLX)
@@ -55,6 +57,27 @@ def log(message: str) -> None:
 def one_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
+
+
+def is_whole(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_number(v) -> bool:
+    return is_whole(v) or isinstance(v, float)
+
+
+class Rule(NamedTuple):
+    """What one value read from a model's files must be: tested, and said in words."""
+
+    test: Callable[[object], bool]
+    expected: str
+
+
+def shown(value) -> str:
+    """A value as JSON writes it, cut short: error messages stay one readable line."""
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def cache_root() -> Path:
@@ -232,25 +255,14 @@ def hf_name(gguf_name: str) -> str:
     raise ModelError(f"unexpected GGUF tensor {gguf_name} for a qwen2 model")
 
 
-class Kind(NamedTuple):
-    """What a GGUF metadata value must be: said in words, and tested."""
-
-    name: str
-    test: Callable[[object], bool]
-
-
-def is_whole(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+WHOLE = Rule(is_whole, "a whole number")
+NUMBER = Rule(is_number, "a number")
+TEXT = Rule(lambda v: isinstance(v, str), "a string")
+TEXTS = Rule(lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings")
+WHOLES = Rule(lambda v: isinstance(v, list) and all(is_whole(x) for x in v), "a list of whole numbers")
 
 
-WHOLE = Kind("a whole number", is_whole)
-NUMBER = Kind("a number", lambda v: is_whole(v) or isinstance(v, float))
-TEXT = Kind("a string", lambda v: isinstance(v, str))
-TEXTS = Kind("a list of strings", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v))
-WHOLES = Kind("a list of whole numbers", lambda v: isinstance(v, list) and all(is_whole(x) for x in v))
-
-
-def gguf_field(reader, path: Path, key: str, kind: Kind, default=None):
+def gguf_field(reader, path: Path, key: str, kind: Rule, default=None):
     """One metadata value of the kind expected, default when absent; else a one-line ModelError naming it."""
     field = reader.fields.get(key)
     if field is None:
@@ -260,8 +272,7 @@ def gguf_field(reader, path: Path, key: str, kind: Kind, default=None):
     except (UnicodeDecodeError, ValueError, IndexError, TypeError) as e:  # invalid UTF-8, a malformed field
         raise ModelError(f"{path}: the GGUF metadata {key} cannot be read ({one_line(e)})") from None
     if not kind.test(value):
-        shown = repr(value) if len(repr(value)) <= 40 else f"{type(value).__name__} {repr(value)[:40]}..."
-        raise ModelError(f"{path}: the GGUF metadata {key} is {shown}, expected {kind.name}")
+        raise ModelError(f"{path}: the GGUF metadata {key} is {shown(value)}, expected {kind.expected}")
     return value
 
 

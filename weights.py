@@ -15,14 +15,23 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
 
 import mlx.core as mx
 from mlx.utils import tree_unflatten
 
-from convert import ModelError, cache_root, gguf_folder, is_complete, one_line, packaged_folder
+from convert import (
+    ModelError,
+    Rule,
+    cache_root,
+    gguf_folder,
+    is_complete,
+    is_number,
+    is_whole,
+    one_line,
+    packaged_folder,
+    shown,
+)
 
 __all__ = ["load", "resolve", "sampling_defaults", "sampling_for", "load_tokenizer", "ModelError", "ALIASES"]
 
@@ -44,6 +53,7 @@ CHOICES = (
     f"({', '.join(ALIASES)}), a hub id like Qwen/Qwen2-0.5B-Instruct-MLX, "
     "or no --model for the packaged model"
 )
+
 
 def default_dtype() -> str:
     """float32 on the CPU (its only fast matmul path), bfloat16 on a GPU (Qwen2 overflows float16)."""
@@ -141,21 +151,6 @@ def hub_cache_dir() -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def is_whole(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def is_number(v) -> bool:
-    return is_whole(v) or isinstance(v, float)
-
-
-class Rule(NamedTuple):
-    """What one value of a model's JSON must be: tested, and said in words."""
-
-    test: Callable[[object], bool]
-    expected: str
-
-
 EOS_RULE = Rule(lambda v: is_whole(v) and v >= 0 or isinstance(v, list) and all(is_whole(i) and i >= 0 for i in v),
                 "a token id or a list of token ids")
 OBJECT_RULE = Rule(lambda v: isinstance(v, dict), "an object")
@@ -169,12 +164,6 @@ GENERATION_RULES = {
     "eos_token_id": EOS_RULE,
 }
 SAMPLING_NAMES = {"temperature": "temp", "top_p": "top_p", "top_k": "top_k", "repetition_penalty": "repetition_penalty"}
-
-
-def shown(value) -> str:
-    """A JSON value as the file says it, cut short: error messages stay one readable line."""
-    text = json.dumps(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def check_value(raw: dict, key: str, rule: Rule, where) -> None:
