@@ -7,10 +7,10 @@ import ast
 import shutil
 import subprocess
 import sys
-import tomllib
 import zipfile
 from importlib.metadata import version
 
+import tomllib
 from conftest import HERE, run_cli
 
 PROJECT = tomllib.loads((HERE / "pyproject.toml").read_text())
