@@ -23,16 +23,13 @@ import blas
 import speculative
 import weights
 from engine import Engine, Request, Stats
+from say import say
 
 __all__ = ["SHAPES", "run", "table", "run_speculative", "speculative_table"]
 
 
 class BenchError(Exception):
     """The benchmark cannot run; the message says why."""
-
-
-def log(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
 
 
 SHAPES = {  # the real Qwen2 shapes, for random-weight benchmarks (--shape)
@@ -234,7 +231,7 @@ def run(model=None, shape=None, dtype=None, kernels=("reference", "fast"), lengt
     runs = {f"ours-{k}": run_ours(params, config, k) for k in kernels} | {"mlx_lm": run_mlx_lm(reference)}
     key = mx.random.key(0)
     prompts = {n: mx.random.randint(0, config.vocab_size, (n,), key=key).tolist() for n in lengths}
-    log(f"bench: {source}, {dtype}, {mx.default_device()}, BLAS {blas.describe()}")
+    say(f"bench: {source}, {dtype}, {mx.default_device()}, BLAS {blas.describe()}")
     warm_up_gpu()
     for contender in runs.values():  # warm-up: compile and trace every shape the trials use
         measure(contender, prompts, min(gen_tokens, 16))
@@ -243,7 +240,7 @@ def run(model=None, shape=None, dtype=None, kernels=("reference", "fast"), lengt
         for name, contender in runs.items():
             figures[name].append(measure(contender, prompts, gen_tokens))
             numbers = ", ".join(f"{k} {v:.2f}" for k, v in figures[name][-1].items())
-            log(f"  trial {trial + 1}/{trials} {name}: {numbers}")
+            say(f"  trial {trial + 1}/{trials} {name}: {numbers}")
     bandwidth = read_bandwidth_gbs()
     per_token = bytes_per_token(params, config)
     results = {}
@@ -382,12 +379,12 @@ def run_speculative(model=None, shape=None, dtype=None, kernels="reference", ks=
     """
     dtype = dtype or ("bfloat16" if mx.default_device() == mx.gpu else "float32")
     params, config, _, source = bench_weights(model, shape, dtype)
-    log(f"bench --speculative: {source}, {dtype}, {mx.default_device()}, BLAS {blas.describe()}")
+    say(f"bench --speculative: {source}, {dtype}, {mx.default_device()}, BLAS {blas.describe()}")
     warm_up_gpu()
     report = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "source": source, "dtype": dtype,
               "device": device_name(), "blas": blas.describe(), "mlx": mx.__version__, "trials": trials,
               "verifier_cost": verifier_cost(params, config, kernels, ks), "workloads": {}}
-    log(f"  verifier step / decode step: {report['verifier_cost']}")
+    say(f"  verifier step / decode step: {report['verifier_cost']}")
     if shape:
         return report
     tokenizer = weights.load_tokenizer(weights.resolve(model))
@@ -400,7 +397,7 @@ def run_speculative(model=None, shape=None, dtype=None, kernels="reference", ks=
         for trial in range(trials):
             for c, k in contenders.items():
                 runs[c].append(decode_workload(params, config, tokenizer, prompt, kernels, max_tokens, k))
-                log(f"  {name}, trial {trial + 1}/{trials}, {c}: {runs[c][-1][1].generation_tps:.2f} tok/s")
+                say(f"  {name}, trial {trial + 1}/{trials}, {c}: {runs[c][-1][1].generation_tps:.2f} tok/s")
         plain_tps = statistics.median(s.generation_tps for _, s in runs["plain"])
         rows = {}
         for c, results in runs.items():
@@ -576,7 +573,7 @@ def run_serve(model=None, dtype=None, levels=(1, 8, 32), max_tokens=48, trials=1
             for n in levels:
                 for name, port in ports.items():
                     results[name][n].append(burst(port, n, max_tokens))
-                    log(f"  serve, trial {trial + 1}/{trials}, {n} clients, {name}: "
+                    say(f"  serve, trial {trial + 1}/{trials}, {n} clients, {name}: "
                         f"{results[name][n][-1]['tokens_per_s']:.2f} tok/s")
     finally:
         for proc in procs.values():

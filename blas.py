@@ -28,6 +28,8 @@ import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
+from say import say
+
 __all__ = ["load", "describe", "in_use"]
 
 ADAPTER = "blas_adapter.c"
@@ -43,8 +45,6 @@ class State(NamedTuple):
     library: ctypes.CDLL | None = None
 
 
-def warn(text: str) -> None:
-    print(f"warning: {text}", file=sys.stderr, flush=True)
 
 
 def cache_folder() -> Path:
@@ -148,7 +148,7 @@ def find_or_build() -> State:
     if sys.platform != "linux" or os.environ.get("QWEN2_SCRATCH_BLAS") == "reference":
         return State("reference", "QWEN2_SCRATCH_BLAS=reference" if sys.platform == "linux" else sys.platform)
     if "mlx.core" in sys.modules:
-        warn("MLX was imported before qwen2_scratch, so it keeps its slow reference BLAS; "
+        say("warning: MLX was imported before qwen2_scratch, so it keeps its slow reference BLAS; "
              "import qwen2_scratch (or any module of ours) before mlx")
         return State("reference", "mlx was imported first")
     source, lib_dir = adapter_source(), library_dir()
@@ -169,7 +169,7 @@ def find_or_build() -> State:
 
 
 def fallback(why: str) -> State:
-    warn(f"MLX runs on its slow reference BLAS: {why}")
+    say(f"warning: MLX runs on its slow reference BLAS: {why}")
     return State("reference", why)
 
 

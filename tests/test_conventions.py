@@ -12,6 +12,7 @@ import shutil
 import pytest
 from conftest import STATS, invoke, run_cli
 
+import convert
 import weights
 
 
@@ -86,6 +87,6 @@ def test_values_given_win_and_the_rest_come_from_the_defaults():
 @pytest.mark.packaged_model
 def test_the_packaged_conversion_writes_its_generation_config(packaged):
     written = json.loads((packaged[0] / "generation_config.json").read_text())
-    assert written == weights.PACKAGED_GENERATION
+    assert written == convert.PACKAGED_GENERATION
     assert weights.sampling_defaults(packaged[0]) == {"temp": 0.7, "top_p": 0.8, "top_k": 20,
                                                       "repetition_penalty": 1.05}

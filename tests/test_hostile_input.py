@@ -5,16 +5,14 @@ import qwen2_scratch as q  # noqa: F401  (first: the fast BLAS before MLX)
 
 # isort: split
 import json
-import os
 import re
 import resource
 import subprocess
-from pathlib import Path
 
 import pytest
 from conftest import COMMAND, TINY, invoke, reference_model, run_cli, tiny_model, write_checkpoint
-from test_weights import write_gguf
 
+import convert
 import weights
 
 
@@ -64,12 +62,6 @@ def test_a_billion_layers_is_refused_before_anything_is_built(tmp_path, tiny_fol
     assert result.stderr.count("\n") == 1 and "num_hidden_layers is 1000000000" in result.stderr, result.stderr
 
 
-def test_a_gguf_with_a_billion_blocks_is_refused(tmp_path, tiny_tokenizer_dir):
-    model, raw = tiny_model(tie=False)
-    write_gguf(tmp_path / "huge.gguf", model, {**raw, "num_hidden_layers": 10**9}, tiny_tokenizer_dir)
-    result = run_limited("pull", "-m", str(tmp_path / "huge.gguf"))
-    assert result.returncode == 1, result.stderr[-2000:]
-    assert "num_hidden_layers is 1000000000" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_layer_count_must_match_the_tensors(tmp_path, tiny_folder):
@@ -90,6 +82,11 @@ BAD_CONFIGS = [
     ({"max_position_embeddings": 0}, "max_position_embeddings is 0"),
     ({"num_key_value_heads": 3}, "num_key_value_heads"), ({"vocab_size": -1}, "vocab_size is -1"),
     ({"rope_theta": float("inf")}, "rope_theta is Infinity"), ({"hidden_size": True}, "hidden_size is true"),
+    ({"hidden_size": {"value": 64}}, 'hidden_size is {"value": 64}'),
+    ({"quantization": [4, 64]}, "quantization is [4, 64], expected an object"),
+    ({"eos_token_id": {"id": 2}}, 'eos_token_id is {"id": 2}'),
+    ({"eos_token_id": [2, "x"]}, 'eos_token_id is [2, "x"]'),
+    ({"num_hidden_layers": [2] * 1000}, "num_hidden_layers is [2, 2, 2"),
 ]
 
 
@@ -136,6 +133,178 @@ def test_config_validation_holds_for_any_value(tmp_path_factory):
             assert getattr(config, key) == value
 
     check()
+
+
+# ---------------------------------------------------------------------------------------------
+# Untrusted model folders: every file checked at its door (issue 21)
+# ---------------------------------------------------------------------------------------------
+
+BAD_GENERATION = [
+    ({"temperature": float("nan")}, "temperature is NaN", "at least 0"),
+    ({"temperature": -1}, "temperature is -1", "at least 0"),
+    ({"repetition_penalty": 0}, "repetition_penalty is 0", "above 0"),
+    ({"repetition_penalty": -1.5}, "repetition_penalty is -1.5", "above 0"),
+    ({"top_k": 2.5}, "top_k is 2.5", "whole number"), ({"top_k": "20"}, 'top_k is "20"', "whole number"),
+    ({"top_p": 0}, "top_p is 0", "above 0 and at most 1"), ({"top_p": 1.5}, "top_p is 1.5", "at most 1"),
+    ({"temperature": {"value": 0.7}}, 'temperature is {"value": 0.7}', "a number"),
+    ({"do_sample": "yes"}, 'do_sample is "yes"', "true or false"),
+    ({"eos_token_id": [2, [3]]}, "eos_token_id is [2, [3]]", "token id"),
+]
+
+
+@pytest.mark.parametrize("values,words,expected", BAD_GENERATION, ids=[str(v) for v, _, _ in BAD_GENERATION])
+def test_bad_generation_config_values_are_named(tmp_path, tiny_folder, values, words, expected):
+    folder = copy_with_config(tmp_path, tiny_folder, "gen")
+    (folder / "generation_config.json").write_text(json.dumps({"temperature": 0.7, **values}))
+    for args in (["generate", "--prompt", "hi"], ["chat"]):
+        one_line_error(invoke(*args, "-m", str(folder), input="hi\n"), "generation_config.json", words, expected)
+
+
+def test_generation_config_values_hold_for_any_json(tmp_path):
+    """Property: any generation_config.json gives defaults that make a valid Sampling, or a ModelError."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    keys = st.sampled_from(sorted(weights.GENERATION_RULES) + ["max_new_tokens", "pad_token_id"])
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.dictionaries(keys, json_values(), max_size=4))
+    def check(g):
+        (tmp_path / "generation_config.json").write_text(json.dumps(g))
+        try:
+            defaults = weights.sampling_defaults(tmp_path)
+        except weights.ModelError as e:
+            assert "\n" not in str(e) and "generation_config.json" in str(e)
+            return
+        s = q.Sampling(**defaults)
+        assert 0 <= s.temp < float("inf") and 0 < s.top_p <= 1 and s.top_k >= 0 and not isinstance(s.top_k, float)
+        assert 0 < s.repetition_penalty < float("inf")
+
+    check()
+
+
+def json_values():
+    """Any JSON value: scalars (NaN and infinities too, which Python's json reads), lists and objects of them."""
+    from hypothesis import strategies as st
+
+    scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**20, 10**20), st.floats(), st.text(max_size=8))
+    return st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) |
+                        st.dictionaries(st.text(max_size=5), inner, max_size=3), max_leaves=8)
+
+
+def test_whole_configs_load_or_give_one_model_error(tmp_path, tiny_folder):
+    """Property: a config.json with any keys changed to any JSON loads, or fails with one ModelError line."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    folder = copy_with_config(tmp_path, tiny_folder, "any")
+    keys = st.sampled_from(sorted(weights.CONFIG_RANGES) + ["tie_word_embeddings", "model_type", "quantization",
+                                                            "quantization_config", "eos_token_id", "architectures"])
+
+    @settings(max_examples=60, deadline=None)
+    @given(st.dictionaries(keys, json_values(), min_size=1, max_size=3))
+    def check(changes):
+        (folder / "config.json").write_text(json.dumps({**TINY, **changes}))
+        try:
+            weights.load(str(folder), "float32")
+        except weights.ModelError as e:
+            assert "\n" not in str(e)
+
+    check()
+
+
+def test_a_folder_without_tokenizer_files_is_refused(tmp_path, tiny_folder):
+    folder = copy_with_config(tmp_path, tiny_folder, "no-tokenizer")
+    (folder / "tokenizer.json").unlink()
+    one_line_error(invoke("generate", "-m", str(folder), "--prompt", "hi"), "no tokenizer files", "tokenizer.json")
+    one_line_error(invoke("chat", "-m", str(folder), input="hi\n"), "no tokenizer files")
+
+
+def test_a_tokenizer_with_an_empty_vocabulary_is_refused(tmp_path, tiny_folder):
+    folder = copy_with_config(tmp_path, tiny_folder, "empty-vocab")
+    tok = json.loads((tiny_folder / "tokenizer.json").read_text())
+    tok["model"].update(vocab={}, merges=[])
+    (folder / "tokenizer.json").unlink()
+    (folder / "tokenizer.json").write_text(json.dumps(tok))
+    one_line_error(invoke("generate", "-m", str(folder), "--prompt", "hi"), str(folder))
+
+
+def safetensors_bytes(header, data=b"", length=None) -> bytes:
+    text = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return (len(text) if length is None else length).to_bytes(8, "little") + text + data
+
+
+BAD_SAFETENSORS = {
+    "a JSON array": safetensors_bytes([1, 2]),
+    "a JSON string": safetensors_bytes("x"),
+    "a tensor that is a number": safetensors_bytes({"a": 3}),
+    "offsets beyond the data": safetensors_bytes({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 800]}},
+                                                 bytes(8)),
+    "a shape larger than its bytes": safetensors_bytes(
+        {"a": {"dtype": "F32", "shape": [10**6], "data_offsets": [0, 8]}}, bytes(8)),
+    "a nested metadata object": safetensors_bytes(
+        {"__metadata__": {"a": {"b": 1}}, "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, bytes(8)),
+    "a huge header length": safetensors_bytes({}, length=2**63),
+    "a header past the end": safetensors_bytes({}, length=4096),
+    "no header at all": b"\x01\x02",
+}
+
+
+@pytest.mark.parametrize("name", BAD_SAFETENSORS)
+def test_hostile_safetensors_headers_are_refused(tmp_path, tiny_folder, name):
+    folder = copy_with_config(tmp_path, tiny_folder, "bad-header")
+    (folder / "model.safetensors").unlink()
+    (folder / "model.safetensors").write_bytes(BAD_SAFETENSORS[name])
+    one_line_error(invoke("generate", "-m", str(folder), "--prompt", "hi"), "truncated or corrupt safetensors")
+
+
+def test_safetensors_headers_load_or_give_one_model_error(tmp_path):
+    """Property: any header (any JSON, tensors with any dtype, shape and offsets) and any bytes after it
+    load, or fail with one ModelError line."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    tensor = st.fixed_dictionaries({"dtype": st.sampled_from(["F32", "F16", "BF16", "I8", "U8", "F64", "Q4", 7]),
+                                    "shape": st.lists(st.integers(-2, 40), max_size=3) | json_values(),
+                                    "data_offsets": st.lists(st.integers(-2, 200), min_size=0, max_size=3)})
+    headers = st.dictionaries(st.text(max_size=6), tensor, max_size=3) | json_values()
+    path = tmp_path / "model.safetensors"
+
+    @settings(max_examples=300, deadline=None)
+    @given(headers, st.binary(max_size=200), st.none() | st.integers(0, 2**64 - 1), st.booleans())
+    def check(header, data, length, raw_bytes):
+        path.write_bytes(data if raw_bytes else safetensors_bytes(header, data, length))
+        try:
+            weights.read_safetensors(path)
+        except weights.ModelError as e:
+            assert "\n" not in str(e) and str(path) in str(e)
+
+    check()
+
+
+HUB_LIKE = ["x/..", "~nosuchuser-qwen2/x", "../x", "a/b/c", "x/.", "/x", "x/--y", "x//y"]
+
+
+@pytest.mark.parametrize("name", HUB_LIKE)
+def test_path_like_hub_ids_are_refused_before_the_hub(tmp_path, monkeypatch, name):
+    def hub_folder(repo_id):
+        raise AssertionError(f"{repo_id!r} reached the hub cache")
+
+    monkeypatch.chdir(tmp_path)  # none of these is a path here
+    monkeypatch.setattr(weights, "hub_folder", hub_folder)
+    one_line_error(invoke("generate", "-m", name, "--prompt", "hi"), "not an existing path, an alias or a hub id")
+
+
+def test_a_forged_completion_marker_does_not_skip_the_finite_check(tmp_path, tiny_tokenizer_dir):
+    """Only our own conversions, in our cache, are trusted as checked: a folder's own complete.json is not."""
+    model, raw = tiny_model(tie=False)
+    model.model.layers[0].mlp.down_proj.weight[1, 2] = float("nan")
+    folder = write_checkpoint(tmp_path / "forged", model, raw, tiny_tokenizer_dir)
+    sizes = {p.name: p.stat().st_size for p in folder.iterdir()}
+    (folder / convert.MARKER).write_text(json.dumps(sizes))
+    assert convert.is_complete(folder)
+    one_line_error(invoke("generate", "-m", str(folder), "--prompt", "hi"), "model.layers.0.mlp.down_proj.weight",
+                   "not finite")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,49 +407,6 @@ def test_a_template_that_raises_gives_its_message(tmp_path, tiny_folder):
 
 
 # ---------------------------------------------------------------------------------------------
-# GGUF files with a broken vocabulary or no embeddings
-# ---------------------------------------------------------------------------------------------
-
-
-def broken_gguf(path, tiny_tokenizer_dir, drop=None, eos=None, merges=None):
-    """A tiny GGUF file, then with a tensor dropped or a tokenizer field replaced (by rewriting it)."""
-    import gguf
-
-    model, raw = tiny_model(tie=False)
-    write_gguf(path, model, raw, tiny_tokenizer_dir)
-    reader = gguf.GGUFReader(str(path))
-    writer = gguf.GGUFWriter(str(path) + ".new", "qwen2")
-    for name, field in reader.fields.items():
-        if name.startswith(("GGUF.", "general.architecture")):
-            continue
-        value = field.contents()
-        if name == "tokenizer.ggml.eos_token_id" and eos is not None:
-            value = eos
-        if name == "tokenizer.ggml.merges" and merges is not None:
-            value = merges
-        writer.add_key_value(name, value, field.types[0], sub_type=field.types[-1] if len(field.types) > 1 else None)
-    for t in reader.tensors:
-        if t.name != drop:
-            writer.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    (path.parent / (path.name + ".new")).rename(path)
-    return path
-
-
-@pytest.mark.parametrize("change,words", [
-    ({"drop": "token_embd.weight"}, "no token_embd"), ({"eos": 10**6}, "end-of-sequence id 1000000"),
-    ({"merges": ["zz qq", "h e"]}, "merges"),
-], ids=["no token_embd", "eos beyond vocab", "merges mismatch"])
-def test_broken_gguf_vocabulary(tmp_path, tiny_tokenizer_dir, monkeypatch, change, words):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    path = broken_gguf(tmp_path / "broken.gguf", tiny_tokenizer_dir, **change)
-    one_line_error(invoke("pull", "-m", str(path)), words)
-
-
-# ---------------------------------------------------------------------------------------------
 # Silent garbage: tokenizer beyond the embeddings, non-finite weights, the streamed text
 # ---------------------------------------------------------------------------------------------
 
@@ -300,12 +426,6 @@ def test_non_finite_weights_are_refused_with_the_tensor_name(tmp_path, tiny_toke
                    "not finite")
 
 
-def test_non_finite_weights_in_a_gguf_are_refused_at_conversion(tmp_path, tiny_tokenizer_dir, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    model, raw = tiny_model(tie=False)
-    model.model.norm.weight[7] = float("nan")  # stored as F32
-    write_gguf(tmp_path / "nan.gguf", model, raw, tiny_tokenizer_dir)
-    one_line_error(invoke("pull", "-m", str(tmp_path / "nan.gguf")), "output_norm.weight", "not finite")
 
 
 def test_streamed_text_matches_mlx_lm(tiny_folder):
@@ -342,24 +462,6 @@ def test_bench_json_into_a_missing_folder_fails_before_the_run(tmp_path):
     one_line_error(result, str(tmp_path / "nope"), exit_code=2)
 
 
-def test_read_only_cache_and_a_file_size_limit_during_conversion(tmp_path, tiny_tokenizer_dir):
-    model, raw = tiny_model(tie=False)
-    write_gguf(tmp_path / "m.gguf", model, raw, tiny_tokenizer_dir)
-    cache = tmp_path / "cache"
-    cache.write_text("a file where the cache folder should be (chmod cannot stop root, the tests' user here)")
-    env = {"XDG_CACHE_HOME": str(cache)}
-    result = run_cli("pull", "-m", str(tmp_path / "m.gguf"), env=env)
-    assert result.returncode == 1 and str(cache) in result.stderr and "Traceback" not in result.stderr, result.stderr
-    assert result.stderr.count("Error") == 1
-    cache.unlink()
-
-    def small_files():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
-    result = subprocess.run([str(COMMAND), "pull", "-m", str(tmp_path / "m.gguf")], capture_output=True, text=True,
-                            env={**os.environ, **env}, preexec_fn=small_files, timeout=300)
-    assert result.returncode == 1 and str(cache) in result.stderr and "Traceback" not in result.stderr, \
-        result.stderr
-    assert not list((cache / "qwen2-scratch").glob("*gguf-*")), "a failed conversion leaves nothing behind"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,70 +469,16 @@ def test_read_only_cache_and_a_file_size_limit_during_conversion(tmp_path, tiny_
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def gguf_cache(tmp_path, tiny_tokenizer_dir):
-    """(a tiny GGUF file, the env of a fresh cache, the folder pull gives for it)."""
-    model, raw = tiny_model(tie=False)
-    write_gguf(tmp_path / "m.gguf", model, raw, tiny_tokenizer_dir)
-    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
-    first = run_cli("pull", "-m", str(tmp_path / "m.gguf"), env=env)
-    assert first.returncode == 0, first.stderr
-    return tmp_path / "m.gguf", env, Path(first.stdout.strip())
 
 
-def pull_again(path, env):
-    result = run_cli("pull", "-m", str(path), env=env)
-    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
-    return result
 
 
-@pytest.mark.parametrize("damage", ["no config", "truncated weights", "no marker"])
-def test_a_broken_cache_entry_is_rebuilt(gguf_cache, damage):
-    path, env, folder = gguf_cache
-    if damage == "no config":
-        (folder / "config.json").unlink()
-    elif damage == "truncated weights":
-        data = (folder / "model.safetensors").read_bytes()
-        (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
-    else:
-        (folder / weights.MARKER).unlink()
-    rebuilt, served = pull_again(path, env), pull_again(path, env)
-    assert rebuilt.stdout.strip() == served.stdout.strip() == str(folder)
-    assert "converting" in rebuilt.stderr and "converting" not in served.stderr
-    assert invoke("generate", "-m", str(folder), "--prompt", "hi", "--max-tokens", "2").exit_code == 0
-    assert not list(folder.parent.glob(".*")), "no temporary or stale folder is left"
 
 
-def test_stale_temporaries_of_dead_processes_are_removed(gguf_cache):
-    path, env, folder = gguf_cache
-    dead = subprocess.Popen(["true"])
-    dead.wait()
-    stale = folder.parent / f".{folder.name}.{dead.pid}.tmp1"
-    live = folder.parent / f".{folder.name}.{os.getpid()}.tmp2"
-    for d in (stale, live):
-        d.mkdir()
-        (d / "model.safetensors").write_bytes(b"half")
-    pull_again(path, env)
-    assert not stale.exists() and live.exists()
 
 
-def test_a_relative_cache_home_gives_absolute_paths(gguf_cache, tmp_path):
-    path, _, _ = gguf_cache
-    result = subprocess.run([str(COMMAND), "pull", "-m", str(path)], capture_output=True, text=True, timeout=300,
-                            cwd=tmp_path, env={**os.environ, "XDG_CACHE_HOME": "rel-cache"})
-    assert result.returncode == 0 and result.stdout.strip() == str(tmp_path / "rel-cache" / "qwen2-scratch" /
-                                                                  Path(result.stdout.strip()).name)
-    assert Path(result.stdout.strip()).is_absolute()
 
 
-def test_gguf_conversions_are_keyed_by_content_not_mtime(gguf_cache):
-    path, env, folder = gguf_cache
-    os.utime(path, (1, 1))  # touched
-    result = pull_again(path, env)
-    assert result.stdout.strip() == str(folder) and "converting" not in result.stderr
-    (path.parent / "moved").mkdir()
-    moved = path.rename(path.parent / "moved" / path.name)
-    assert pull_again(moved, env).stdout.strip() == str(folder)  # the same content, the same conversion
 
 
 @pytest.mark.packaged_model
