@@ -358,11 +358,12 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def reserve(cache: dict, length: int, block_size: int = CACHE_BLOCK) -> dict:
-    """Grow every layer's arrays to hold `length` positions, rounded up to whole blocks."""
+def reserve(cache: dict, length: int, block_size: int | None = None) -> dict:
+    """Grow every layer's arrays to hold `length` positions, rounded up to whole blocks (CACHE_BLOCK)."""
     have = cache_capacity(cache)
     if length <= have:
         return cache
+    block_size = block_size or CACHE_BLOCK
     want = -(-length // block_size) * block_size
 
     def grow(a):  # [B, K, have, D] -> [B, K, want, D]
