@@ -127,13 +127,12 @@ def test_text_and_absent_formats_are_unconstrained():
 # ---------------------------------------------------------------------------------------------
 
 
-def constrained_generate(packaged, gt, prompt, states, sampling, max_tokens=40):
+def constrained_generate(packaged, gt, ids, states, sampling, max_tokens=40):
     """A plain batched decode loop with every row's logits masked by its state -> each row's text.
-    All rows share the prompt (the cache has one offset), so only the constraints differ."""
+    All rows share the prompt ids (the cache has one offset), so only the constraints differ."""
     _, params, config, tokenizer = packaged
     eos = tokenizer.eos_token_ids
     cache = q.new_cache(config, batch=len(states))
-    ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
     logits, cache = q.prefill(params, config, mx.array([ids] * len(states)), cache)
     pos, rows, done = len(ids), [[] for _ in states], [False] * len(states)
     for _ in range(max_tokens):
@@ -160,7 +159,9 @@ def packaged_gt(packaged):
     return grammar.grammar_tokenizer(packaged[3], packaged[2].vocab_size)
 
 
-ASK = [{"role": "user", "content": "Describe a person who lives in a city, as JSON."}]
+def ask(tokenizer):
+    question = [{"role": "user", "content": "Describe a person who lives in a city, as JSON."}]
+    return tokenizer.apply_chat_template(question, add_generation_prompt=True)
 
 
 @pytest.mark.packaged_model
@@ -168,7 +169,7 @@ ASK = [{"role": "user", "content": "Describe a person who lives in a city, as JS
 def test_model_output_parses_and_validates(packaged, packaged_gt, sampling):
     mx.random.seed(3)
     state = grammar.start(grammar.from_response_format(as_format(PERSON)), packaged_gt)
-    (text,) = constrained_generate(packaged, packaged_gt, ASK, [state], sampling)
+    (text,) = constrained_generate(packaged, packaged_gt, ask(packaged[3]), [state], sampling)
     jsonschema.validate(json.loads(text), PERSON)
 
 
@@ -177,6 +178,6 @@ def test_batch_rows_follow_their_own_schemas(packaged, packaged_gt):
     mx.random.seed(4)
     formats = [as_format(PERSON), as_format(COLORS)]
     states = [grammar.start(grammar.from_response_format(f), packaged_gt) for f in formats]
-    person, colors = constrained_generate(packaged, packaged_gt, ASK, states, q.Sampling(temp=0.7))
+    person, colors = constrained_generate(packaged, packaged_gt, ask(packaged[3]), states, q.Sampling(temp=0.7))
     jsonschema.validate(json.loads(person), PERSON)
     jsonschema.validate(json.loads(colors), COLORS)
