@@ -66,6 +66,13 @@ def grammar_tokenizer(tokenizer, vocab: int) -> GrammarTokenizer:
     return GrammarTokenizer(llguidance.hf.from_tokenizer(hf, n_vocab=vocab, eos_token=eos), vocab)
 
 
+def lark_literal(tokenizer: GrammarTokenizer, text: str) -> str:
+    """text in a Lark grammar: its one token if the tokenizer has one (llguidance takes added tokens, like
+    Qwen's <tool_call>, for control tokens, which quoted text never matches), else the quoted text."""
+    ids = tokenizer.llg.tokenize_str(text)
+    return f"<[{ids[0]}]>" if len(ids) == 1 and tokenizer.llg.is_special_token(ids[0]) else json.dumps(text)
+
+
 def json_schema_constraint(schema, what: str = "a JSON value matching the schema") -> Constraint:
     """A JSON schema (dict) -> the constraint that output matches it; a one-line ValueError if unusable."""
     if not isinstance(schema, dict):

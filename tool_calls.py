@@ -134,12 +134,13 @@ def call_schema(function: dict) -> dict:
             "required": ["name", "arguments"], "additionalProperties": False}
 
 
-def calls_constraint(functions: list[dict], parallel: bool) -> grammar.Constraint:
+def calls_constraint(functions: list[dict], parallel: bool, tokenizer: grammar.GrammarTokenizer) -> grammar.Constraint:
     """Output = one `<tool_call>` block (or several, if parallel) calling one of these functions."""
     schemas = [call_schema(f) for f in functions]
     schema = {**(schemas[0] if len(schemas) == 1 else {"anyOf": schemas}), "x-guidance": grammar.JSON_STYLE}
     more = ' ("\\n" call)*' if parallel else ""
-    lark = f'start: call{more}\ncall: "{OPEN}\\n" body "\\n{CLOSE}"\nbody: %json {json.dumps(schema)}\n'
+    tags = grammar.lark_literal(tokenizer, OPEN), grammar.lark_literal(tokenizer, CLOSE)
+    lark = f'start: call{more}\ncall: {tags[0]} "\\n" body "\\n" {tags[1]}\nbody: %json {json.dumps(schema)}\n'
     names = ", ".join(f["name"] for f in functions)
     try:
         return grammar.lark_constraint(lark, f"a call to {names}")
@@ -147,7 +148,7 @@ def calls_constraint(functions: list[dict], parallel: bool) -> grammar.Constrain
         raise RequestError(str(e), "tools") from None
 
 
-def tool_plan(tools, tool_choice=None, parallel_tool_calls: bool = True) -> ToolPlan:
+def tool_plan(tools, tool_choice, tokenizer: grammar.GrammarTokenizer, parallel_tool_calls: bool = True) -> ToolPlan:
     """OpenAI's tools and tool_choice -> what to render and how to constrain: "none" renders no tools,
     "auto" renders them, "required" and a named function also force the answer to be a call."""
     if tools is None:
@@ -162,7 +163,7 @@ def tool_plan(tools, tool_choice=None, parallel_tool_calls: bool = True) -> Tool
         return ToolPlan(tools, None)
     functions = [t["function"] for t in tools]
     if choice == "required":
-        return ToolPlan(tools, calls_constraint(functions, parallel_tool_calls))
+        return ToolPlan(tools, calls_constraint(functions, parallel_tool_calls, tokenizer))
     name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
     if not isinstance(choice, dict) or choice.get("type") != "function" or not isinstance(name, str):
         raise RequestError('tool_choice must be "none", "auto", "required" or '
@@ -170,7 +171,7 @@ def tool_plan(tools, tool_choice=None, parallel_tool_calls: bool = True) -> Tool
     chosen = [f for f in functions if f["name"] == name]
     if not chosen:
         raise RequestError(f"tool_choice names '{name}', which is not in tools", "tool_choice")
-    return ToolPlan(tools, calls_constraint(chosen, parallel=False))
+    return ToolPlan(tools, calls_constraint(chosen, False, tokenizer))
 
 
 # ---------------------------------------------------------------------------------------------

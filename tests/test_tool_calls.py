@@ -13,6 +13,7 @@ from test_grammar import constrained_generate
 
 import grammar
 import tool_calls as tc
+import weights
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city",
@@ -56,11 +57,11 @@ EXPECTED = (
 @pytest.mark.packaged_model
 def test_packaged_template_renders_tools_calls_and_results_as_qwen(packaged):
     tokenizer = packaged[3]
-    plan = tc.tool_plan([WEATHER, TIME], "auto")
+    plan = tc.tool_plan([WEATHER, TIME], "auto", None)
     text = tokenizer.apply_chat_template(tc.normalize_messages(CONVERSATION), tools=plan.tools,
                                          add_generation_prompt=True, tokenize=False)
     assert text == EXPECTED
-    none = tc.tool_plan([WEATHER, TIME], "none")
+    none = tc.tool_plan([WEATHER, TIME], "none", None)
     plain = tokenizer.apply_chat_template(tc.normalize_messages(CONVERSATION[:2]), tools=none.tools,
                                           add_generation_prompt=True, tokenize=False)
     assert "<tools>" not in plain and none.constraint is None
@@ -115,9 +116,9 @@ def test_arguments_may_come_as_an_object():
     ([{"type": "retrieval"}], "auto", "tools[0]"),
     ([{"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}], "required", "tools"),
 ])
-def test_bad_tool_choices_are_one_line_errors(tools, choice, param):
+def test_bad_tool_choices_are_one_line_errors(tiny_gt, tools, choice, param):
     with pytest.raises(ValueError) as e:
-        tc.tool_plan(tools, choice)
+        tc.tool_plan(tools, choice, tiny_gt[1])
     assert e.value.param == param and "\n" not in str(e.value)
 
 
@@ -184,7 +185,7 @@ def test_message_shape():
 @pytest.mark.parametrize("choice, expected", [
     ("required", None), ({"type": "function", "function": {"name": "get_time"}}, "get_time")])
 def test_forced_choice_gives_a_parseable_call(packaged, packaged_gt, choice, expected):
-    plan = tc.tool_plan([WEATHER, TIME], choice, parallel_tool_calls=False)
+    plan = tc.tool_plan([WEATHER, TIME], choice, packaged_gt, parallel_tool_calls=False)
     ask = [{"role": "user", "content": "What is the weather like in Oslo?"}]
     state = grammar.start(plan.constraint, packaged_gt)
     tokenizer = packaged[3]
@@ -203,15 +204,18 @@ def packaged_gt(packaged):
     return grammar.grammar_tokenizer(packaged[3], packaged[2].vocab_size)
 
 
-def test_required_grammar_allows_parallel_calls_only_when_asked(tiny_folder):
-    import weights
-
+@pytest.fixture(scope="module")
+def tiny_gt(tiny_folder):
     tokenizer = weights.load_tokenizer(tiny_folder)
-    gt = grammar.grammar_tokenizer(tokenizer, 300)
+    return tokenizer, grammar.grammar_tokenizer(tokenizer, 300)
+
+
+def test_required_grammar_allows_parallel_calls_only_when_asked(tiny_gt):
+    tokenizer, gt = tiny_gt
     two = ('<tool_call>\n{"name": "get_time", "arguments": {"zone": "UTC"}}\n</tool_call>\n'
            '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius"}}\n</tool_call>')
     for parallel, accepted in ((True, True), (False, False)):
-        state = grammar.start(tc.tool_plan([WEATHER, TIME], "required", parallel).constraint, gt)
+        state = grammar.start(tc.tool_plan([WEATHER, TIME], "required", gt, parallel).constraint, gt)
         ok = True
         for token in tokenizer.encode(two, add_special_tokens=False):
             if not bool(grammar.allowed(state)[token]):
