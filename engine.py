@@ -33,6 +33,7 @@ from typing import NamedTuple
 
 import mlx.core as mx
 
+import grammar
 import speculative
 
 __all__ = ["Request", "Event", "Usage", "Stats", "Handle", "Engine", "PromptCache", "StopMatcher", "stats_line"]
@@ -47,6 +48,9 @@ class Request(NamedTuple):
     stops: tuple[str, ...] = ()  # stop strings: the text ends before the first one
     seed: int | None = None  # None: a fresh random seed
     cache_scope: str = ""  # prompt-cache entries are shared only within a scope (the server: per API key)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit) before sampling
+    top_logprobs: int = 0  # how many of the likeliest tokens each event lists with their log-probabilities
+    constraint: grammar.Constraint | None = None  # a grammar the answer must follow (structured output)
 
 
 class Usage(NamedTuple):
@@ -72,10 +76,11 @@ class Event(NamedTuple):
 
     token: int | None
     text: str
-    logprob: float | None  # the model's log-probability of token, before any sampling filter
+    logprob: float | None  # the model's log-probability of token: before bias, penalty, filters and grammar
     finish_reason: str | None = None  # "stop", "length", "context" or "cancelled", on the last event
     usage: Usage | None = None
     stats: Stats | None = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()  # the likeliest tokens there and their log-probabilities
 
 
 def stats_line(stats: Stats, usage: Usage) -> str:
@@ -201,6 +206,7 @@ class Handle:
         self.deliver = deliver or self.queue.put
         self.cancelled = threading.Event()
         self.done = threading.Event()
+        self.grammar = None  # the request's grammar state, started at submission
 
     def cancel(self) -> None:
         """Stop at the next step: a waiting request never starts, a running row is retired."""
@@ -210,8 +216,9 @@ class Handle:
 class Row:
     """One sequence being generated: its request, its tokens so far and its text state."""
 
-    def __init__(self, handle: Handle, tokenizer, eos: frozenset, reused: int):
+    def __init__(self, handle: Handle, tokenizer, eos: frozenset, reused: int, grammar_state=None):
         self.handle, self.request = handle, handle.request
+        self.grammar = grammar_state  # its place in the request's grammar, or None
         self.seed = self.request.seed if self.request.seed is not None else int.from_bytes(os.urandom(8), "little")
         self.tokens = list(self.request.prompt)  # the prompt, then every token drawn
         self.detokenizer = tokenizer.detokenizer
@@ -237,14 +244,33 @@ class Row:
         return (self.tokens + list(extra))[-s.repetition_context :] if s.repetition_penalty != 1 else []
 
 
-def draw(logits: mx.array, row: Row, window: list[int], position: int) -> tuple[mx.array, mx.array]:
-    """One row's logits [1, V] -> (its token [1], the token's log-probability [1]), lazily."""
-    s = row.request.sampling
-    logprobs = q.log_softmax(logits)
+class Draw(NamedTuple):
+    """A row's drawn token and what its event reports of the model's distribution there (arrays, lazily)."""
+
+    token: mx.array  # [1]
+    logprob: mx.array  # [1]
+    top: tuple[mx.array, mx.array] | None  # the likeliest ids [n] and their log-probabilities [n]
+
+
+def draw(logits: mx.array, row: Row, window: list[int], position: int) -> Draw:
+    """One row's logits [1, V] -> its token: bias, repetition penalty, grammar, then the sampler with the
+    row's key for this position."""
+    request = row.request
+    s = request.sampling
+    logprobs = q.log_softmax(logits)  # [1, V]: what the events report
+    if request.logit_bias:
+        ids, bias = zip(*request.logit_bias, strict=True)
+        logits = logits.at[:, mx.array(ids)].add(mx.array(bias, logits.dtype))
     if window:
         logits = q.apply_repetition_penalty(logits, mx.array(window), s.repetition_penalty)
+    if row.grammar is not None:
+        logits = grammar.mask_logits(logits, grammar.allowed(row.grammar)[None])
     token = q.compiled_sample(logits, s, q.sampling_key(row.seed, position))
-    return token, mx.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0]
+    top = None
+    if request.top_logprobs:
+        ids = mx.argsort(-logprobs[0])[: request.top_logprobs]
+        top = (ids, logprobs[0, ids])
+    return Draw(token, mx.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0], top)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,6 +301,8 @@ class Engine:
         self.cache: dict | None = None  # the batch's cache: [B, K, S, D] per layer, offsets [B]
         self.wake = threading.Event()
         self.closing = False
+        self.grammar_vocab: grammar.GrammarTokenizer | None = None
+        self.grammar_lock = threading.Lock()
 
     # -- the front ends' side ------------------------------------------------------------------
 
@@ -289,11 +317,17 @@ class Engine:
             raise ValueError("max_tokens must be at least 1")
         if not all(0 <= t < self.config.vocab_size for t in request.prompt):
             raise ValueError(f"the prompt holds token ids outside the vocabulary (0 to {self.config.vocab_size - 1})")
+        if not all(0 <= t < self.config.vocab_size and -100 <= b <= 100 for t, b in request.logit_bias):
+            raise ValueError(f"logit_bias maps token ids (0 to {self.config.vocab_size - 1}) to -100 .. 100")
+        if not 0 <= request.top_logprobs <= 20:
+            raise ValueError("top_logprobs must be from 0 to 20")
 
     def submit(self, request: Request, deliver: Callable[[Event], None] | None = None) -> Handle:
         """Queue a request (any thread); its events go to deliver, or to the handle's queue."""
         self.check(request)
         handle = Handle(request, deliver)
+        if request.constraint is not None:  # a grammar that cannot start is the caller's ValueError, here
+            handle.grammar = grammar.start(request.constraint, self.grammar_tokenizer())
         self.incoming.put(handle)
         self.wake.set()
         return handle
@@ -320,7 +354,7 @@ class Engine:
         rows, self.rows, self.cache = self.rows + self.waiting, [], None
         self.waiting = []
         while not self.incoming.empty():
-            rows.append(Row(self.incoming.get(), self.tokenizer, self.eos, 0))
+            rows.append(Row(self.incoming.get(), self.tokenizer, self.eos, 0))  # only to finish it
         for row in rows:
             if not row.handle.done.is_set():
                 self.finish(row, "cancelled")
@@ -343,6 +377,13 @@ class Engine:
         self.closing = True
         self.wake.set()
 
+    def grammar_tokenizer(self) -> grammar.GrammarTokenizer:
+        """The tokenizer as the grammar engine sees it, built on the first constrained request (1-5 s)."""
+        with self.grammar_lock:
+            if self.grammar_vocab is None:
+                self.grammar_vocab = grammar.grammar_tokenizer(self.tokenizer, self.config.vocab_size)
+        return self.grammar_vocab
+
     @property
     def load(self) -> tuple[int, int]:
         """(rows decoding, requests waiting)."""
@@ -354,7 +395,7 @@ class Engine:
         """Admit, decode, sample, retire: one step. False when there was nothing to do."""
         while not self.incoming.empty():
             handle = self.incoming.get()
-            self.waiting.append(Row(handle, self.tokenizer, self.eos, 0))
+            self.waiting.append(Row(handle, self.tokenizer, self.eos, 0, handle.grammar))
         for row in [r for r in self.waiting if r.handle.cancelled.is_set() or self.closing]:
             self.waiting.remove(row)
             self.finish(row, "cancelled")
@@ -385,13 +426,13 @@ class Engine:
             mx.eval(row.cache)
             row.t_prefill += time.perf_counter() - tic
             return
-        token, logprob = draw(logits, row, row.window(), len(prompt))
-        mx.eval(token, logprob, row.cache)
+        first = draw(logits, row, row.window(), len(prompt))
+        mx.eval(first, row.cache)
         row.t_prefill += time.perf_counter() - tic
         self.prompt_cache.store(row.request.cache_scope, prompt, row.cache["layers"], self.chunk)
         self.waiting.remove(row)
         self.join(row)
-        self.emit(row, [token.item()], [logprob.item()])
+        self.emit(row, [first])
 
     def join(self, row: Row) -> None:
         """The row's cache becomes the batch's last row."""
@@ -408,15 +449,15 @@ class Engine:
 
     def decode(self) -> None:
         """One step for every row: a batched decode step, or a verifier step for a row alone that speculates."""
-        if len(self.rows) == 1 and not self.waiting and self.proposer is not None:
+        if len(self.rows) == 1 and not self.waiting and self.proposer is not None and self.rows[0].grammar is None:
             return self.speculate(self.rows[0])
         tokens = mx.array([[row.tokens[-1]] for row in self.rows])  # [B, 1]
         self.cache = q.reserve(self.cache, max(row.position for row in self.rows) + 1)
         logits, self.cache = q.compiled_decode_step(self.params, self.config, tokens, self.cache, self.kernels)
         drawn = [draw(logits[i : i + 1, -1], row, row.window(), len(row.tokens)) for i, row in enumerate(self.rows)]
         mx.eval(drawn, self.cache)
-        for row, (token, logprob) in zip(list(self.rows), drawn, strict=True):
-            self.emit(row, [token.item()], [logprob.item()])
+        for row, d in zip(list(self.rows), drawn, strict=True):
+            self.emit(row, [d])
 
     def speculate(self, row: Row) -> None:
         """Verify k proposals in one step; keep those equal to the row's own draws, and the first draw that differs."""
@@ -430,7 +471,7 @@ class Engine:
         drawn = [draw(logits[:, i], row, row.window(proposal[:i]), len(row.tokens) + i)
                  for i in range(len(proposal) + 1)]
         mx.eval(drawn)
-        new = speculative.accept(proposal, [t.item() for t, _ in drawn])
+        new = speculative.accept(proposal, [d.token.item() for d in drawn])
         if proposal:
             row.misses = 0 if len(new) > 1 else row.misses + 1
             row.rest = min(2 ** (row.misses - 1), speculative.BACKOFF_MAX) if row.misses else 0
@@ -438,17 +479,21 @@ class Engine:
                                                             row.accepted + len(new) - 1, row.verify_steps + 1)
         # the cache keeps the last token and the accepted proposals; the rest is rolled back
         self.cache = {"layers": self.cache["layers"], "offset": mx.array([pos + len(new)], mx.int32)}
-        self.emit(row, new, [lp.item() for _, lp in drawn[: len(new)]])
+        self.emit(row, drawn[: len(new)])  # the kept proposals are the draws at their positions
 
     # -- handing tokens out ----------------------------------------------------------------------
 
-    def emit(self, row: Row, tokens: list[int], logprobs: list[float]) -> None:
-        """Hand the row's new tokens out as events, and retire it if it ended."""
+    def emit(self, row: Row, draws: list[Draw]) -> None:
+        """Hand the row's new tokens (evaluated draws) out as events, and retire it if it ended."""
         now = time.perf_counter()
         if row.generated == 0:
             row.t_first = now
         row.t_last = now
-        for token, logprob in zip(tokens, logprobs, strict=True):
+        for d in draws:
+            token, logprob = d.token.item(), d.logprob.item()
+            top = tuple(zip(d.top[0].tolist(), d.top[1].tolist(), strict=True)) if d.top is not None else ()
+            if row.grammar is not None:
+                grammar.advance(row.grammar, token)
             row.tokens.append(token)
             row.generated += 1
             ended = self.ending(row, token)
@@ -458,7 +503,7 @@ class Engine:
                 row.detokenizer.add_token(token)
                 text, hit = self.text(row, final=ended is not None)
             ended = "stop" if hit else ended
-            row.handle.deliver(Event(token, text, logprob))
+            row.handle.deliver(Event(token, text, logprob, top_logprobs=top))
             if ended:
                 self.retire([row], ended)
                 return

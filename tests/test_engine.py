@@ -256,3 +256,45 @@ def test_the_packaged_model_answers_the_same_alone_and_in_a_batch_of_eight(packa
     expected = [tokens_of(E.Engine(params, config, tokenizer).generate(r)) for r in requests]
     together = run_together(E.Engine(params, config, tokenizer, max_batch=8), requests)
     assert [t for t, _ in together] == expected
+
+
+def test_logit_bias_moves_the_draws_and_the_events_report_the_model_distribution():
+    params, config = model()
+    p = prompts()[1]
+    free = alone(params, config, E.Request(p, GREEDY, 8))
+    forced = alone(params, config, E.Request(p, GREEDY, 8, logit_bias=((17, 100.0),)))
+    assert forced == [17] * 8 and free != forced
+    banned = alone(params, config, E.Request(p, GREEDY, 8, logit_bias=((free[0], -100.0),)))
+    assert banned[0] != free[0]
+    events = list(E.Engine(params, config, IdTokenizer()).generate(E.Request(p, SAMPLED, 6, seed=2, top_logprobs=5)))
+    logits, _ = q.forward(params, config, mx.array([p]))
+    expected = q.log_softmax(logits[0, -1])
+    first = events[0]
+    assert abs(first.logprob - expected[first.token].item()) < 1e-5
+    ids = [t for t, _ in first.top_logprobs]
+    assert ids == mx.argsort(-expected)[:5].tolist()
+    assert all(abs(lp - expected[t].item()) < 1e-5 for t, lp in first.top_logprobs)
+    with pytest.raises(ValueError, match="logit_bias"):
+        E.Engine(params, config, IdTokenizer()).submit(E.Request(p, logit_bias=((config.vocab_size, 1.0),)))
+
+
+def test_a_grammar_constrains_every_row_of_a_batch(tiny_folder):
+    import json
+
+    import grammar
+    import weights
+
+    params, config, tokenizer = weights.load(str(tiny_folder))
+    runner = E.Engine(params, config, tokenizer, max_batch=4)
+    schema = {"type": "object", "properties": {"a": {"enum": ["x", "y"]}, "b": {"type": "boolean"}},
+              "required": ["a", "b"], "additionalProperties": False}
+    constraint = grammar.from_response_format({"type": "json_schema", "json_schema": {"name": "t", "schema": schema}})
+    prompt = tuple(tokenizer.encode("the quick brown fox"))
+    requests = [E.Request(prompt, SAMPLED if i % 2 else GREEDY, 60, seed=i, constraint=constraint) for i in range(3)]
+    requests.append(E.Request(prompt, GREEDY, 10))  # an unconstrained row beside them
+    results = run_together(runner, requests)
+    for text_tokens, last in results[:3]:
+        value = json.loads(tokenizer.decode(text_tokens[:-1]))  # the last token is the end-of-sequence one
+        assert set(value) == {"a", "b"} and value["a"] in ("x", "y") and isinstance(value["b"], bool)
+        assert last.finish_reason == "stop"
+    assert results[3][1].finish_reason == "length"  # this model never ends an answer by itself
