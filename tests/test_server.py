@@ -1,12 +1,16 @@
-"""The OpenAI-compatible server: the real openai client (and raw httpx for exact statuses and
-bodies) against a live `qwen2-scratch serve` subprocess on 127.0.0.1, on the packaged model."""
+"""The OpenAI-compatible server: the real openai client (and raw httpx or sockets for exact
+statuses and bodies) against a live `qwen2-scratch serve` subprocess on 127.0.0.1, on the packaged
+model for the text and on the tiny random model for the HTTP rules; the request parser and the
+stop-string matcher without a server."""
 
 import qwen2_scratch as q  # noqa: F401  (first: the fast BLAS before MLX)
 
 # isort: split
 import json
+import math
 import re
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -15,7 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-from conftest import COMMAND
+from conftest import COMMAND, run_cli
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import server
 import weights
@@ -51,6 +57,156 @@ def test_stop_text_holds_back_only_what_may_begin_a_stop():
     assert cut.feed("S") == ("", False) and cut.flush() == "S"
 
 
+def earliest_end_cut(text, stops):
+    """The reference rule: the text before the stop string complete first (the longer one on a tie)."""
+    for end in range(1, len(text) + 1):
+        starts = [end - len(s) for s in stops if text[:end].endswith(s)]
+        if starts:
+            return text[: min(starts)], True
+    return text, False
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text("ab", max_size=30), stops=st.lists(st.text("ab", min_size=1, max_size=5), min_size=1, max_size=4),
+       cuts=st.lists(st.integers(0, 30), max_size=6))
+def test_stop_text_matches_the_reference_rule_whatever_the_segments(text, stops, cuts):
+    bounds = sorted({0, len(text), *(c for c in cuts if c <= len(text))})
+    matcher, sent, hit = server.StopText(stops), [], False
+    for a, b in zip(bounds, bounds[1:], strict=False):
+        piece, hit = matcher.feed(text[a:b])
+        sent.append(piece)
+        if hit:
+            break
+    if not hit:
+        sent.append(matcher.flush())
+    assert ("".join(sent), hit) == earliest_end_cut(text, stops)
+
+
+def test_stop_text_is_linear_in_the_text_even_with_four_longest_stops():
+    stops = ["a" * (server.MAX_STOP_CHARS - 1) + c for c in "bcde"]  # every "a" keeps each match alive
+    matcher, sent, tic = server.StopText(stops), [], time.perf_counter()
+    for _ in range(5000):  # 5000 tokens of 4 characters: the old matcher took seconds per token here
+        text, hit = matcher.feed("aaaa")
+        assert not hit and len(matcher.pending) < server.MAX_STOP_CHARS
+        sent.append(text)
+    assert time.perf_counter() - tic < 5
+    text, hit = matcher.feed("b")
+    assert hit and "".join([*sent, text]) == "a" * (20000 - server.MAX_STOP_CHARS + 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The request parser: every JSON body parses or is a 4xx ApiError
+# ---------------------------------------------------------------------------------------------
+
+DEFAULTS = server.Defaults(sampling={"temp": 0.7, "top_p": 0.8}, vocab_size=300, max_tokens=64)
+FIELDS = ["model", "messages", "prompt", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+          "max_tokens", "max_completion_tokens", "stop", "seed", "stream", "stream_options", "n", "logprobs",
+          "top_logprobs", "logit_bias", "frequency_penalty", "presence_penalty", "response_format", "tools",
+          "tool_choice"]
+NUMBERS = st.one_of(st.integers(), st.sampled_from([10**400, -(10**400), 2**63, 2**64, 0, 1, -1, 5, 20, 21]),
+                    st.floats(allow_nan=True, allow_infinity=True), st.booleans())
+JSON = st.recursive(st.none() | NUMBERS | st.text(max_size=10),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner,
+                                                                                 max_size=4), max_leaves=12)
+MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "tool"]) | JSON,
+                                 "content": st.text(max_size=10) | JSON})
+BODIES = st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=8),
+                         JSON | st.lists(MESSAGE, max_size=3) | st.dictionaries(st.just("include_usage"), JSON),
+                         max_size=8)
+
+
+def parse(body, kind):
+    """What a handler does with a body before the tokenizer: the messages or prompt, and the Options."""
+    options = server.parse_options(body, kind, DEFAULTS)
+    server.unsupported(options, body, frozenset())
+    return (server.chat_messages(body) if kind == "chat" else server.completion_prompt(body)), options
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(body=BODIES, kind=st.sampled_from(["chat", "text"]))
+def test_any_json_body_parses_or_is_a_4xx(body, kind):
+    body = json.loads(json.dumps(body))  # what read_json would hand over (NaN and huge integers survive)
+    try:
+        _, options = parse(body, kind)
+    except server.ApiError as e:
+        assert 400 <= e.status < 500 and "\n" not in e.message and len(e.message) < 400, e.message
+        assert e.param is None or isinstance(e.param, str)
+        return
+    assert isinstance(options.sampling, server.q.Sampling) and 1 <= options.max_tokens <= server.MAX_INT
+    assert all(math.isfinite(v) for v in options.sampling[:5]), options.sampling
+    assert options.seed is None or 0 <= options.seed <= server.MAX_INT
+    assert len(options.stops) <= server.MAX_STOPS and isinstance(options.stream, bool)
+
+
+@settings(max_examples=200, deadline=None)
+@given(temp=st.floats(0, 2), top_p=st.floats(0.01, 1), top_k=st.integers(0, 1000), max_tokens=st.integers(1, 10**6),
+       stops=st.lists(st.text(min_size=1, max_size=20), max_size=4), seed=st.integers(0, 2**63 - 1),
+       stream=st.booleans(), bias=st.dictionaries(st.integers(0, 299).map(str), st.floats(-100, 100), max_size=3))
+def test_valid_fields_arrive_in_the_options_as_given(temp, top_p, top_k, max_tokens, stops, seed, stream, bias):
+    body = {"prompt": "x", "temperature": temp, "top_p": top_p, "top_k": top_k, "max_tokens": max_tokens,
+            "stop": stops, "seed": seed, "stream": stream, "logit_bias": bias, "logprobs": 3}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    o = server.parse_options(body, "text", DEFAULTS)
+    assert o.sampling[:3] == (temp, top_p, top_k if top_k < 300 else 0)  # past the vocabulary: all kept
+    assert (o.max_tokens, o.stops, o.seed, o.stream, o.include_usage) == (max_tokens, tuple(stops), seed, stream,
+                                                                          stream)
+    assert (o.logprobs, o.top_logprobs, dict(o.logit_bias)) == (True, 3, {int(k): v for k, v in bias.items()})
+
+
+def test_the_defaults_fill_what_a_request_leaves_out():
+    o = server.parse_options({"prompt": "x"}, "text", DEFAULTS)
+    assert (o.sampling.temp, o.sampling.top_p, o.max_tokens, o.stops, o.seed) == (0.7, 0.8, 64, (), None)
+
+
+@pytest.mark.parametrize("field, param", [
+    ({"max_tokens": 10**400}, "max_tokens"), ({"temperature": 10**400}, "temperature"), ({"seed": 2**64}, "seed"),
+    ({"top_k": 2**63}, "top_k"), ({"n": True}, "n"), ({"stream": "yes"}, "stream"),
+    ({"stream": True, "stream_options": "usage"}, "stream_options"), ({"stream_options": {}}, "stream_options"),
+    ({"stop": ["x" * (server.MAX_STOP_CHARS + 1)]}, "stop"), ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"logit_bias": {"300": 1}}, "logit_bias"), ({"logit_bias": {"5": 101}}, "logit_bias"),
+    ({"logit_bias": {"-1": 1}}, "logit_bias"), ({"top_logprobs": 2}, "top_logprobs"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"), ({"presence_penalty": 10**400}, "presence_penalty"),
+])
+def test_each_bad_field_is_a_400_naming_it(field, param):
+    with pytest.raises(server.ApiError) as e:
+        server.parse_options({"messages": MESSAGES, **field}, "chat", DEFAULTS)
+    assert (e.value.status, e.value.param) == (400, param)
+
+
+def test_a_field_the_engine_cannot_honour_is_refused_not_ignored():
+    for body, name in [({"logprobs": True}, "logprobs"), ({"logit_bias": {"1": 5}}, "logit_bias"),
+                       ({"response_format": {"type": "json_object"}}, "response_format"),
+                       ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools")]:
+        options = server.parse_options(body, "chat", DEFAULTS)
+        with pytest.raises(server.ApiError) as e:
+            server.unsupported(options, body, frozenset())
+        assert (e.value.status, e.value.param) == (400, name)
+        server.unsupported(options, body, frozenset({name}))  # an engine that can: accepted
+
+
+# ---------------------------------------------------------------------------------------------
+# Who may call: Host names (DNS rebinding)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("host, bind, extra, allowed", [
+    ("127.0.0.1:8080", "127.0.0.1", (), True), ("localhost", "127.0.0.1", (), True),
+    ("LOCALHOST.:80", "127.0.0.1", (), True), ("app.localhost:3000", "127.0.0.1", (), True),
+    ("[::1]:8080", "127.0.0.1", (), True), ("127.5.5.5", "127.0.0.1", (), True),
+    ("evil.example:8080", "127.0.0.1", (), False), ("", "127.0.0.1", (), False), (None, "127.0.0.1", (), False),
+    ("localhost.evil.example", "127.0.0.1", (), False), ("evil@127.0.0.1", "127.0.0.1", (), False),
+    ("127.0.0.1:8080/x", "127.0.0.1", (), False), ("2130706433", "127.0.0.1", (), False),
+    ("192.168.1.5:8080", "127.0.0.1", (), False), ("192.168.1.5:8080", "192.168.1.5", (), True),
+    ("192.168.1.5:8080", "0.0.0.0", (), True), ("myhost.lan", "0.0.0.0", (), False),
+    ("myhost.lan:8080", "myhost.lan", (), True), ("box.example.org", "0.0.0.0", ("box.example.org",), True),
+    ("a.example.org", "127.0.0.1", ("*.example.org",), True), ("example.org", "127.0.0.1", ("*.example.org",), False),
+    ("anything.example", "127.0.0.1", ("*",), True), ("", "127.0.0.1", ("*",), False),
+])
+def test_host_allowed(host, bind, extra, allowed):
+    assert server.host_allowed(host, bind, extra) is allowed
+
+
 def test_only_a_non_loopback_host_gets_the_warning():
     assert server.exposure_warning("127.0.0.1") is None
     assert server.exposure_warning("localhost") is None and server.exposure_warning("::1") is None
@@ -80,9 +236,16 @@ class Served:
     def client(self, key=KEY):
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, timeout=TIMEOUT, max_retries=0)
 
-    def post(self, path, body=None, key=KEY, content=None):
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        return httpx.post(f"{self.url}{path}", json=body, content=content, headers=headers, timeout=TIMEOUT)
+    def post(self, path, body=None, key=KEY, content=None, headers=None):
+        sent = {"Authorization": f"Bearer {key}"} if key else {}
+        if content is not None:
+            sent["Content-Type"] = "application/json"
+        return httpx.post(f"{self.url}{path}", json=body, content=content, headers={**sent, **(headers or {})},
+                          timeout=TIMEOUT)
+
+    def get(self, path, key=KEY, headers=None):
+        sent = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.get(f"{self.url}{path}", headers={**sent, **(headers or {})}, timeout=TIMEOUT)
 
     def stop(self):
         self.proc.send_signal(signal.SIGINT)
