@@ -421,3 +421,174 @@ def test_the_api_key_is_required_when_set(served):
     r = served.post("/v1/completions", {"prompt": "1, 2, 3,", "max_tokens": 2, "temperature": 0})
     assert r.status_code == 200 and r.json()["choices"][0]["text"], r.text
     assert json.loads(httpx.get(f"{served.url}/health", timeout=30).text)["status"] == "ok"  # no key needed
+
+
+# ---------------------------------------------------------------------------------------------
+# A live server on the tiny random model: the HTTP rules
+# ---------------------------------------------------------------------------------------------
+
+TINY = "tiny"
+
+
+@pytest.fixture(scope="module")
+def tiny_served(tiny_folder):
+    s = Served("--model", str(tiny_folder), "--api-key", KEY, "--served-model-name", f"{TINY},tiny-alias",
+               "--allowed-origins", "https://app.example.org", "--allowed-hosts", "box.example.org",
+               "--read-timeout", "2", "--max-tokens", "3")
+    yield s
+    assert s.stop() == 0, s.stderr
+    assert "Traceback" not in "".join(s.stderr), "".join(s.stderr)
+
+
+def raw_http(url, request: bytes, wait=0.0) -> bytes:
+    """Send request bytes as they are (no client fixes them up), then read the whole answer."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(request)
+        time.sleep(wait)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+def test_hosts_not_this_servers_are_403(tiny_served):
+    body = {"prompt": "hello", "max_tokens": 1}
+    for host in ("evil.example:8080", "localhost.evil.example", "", "evil@127.0.0.1", "192.168.1.5"):
+        assert error_of(tiny_served.post("/v1/completions", body, headers={"Host": host}), 403)["code"] \
+            == "host_not_allowed", host
+    assert error_of(tiny_served.get("/health", headers={"Host": "evil.example"}), 403)
+    for host in ("localhost:1", "app.localhost", "127.0.0.1", "[::1]:8080", "box.example.org"):
+        assert tiny_served.post("/v1/completions", body, headers={"Host": host}).status_code == 200, host
+    for request in (b"GET /health HTTP/1.0\r\n\r\n", b"GET /health HTTP/1.0\r\nHost:\r\n\r\n"):
+        assert raw_http(tiny_served.url, request).startswith(b"HTTP/1.1 403"), request
+
+
+def test_pages_of_other_origins_are_403_localhost_pages_get_cors(tiny_served):
+    body = {"prompt": "hello", "max_tokens": 1}
+    for origin in ("https://evil.example", "null", "http://localhost.evil.example", "http://127.0.0.1.evil.example"):
+        r = tiny_served.post("/v1/completions", body, headers={"Origin": origin})
+        assert error_of(r, 403)["code"] == "origin_not_allowed" and "access-control-allow-origin" not in r.headers
+    for origin in ("http://localhost:3000", "https://127.0.0.1", "http://[::1]:5173", "https://app.example.org"):
+        r = tiny_served.post("/v1/completions", body, headers={"Origin": origin})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == origin, origin
+    preflight = {"Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os"}
+    r = httpx.options(f"{tiny_served.url}/v1/chat/completions", headers=preflight, timeout=30)
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://localhost:3000"
+    assert "POST" in r.headers["access-control-allow-methods"]
+    assert "authorization" in r.headers["access-control-allow-headers"].lower()
+    r = httpx.options(f"{tiny_served.url}/v1/chat/completions", headers={**preflight, "Origin": "https://evil.example"},
+                      timeout=30)
+    assert error_of(r, 403)["code"] == "origin_not_allowed"
+
+
+def test_only_json_bodies_are_accepted(tiny_served):
+    raw = json.dumps({"prompt": "hello", "max_tokens": 1}).encode()
+    for kind in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None):
+        headers = {"Content-Type": kind} if kind else {"Content-Type": ""}
+        assert error_of(tiny_served.post("/v1/completions", content=raw, headers=headers), 415)["code"] \
+            == "unsupported_media_type", kind
+    r = tiny_served.post("/v1/completions", content=raw, headers={"Content-Type": "Application/JSON; charset=utf-8"})
+    assert r.status_code == 200, r.text
+
+
+def test_the_key_must_be_sent_exactly_as_bearer(tiny_served):
+    for header in (KEY, f"bearer {KEY}", f"Bearer  {KEY}", f"Bearer {KEY}x", f"Basic {KEY}", "Bearer", ""):
+        r = httpx.get(f"{tiny_served.url}/v1/models", headers={"Authorization": header}, timeout=30)
+        assert error_of(r, 401)["code"] == "invalid_api_key" and r.headers["www-authenticate"] == "Bearer", header
+    for path in ("/metrics", "/tokenize"):
+        assert tiny_served.post(path, {"content": "x"}, key=None).status_code in (401, 405)
+    assert tiny_served.get("/metrics", key=None).status_code == 401
+
+
+def test_a_body_that_trickles_in_is_cut_off(tiny_served):
+    head = (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: 100\r\n\r\n{\"prompt\"")
+    tic = time.time()
+    answer = raw_http(tiny_served.url, head)  # the rest of the 100 bytes never comes
+    assert answer.startswith(b"HTTP/1.1 408") and b'"code":"timeout"' in answer and time.time() - tic < 20, answer
+
+
+def test_numbers_and_stream_options_beyond_reason_are_400_before_any_stream(tiny_served):
+    for raw in (b'{"prompt": "x", "max_tokens": 1' + b"0" * 400 + b"}", b'{"prompt": "x", "seed": 1e400}'):
+        assert error_of(tiny_served.post("/v1/completions", content=raw), 400)["param"] in ("max_tokens", "seed")
+    r = tiny_served.post("/v1/chat/completions", {"messages": MESSAGES, "stream": True, "stream_options": "usage"})
+    assert error_of(r, 400)["param"] == "stream_options"
+    for stop in (["a"] * 5, ["x" * 1025]):
+        assert error_of(tiny_served.post("/v1/completions", {"prompt": "x", "stop": stop}), 400)["param"] == "stop"
+    tic = time.time()  # four of the longest stops: answered as fast as none
+    r = tiny_served.post("/v1/completions", {"prompt": "hello", "max_tokens": 50, "stop": ["a" * 1024] * 4})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 50 and time.time() - tic < 60
+    for field in ({"logprobs": 2}, {"logit_bias": {"5": 10}}, {"response_format": {"type": "json_object"}}):
+        error = error_of(tiny_served.post("/v1/completions", {"prompt": "x", **field}), 400)
+        assert error["param"] == next(iter(field))
+
+
+def test_names_defaults_tokenize_and_metrics(tiny_served):
+    client = tiny_served.client()
+    assert [m.id for m in client.models.list().data] == [TINY, "tiny-alias"]
+    r = client.completions.create(model="tiny-alias", prompt="hello world")
+    assert r.model == TINY and r.usage.completion_tokens == 3  # --max-tokens 3: a request that sets none
+    assert error_of(tiny_served.post("/v1/completions", {"model": "other", "prompt": "x"}), 404)["code"] \
+        == "model_not_found"
+    tokens = tiny_served.post("/tokenize", {"content": "hello <|im_start|> world"}).json()["tokens"]
+    assert 1 not in tokens and len(tokens) > 3, "the control token's text is text, not the control token"
+    assert tiny_served.post("/detokenize", {"tokens": tokens}).json() == {"content": "hello <|im_start|> world"}
+    assert r.usage.prompt_tokens == len(tiny_served.post("/tokenize", {"content": "hello world"}).json()["tokens"])
+    for bad in ({"tokens": [10**9]}, {"tokens": "1 2"}, {"tokens": [1.5]}, {"tokens": [True]}):
+        assert error_of(tiny_served.post("/detokenize", bad), 400)["param"] == "tokens"
+    assert error_of(tiny_served.post("/tokenize", {"content": 5}), 400)["param"] == "content"
+
+    def value(text, name):
+        found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+        return float(found.group(1)) if found else 0.0
+
+    before = tiny_served.get("/metrics").text
+    r = client.completions.create(model=TINY, prompt="hello world", max_tokens=4, temperature=0)
+    after = tiny_served.get("/metrics")
+    assert after.headers["content-type"].startswith("text/plain")
+    for name, grew in [("qwen2_scratch_prompt_tokens_total", r.usage.prompt_tokens),
+                       ("qwen2_scratch_generated_tokens_total", 4),
+                       ("qwen2_scratch_cached_prompt_tokens_total", r.usage.prompt_tokens_details.cached_tokens),
+                       ('qwen2_scratch_requests_total{endpoint="/v1/completions",status="200"}', 1)]:
+        assert value(after.text, name) - value(before, name) == grew, name
+    assert r.usage.prompt_tokens_details.cached_tokens > 0  # the same prompt as before: a cache hit
+    assert value(after.text, "qwen2_scratch_prompt_cache_hits_total") >= 1
+    assert "qwen2_scratch_queue_length 0.0" in after.text and "qwen2_scratch_prefill_seconds_bucket" in after.text
+
+
+def test_a_client_that_leaves_a_long_answer_frees_the_model(tiny_served):
+    with pytest.raises(httpx.TimeoutException):  # the tiny model never ends an answer by itself
+        httpx.post(f"{tiny_served.url}/v1/completions", json={"prompt": "hello", "max_tokens": 30000},
+                   headers={"Authorization": f"Bearer {KEY}"}, timeout=3)
+    tic = time.time()
+    r = tiny_served.post("/v1/completions", {"prompt": "hello", "max_tokens": 1})
+    assert r.status_code == 200 and time.time() - tic < 30  # 30000 tokens would take minutes here
+
+
+def test_serve_flags_set_the_default_sampling_and_the_template(tiny_folder, tmp_path):
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}X{{ m['content'] }}{% endfor %}")
+    s = Served("--model", str(tiny_folder), "--temp", "5", "--top-k", "0", "--chat-template", str(template))
+    try:
+        def chat(**fields):
+            r = s.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hello"}],
+                                                "max_tokens": 12, **fields}, key=None)
+            return r.json()
+
+        hot = {chat(seed=seed)["choices"][0]["message"]["content"] for seed in (1, 2, 3)}
+        cold = {chat(seed=seed, temperature=0)["choices"][0]["message"]["content"] for seed in (1, 2, 3)}
+        assert len(hot) > 1 and len(cold) == 1  # --temp 5 samples; a request's own temperature wins
+        assert chat()["usage"]["prompt_tokens"] == len(s.post("/tokenize", {"content": "Xhello"}, key=None)
+                                                       .json()["tokens"])
+    finally:
+        assert s.stop() == 0, s.stderr
+
+
+def test_serve_refuses_a_chat_template_that_is_not_one(tmp_path):
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{% for m in messages %}")
+    for path in (str(broken), str(tmp_path / "missing.jinja")):
+        r = run_cli("serve", "--chat-template", path, "--port", "0", timeout=120)
+        assert r.returncode == 2 and "--chat-template" in r.stderr and "Traceback" not in r.stderr, r.stderr
