@@ -1,13 +1,15 @@
 """A local OpenAI-compatible HTTP server over the model: `qwen2-scratch serve`.
 
 Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions (each streamed as
-server-sent events with "stream": true, ending in `data: [DONE]`), GET /health.
+server-sent events with "stream": true, ending in `data: [DONE]`), POST /tokenize and
+/detokenize (llama-server's shapes), GET /metrics (Prometheus), GET /health.
 
 One worker thread owns the model: requests queue in arrival order and generate one at a time,
 and a request whose messages extend the previous conversation reuses the KV cache of the
-prefix they share, as the chat does. A streaming client that goes away stops its generation at
-the next token. Errors use OpenAI's format, {"error": {"message", "type", "param", "code"}},
-and never carry a stack trace.
+prefix they share, as the chat does. A client that goes away, streaming or not, stops its
+generation at the next token. Each request body becomes one checked Options (parse_options);
+errors use OpenAI's format, {"error": {"message", "type", "param", "code"}}, and never carry a
+stack trace. Who may call (Host, Origin, key) and the limits: docs/server-security.md.
 """
 
 import qwen2_scratch as q  # first: the model loads the fast BLAS before MLX
@@ -38,6 +40,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 import weights
 
@@ -46,6 +49,7 @@ __all__ = ["Engine", "app", "listen", "serve", "ApiError", "exposure_warning", "
 
 MAX_BODY_BYTES = 1 << 20  # a whole 32k-token context is ~130 KB of text; 1 MiB leaves room for JSON escapes
 BODY_SECONDS = 30.0  # the most a request body may take to arrive: a client that trickles it is cut off
+HEADER_SECONDS = 10.0  # the most a connection may sit without beginning a request (or trickle its headers)
 MAX_CONNECTIONS = 64  # uvicorn answers 503 beyond: slow clients cannot take every socket
 KEEP_ALIVE_SECONDS = 5  # an idle kept-alive connection is closed after this
 DEFAULT_MAX_TOKENS = 512  # when a request sets none, as the chat and mlx_lm.server
@@ -840,11 +844,34 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+class HeaderDeadline(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, closing a connection that begins no request within HEADER_SECONDS:
+    uvicorn has no deadline for request headers, so a client that connects and sends nothing, or
+    trickles its headers, would hold a socket for ever (MAX_CONNECTIONS of them: the server)."""
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self.seen = None  # the request being answered at the last check
+        self.timer = self.loop.call_later(HEADER_SECONDS, self.check)
+
+    def check(self) -> None:
+        answering = self.cycle is not None and not self.cycle.response_complete
+        if not answering and self.cycle is self.seen:  # no new request since the last check
+            self.transport.close()
+            return
+        self.seen = self.cycle
+        self.timer = self.loop.call_later(HEADER_SECONDS, self.check)
+
+    def connection_lost(self, exc) -> None:
+        self.timer.cancel()
+        super().connection_lost(exc)
+
+
 def serve(engine: Engine, sock: socket.socket, settings: Settings, metrics: Metrics | None = None) -> None:
     """Answer on sock until Ctrl-C; uvicorn's own logging only for warnings and errors."""
     config = uvicorn.Config(app(engine, settings, metrics), log_level="warning", access_log=False,
                             timeout_graceful_shutdown=2, timeout_keep_alive=KEEP_ALIVE_SECONDS,
-                            limit_concurrency=MAX_CONNECTIONS)
+                            limit_concurrency=MAX_CONNECTIONS, http=HeaderDeadline)
     try:
         uvicorn.Server(config).run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down: stopping is the normal end

@@ -592,3 +592,13 @@ def test_serve_refuses_a_chat_template_that_is_not_one(tmp_path):
     for path in (str(broken), str(tmp_path / "missing.jinja")):
         r = run_cli("serve", "--chat-template", path, "--port", "0", timeout=120)
         assert r.returncode == 2 and "--chat-template" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_connection_that_begins_no_request_is_closed(tiny_served):
+    host, port = tiny_served.url.removeprefix("http://").split(":")
+    for first in (b"", b"GET /health HTTP/1.1\r\nHo"):  # silent, or headers that trickle and stop
+        with socket.create_connection((host, int(port)), timeout=60) as sock:
+            sock.sendall(first)
+            tic = time.time()
+            assert sock.recv(1024) == b"" and time.time() - tic < 3 * server.HEADER_SECONDS
+    assert tiny_served.get("/health").status_code == 200
