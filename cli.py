@@ -414,24 +414,83 @@ def bench_command(model, dtype, kernels, shape, prompt_tokens, gen_tokens, trial
         click.echo(f"wrote {json_path}", err=True)
 
 
+def comma_list(text: str | None) -> tuple[str, ...]:
+    """'a, b,,c' -> ('a', 'b', 'c')."""
+    return tuple(p.strip() for p in (text or "").split(",") if p.strip())
+
+
+def serve_sampling_options(f):
+    """serve's default sampling for requests that set none, over the model's generation_config.json."""
+    given = "[default: the model's generation_config.json, else off]"
+    for option in reversed([
+        click.option("--temp", type=Finite(min=0), default=None, help=f"Temperature; 0 is greedy {given}."),
+        click.option("--top-p", type=Finite(0, 1, min_open=True), default=None, help=f"Nucleus sampling {given}."),
+        click.option("--top-k", type=click.IntRange(0, server.MAX_INT), default=None,
+                     help=f"Keep the k likeliest tokens; 0 is off {given}."),
+        click.option("--min-p", type=Finite(0, 1), default=None, help="Min-p filter; 0 is off [default: 0]."),
+        click.option("--repetition-penalty", type=Finite(min=0, min_open=True), default=None,
+                     help=f"Penalty for recent tokens; 1 is off {given}."),
+        click.option("--max-tokens", type=click.IntRange(1, server.MAX_INT), default=server.DEFAULT_MAX_TOKENS,
+                     show_default=True, help="Most tokens a request generates when it sets no max_tokens."),
+    ]):
+        f = option(f)
+    return f
+
+
+def read_chat_template(path: str | None) -> str | None:
+    """A Jinja chat template from a file, checked to parse; None without one."""
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read(1 << 20)
+        jinja2.Environment().parse(text)
+    except (OSError, UnicodeDecodeError) as e:
+        raise click.BadParameter(f"cannot read {path}: {getattr(e, 'strerror', None) or e}",
+                                 param_hint="--chat-template") from None
+    except jinja2.TemplateSyntaxError as e:
+        raise click.BadParameter(f"{path}: not a Jinja template (line {e.lineno}: {e.message})",
+                                 param_hint="--chat-template") from None
+    return text
+
+
 @cli.command("serve")
 @model_options
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on; any other than a loopback one opens the API to the network.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True,
               help="Port to listen on; 0 picks a free one.")
-@click.option("--api-key", default=None, metavar="K", help="Require Authorization: Bearer K on /v1 requests.")
+@click.option("--api-key", default=None, metavar="K", help="Require Authorization: Bearer K on every endpoint but "
+                                                            "/health.")
 @click.option("--max-kv-size", type=click.IntRange(min=2), default=None,
               help="Most tokens of context [default: the model's max_position_embeddings].")
 @click.option("--parallel", type=click.IntRange(1, 16), default=None,
               help="Most requests decoding together in one batch; more wait in arrival order "
                    "[default: 8 on the CPU, 16 on a GPU].")
-def serve_command(model, dtype, kernels, host, port, api_key, max_kv_size, parallel):
+@click.option("--served-model-name", default=None, metavar="NAMES",
+              help="The model's ids, comma-separated: /v1/models lists them, requests may name any, responses "
+                   "carry the first [default: --model, else the packaged model's name].")
+@serve_sampling_options
+@click.option("--chat-template", default=None, metavar="FILE", help="A Jinja chat template to use instead of the "
+                                                                    "tokenizer's.")
+@click.option("--allowed-hosts", default=None, metavar="NAMES",
+              help="More Host names to answer, comma-separated (\"*.example.org\", or \"*\" for any) [default: "
+                   "localhost, *.localhost, loopback addresses and --host].")
+@click.option("--allowed-origins", default=None, metavar="ORIGINS",
+              help="More web page origins allowed to call the API, comma-separated (\"https://app.example.org\", "
+                   "or \"*\" for any) [default: http(s)://localhost, 127.0.0.1 and [::1], any port].")
+@click.option("--read-timeout", type=Finite(min=0, min_open=True), default=server.BODY_SECONDS, show_default=True,
+              help="Seconds a request body may take to arrive.")
+def serve_command(model, dtype, kernels, host, port, api_key, max_kv_size, parallel, served_model_name, temp, top_p,
+                  top_k, min_p, repetition_penalty, max_tokens, chat_template, allowed_hosts, allowed_origins,
+                  read_timeout):
     """Serve the model through an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions).
 
     Up to --parallel requests decode together, each with its own settings and seed (a request's
-    answer does not depend on what else runs); the rest wait in arrival order. Sampling defaults come from the model's
-    generation_config.json (a request's own fields win); "temperature": 0 is greedy.
+    answer does not depend on what else runs); the rest wait in arrival order. Sampling fields a
+    request leaves out come from the flags here, else the model's generation_config.json;
+    "temperature": 0 is greedy. Only this machine's pages and names may call it unless
+    --allowed-origins and --allowed-hosts say more (docs/server-security.md).
 
     \b
     Examples:
@@ -439,20 +498,28 @@ def serve_command(model, dtype, kernels, host, port, api_key, max_kv_size, paral
       curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \\
         -d '{"messages": [{"role": "user", "content": "hi"}]}'
     """
+    template = read_chat_template(chat_template)
     params, config, tokenizer = load_model(model, dtype)
+    if template is not None:
+        tokenizer.chat_template = template
     try:
         sock = server.listen(host, port)
     except OSError as e:
         raise click.ClickException(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
-    defaults = weights.sampling_defaults(weights.resolve(model))
+    defaults = weights.sampling_for(weights.sampling_defaults(weights.resolve(model)), temp=temp, top_p=top_p,
+                                    top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty)
+    defaults = defaults._replace(top_k=server.keep_k(defaults.top_k, config.vocab_size))._asdict()
+    names = comma_list(served_model_name) or (model or PACKAGED_NAME,)
+    settings = server.Settings(
+        names=names, defaults=server.Defaults(defaults, config.vocab_size, max_tokens), api_key=api_key,
+        bind=host, hosts=comma_list(allowed_hosts), origins=comma_list(allowed_origins), body_seconds=read_timeout)
     parallel = parallel or (16 if mx.default_device() == mx.gpu else 8)
-    backend = server.Engine(params, config, tokenizer, model or PACKAGED_NAME, defaults, kernels, max_kv_size,
-                            parallel)
+    backend = server.Engine(params, config, tokenizer, names[0], defaults, kernels, max_kv_size, parallel)
     if warning := server.exposure_warning(host):
         click.echo(warning, err=True)
     address = sock.getsockname()
     click.echo(f"serving {backend.name} on http://{host}:{address[1]}/v1 (Ctrl-C to stop)", err=True)
-    server.serve(backend, sock, api_key)
+    server.serve(backend, sock, settings)
 
 
 def whole_numbers(text: str, flag: str, example: str) -> list[int]:

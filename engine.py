@@ -66,6 +66,8 @@ class Stats(NamedTuple):
     generation_tps: float  # tokens per second after the first
     time_to_first_token: float  # seconds from submission
     peak_memory: float  # GB, the process's peak so far
+    prefill_seconds: float = 0.0  # in this request's prefill chunks
+    decode_seconds: float = 0.0  # from its first token to its last
     proposed: int = 0
     accepted: int = 0
     verify_steps: int = 0
@@ -100,37 +102,48 @@ def stats_line(stats: Stats, usage: Usage) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+def prefix_function(s: str) -> list[int]:
+    """Knuth-Morris-Pratt: f[i] is the longest proper prefix of s[: i + 1] that is also its suffix."""
+    f, k = [0] * len(s), 0
+    for i in range(1, len(s)):
+        while k and s[i] != s[k]:
+            k = f[k - 1]
+        k += s[i] == s[k]
+        f[i] = k
+    return f
+
+
 class StopMatcher:
     """Cuts streamed text at the first stop string; holds back only a tail that may begin one.
 
-    Each piece is searched together with the held tail (shorter than the longest stop), so the
-    work per piece is linear in the piece and the stops, never in the text so far.
+    One matcher per stop string (KMP) reads each character once, so the work is linear in the
+    text whatever the stops. The text ends before the stop string that is complete first (of two
+    complete at the same character, the longer), so the cut never depends on how the text arrives.
     """
 
-    def __init__(self, stops: tuple[str, ...]):
-        self.stops, self.held = tuple(s for s in stops if s), ""
+    def __init__(self, stops):
+        self.stops = [(s, prefix_function(s)) for s in stops if s]
+        self.matched = [0] * len(self.stops)  # per stop: how many of its first characters end the text
+        self.held = ""
 
     def feed(self, piece: str) -> tuple[str, bool]:
         """The text safe to send now, and whether a stop string was reached."""
         text = self.held + piece
-        found = [i for s in self.stops if (i := text.find(s)) >= 0]
-        if found:
-            self.held = ""
-            return text[: min(found)], True
-        keep = max((self.partial(text, s) for s in self.stops), default=0)
+        for end, c in enumerate(piece, len(self.held) + 1):
+            starts = []
+            for j, (s, f) in enumerate(self.stops):
+                k = self.matched[j]
+                while k and c != s[k]:
+                    k = f[k - 1]
+                k = self.matched[j] = k + (c == s[k])
+                if k == len(s):
+                    starts.append(end - k)
+            if starts:
+                self.held = ""
+                return text[: min(starts)], True
+        keep = max(self.matched, default=0)
         self.held = text[len(text) - keep :]
         return text[: len(text) - keep], False
-
-    @staticmethod
-    def partial(text: str, stop: str) -> int:
-        """The length of the longest end of text that begins stop (shorter than stop)."""
-        tail = text[-(len(stop) - 1) :] if len(stop) > 1 else ""
-        i = tail.find(stop[0])
-        while i >= 0:
-            if stop.startswith(tail[i:]):
-                return len(tail) - i
-            i = tail.find(stop[0], i + 1)
-        return 0
 
     def flush(self) -> str:
         text, self.held = self.held, ""
@@ -550,7 +563,7 @@ class Engine:
         stats = Stats(prompt_tps=prefilled / row.t_prefill if row.t_prefill else 0.0,
                       generation_tps=(n - 1) / elapsed if n > 1 and elapsed > 0 else 0.0,
                       time_to_first_token=(row.t_first - row.submitted) if n else 0.0,
-                      peak_memory=mx.get_peak_memory() / 1e9,
+                      peak_memory=mx.get_peak_memory() / 1e9, prefill_seconds=row.t_prefill, decode_seconds=elapsed,
                       proposed=row.proposed, accepted=row.accepted, verify_steps=row.verify_steps)
         usage = Usage(len(row.request.prompt), n, row.reused)
         row.handle.deliver(Event(None, "", None, reason, usage, stats))

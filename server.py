@@ -1,17 +1,19 @@
 """A local OpenAI-compatible HTTP server over the model: `qwen2-scratch serve`.
 
 Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions (each streamed as
-server-sent events with "stream": true, ending in `data: [DONE]`), GET /health.
+server-sent events with "stream": true, ending in `data: [DONE]`), POST /tokenize and
+/detokenize (llama-server's shapes), GET /metrics (Prometheus), GET /health.
 
 One worker thread steps the generation engine (engine.py): up to --parallel requests decode
-together in one batch, the rest wait in arrival order, and every request reuses the prompt cache's
-keys and values of any earlier prompt it starts with. A client that goes away frees its row at
-the next step. Errors use OpenAI's format, {"error": {"message", "type", "param", "code"}},
-and never carry a stack trace.
+together in one batch, the rest wait in arrival order, and every request reuses the prompt
+cache's keys and values of any earlier prompt it starts with (within its API key's scope). A
+client that goes away, streaming or not, frees its row at the next step. Each request body
+becomes one checked Options (parse_options); errors use OpenAI's format, {"error": {"message",
+"type", "param", "code"}}, and never carry a stack trace. Who may call (Host, Origin, key) and
+the limits: docs/server-security.md.
 """
 
-
-import qwen2_scratch as q  # noqa: F401  (first: the model loads the fast BLAS before MLX)
+import qwen2_scratch as q  # first: the model loads the fast BLAS before MLX
 
 # isort: split
 import asyncio
@@ -19,26 +21,41 @@ import hmac
 import ipaddress
 import json
 import math
+import re
 import socket
+import sys
 import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
+from typing import NamedTuple
 
 import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 import engine as generation
 import weights
 from say import say
 
-__all__ = ["Engine", "app", "listen", "serve", "ApiError", "exposure_warning", "MAX_BODY_BYTES", "DEFAULT_MAX_TOKENS"]
+__all__ = ["Engine", "app", "listen", "serve", "ApiError", "exposure_warning", "Settings", "Defaults", "Options",
+           "Metrics", "new_metrics", "parse_options", "MAX_BODY_BYTES", "DEFAULT_MAX_TOKENS"]
 
 MAX_BODY_BYTES = 1 << 20  # a whole 32k-token context is ~130 KB of text; 1 MiB leaves room for JSON escapes
+BODY_SECONDS = 30.0  # the most a request body may take to arrive: a client that trickles it is cut off
+HEADER_SECONDS = 10.0  # the most a connection may sit without beginning a request (or trickle its headers)
+MAX_CONNECTIONS = 64  # uvicorn answers 503 beyond: slow clients cannot take every socket
+KEEP_ALIVE_SECONDS = 5  # an idle kept-alive connection is closed after this
 DEFAULT_MAX_TOKENS = 512  # when a request sets none, as the chat and mlx_lm.server
+MAX_STOPS, MAX_STOP_CHARS = 4, 1024  # OpenAI's count; a length far past any real stop word
+MAX_INT, MAX_FLOAT = 2**63 - 1, sys.float_info.max  # no larger number reaches MLX
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -62,8 +79,7 @@ def exposure_warning(host: str) -> str | None:
 class ApiError(Exception):
     """A request that cannot be served; becomes {"error": {...}} with its HTTP status."""
 
-    TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-             405: "invalid_request_error", 413: "invalid_request_error", 500: "server_error", 503: "server_error"}
+    TYPES = {500: "server_error", 503: "server_error"}  # every 4xx: invalid_request_error
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -86,50 +102,147 @@ def is_number(v) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
-def number(body: dict, name: str, default, low=-math.inf, high=math.inf, low_open=False, integer=False):
+def number(body: dict, name: str, default, low=-MAX_FLOAT, high=MAX_FLOAT, low_open=False, integer=False):
     """body[name] checked to lie in [low, high] (or (low, high]), finite; default when absent or null."""
     v = body.get(name)
     if v is None:
         return default
     bounds = f"{'(' if low_open else '['}{low}, {high}]"
-    if not is_number(v) or (integer and not float(v).is_integer()):
-        raise ApiError(400, f"{name} must be {'a whole number' if integer else 'a number'}, not {v!r}", name)
-    if not math.isfinite(v) or v < low or v > high or (low_open and v == low):
-        raise ApiError(400, f"{name} must be finite and in {bounds}, not {v!r}", name)
+    if not is_number(v) or (integer and isinstance(v, float) and not v.is_integer()):
+        raise ApiError(400, f"{name} must be {'a whole number' if integer else 'a number'}, not {short(v)}", name)
+    # ints compare exactly with floats whatever their size, so 10**400 is refused here, never converted
+    if (isinstance(v, float) and not math.isfinite(v)) or v < low or v > high or (low_open and v == low):
+        raise ApiError(400, f"{name} must be finite and in {bounds}, not {short(v)}", name)
     return int(v) if integer else float(v)
 
 
-def stop_strings(body: dict) -> list[str]:
+def short(v) -> str:
+    """A value for an error message, cut to 40 characters (a field may hold a megabyte)."""
+    try:
+        text = repr(v)
+    except ValueError:  # an integer past Python's 4300 digits
+        text = "a number too long to print"
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def flag(body: dict, name: str, default: bool = False) -> bool:
+    v = body.get(name)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise ApiError(400, f"{name} must be true or false, not {short(v)}", name)
+    return v
+
+
+def stop_strings(body: dict) -> tuple[str, ...]:
+    """At most MAX_STOPS non-empty strings of at most MAX_STOP_CHARS each (they are held back while they may begin)."""
     stop = body.get("stop")
     stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
-    if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(s, str) and s for s in stops):
-        raise ApiError(400, "stop must be a non-empty string or a list of at most 4 of them", "stop")
-    return stops
+    if not isinstance(stops, list) or len(stops) > MAX_STOPS or not all(isinstance(s, str) and s for s in stops):
+        raise ApiError(400, f"stop must be a non-empty string or a list of at most {MAX_STOPS} of them", "stop")
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise ApiError(400, f"each stop string must be at most {MAX_STOP_CHARS} characters", "stop")
+    return tuple(stops)
 
 
-def generation_options(body: dict, defaults: dict) -> dict:
-    """The request's sampling fields (the rest from defaults) -> Sampling, max_tokens, stop strings and seed."""
-    if body.get("n") not in (None, 1):
+class Defaults(NamedTuple):
+    """What a request does not set: the sampling defaults (Sampling's field names: the model's
+    generation_config.json under the serve flags), max_tokens, and the vocabulary size that bounds
+    token ids."""
+
+    sampling: dict
+    vocab_size: int
+    max_tokens: int = DEFAULT_MAX_TOKENS
+
+
+class Options(NamedTuple):
+    """One request's generation options, checked: what the engine reads."""
+
+    sampling: q.Sampling
+    max_tokens: int
+    stops: tuple[str, ...] = ()
+    seed: int | None = None
+    stream: bool = False
+    include_usage: bool = False
+    logprobs: bool = False  # the chosen token's log-probability, from the model's distribution before sampling
+    top_logprobs: int = 0  # and this many likeliest alternatives
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit before sampling)
+
+
+def logit_bias(body: dict, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """{"token id": bias in [-100, 100]} -> sorted (id, bias) pairs."""
+    bias = body.get("logit_bias")
+    if bias is None:
+        return ()
+    if not isinstance(bias, dict) or len(bias) > vocab_size:
+        raise ApiError(400, "logit_bias must be an object of token ids to numbers in [-100, 100]", "logit_bias")
+    pairs = []
+    for key, value in bias.items():
+        if not (key.isascii() and key.isdigit() and len(key) < 12 and int(key) < vocab_size):
+            raise ApiError(400, f"logit_bias: {short(key)} is not a token id below {vocab_size}", "logit_bias")
+        pairs.append((int(key), number({"logit_bias": value}, "logit_bias", 0.0, low=-100, high=100)))
+    return tuple(sorted(pairs))
+
+
+def log_probabilities(body: dict, kind: str) -> tuple[bool, int]:
+    """(logprobs, top_logprobs): chat has a flag and top_logprobs 0-20; completions one number 0-5."""
+    if kind == "text":
+        n = number(body, "logprobs", None, low=0, high=5, integer=True)
+        return n is not None, n or 0
+    wanted = flag(body, "logprobs")
+    top = number(body, "top_logprobs", None, low=0, high=20, integer=True)
+    if top is not None and not wanted:
+        raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+    return wanted, top or 0
+
+
+def keep_k(k: int, vocab_size: int) -> int:
+    """top_k as the sampler takes it: k at or past the vocabulary keeps every token, which 0 says."""
+    return 0 if k >= vocab_size else k
+
+
+def parse_options(body: dict, kind: str, defaults: Defaults) -> Options:
+    """A request body's generation fields, checked -> Options; ApiError (400) for any bad value.
+
+    kind is "chat" (/v1/chat/completions) or "text" (/v1/completions): they spell logprobs differently.
+    """
+    if number(body, "n", 1, integer=True) != 1:
         raise ApiError(400, "n must be 1: this server generates one choice per request", "n")
     for name in ("frequency_penalty", "presence_penalty"):
-        if body.get(name) not in (None, 0, 0.0):  # 0 is what many clients send: it means off
+        if number(body, name, 0.0) != 0:  # 0 is what many clients send: it means off
             raise ApiError(400, f"{name} is not supported (only 0); use repetition_penalty, a multiplicative "
                                 f"penalty on recent tokens, instead", name)
+    top_k = number(body, "top_k", None, low=0, high=MAX_INT, integer=True)
     sampling = weights.sampling_for(
-        defaults,
+        defaults.sampling,
         temp=number(body, "temperature", None, low=0),
         top_p=number(body, "top_p", None, low=0, high=1, low_open=True),
-        top_k=number(body, "top_k", None, low=0, integer=True),
+        top_k=None if top_k is None else keep_k(top_k, defaults.vocab_size),
         min_p=number(body, "min_p", None, low=0, high=1),
         repetition_penalty=number(body, "repetition_penalty", None, low=0, low_open=True),
     )
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-    max_tokens = number({name: max_tokens}, name, DEFAULT_MAX_TOKENS, low=1, integer=True)
-    seed = number(body, "seed", None, low=0, high=2**63 - 1, integer=True)  # MLX seeds are unsigned
-    if not isinstance(body.get("stream", False), bool):
-        raise ApiError(400, "stream must be true or false", "stream")
-    return {"sampling": sampling, "max_tokens": max_tokens, "stops": stop_strings(body), "seed": seed}
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = number(body, name, defaults.max_tokens, low=1, high=MAX_INT, integer=True)
+    stream = flag(body, "stream")
+    stream_options = body.get("stream_options")
+    if stream_options is not None and (not stream or not isinstance(stream_options, dict)):
+        raise ApiError(400, "stream_options must be an object, and only with stream: true", "stream_options")
+    wanted, top = log_probabilities(body, kind)
+    return Options(
+        sampling=sampling, max_tokens=max_tokens, stops=stop_strings(body),
+        seed=number(body, "seed", None, low=0, high=MAX_INT, integer=True),  # MLX seeds are unsigned
+        stream=stream, include_usage=flag(stream_options or {}, "include_usage"),
+        logprobs=wanted, top_logprobs=top, logit_bias=logit_bias(body, defaults.vocab_size))
+
+
+def unsupported(options: Options, body: dict, features: frozenset) -> None:
+    """Refuse (400) a field this engine cannot honour rather than ignore it; features: what it can."""
+    asked = {"logprobs": options.logprobs, "logit_bias": bool(options.logit_bias),
+             "response_format": body.get("response_format") not in (None, {"type": "text"}),
+             "tools": bool(body.get("tools")) or body.get("tool_choice") not in (None, "none", "auto")}
+    for name, wanted in asked.items():
+        if wanted and name not in features:
+            raise ApiError(400, f"{name} is not supported by this server yet", name)
 
 
 def message_text(content, param: str) -> str:
@@ -148,9 +261,10 @@ def chat_messages(body: dict) -> list[dict]:
         raise ApiError(400, "messages must be a non-empty list", "messages")
     clean = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
+        role = m.get("role") if isinstance(m, dict) else None
+        if not isinstance(role, str) or role not in ROLES:
             raise ApiError(400, f"each message needs a role, one of {', '.join(ROLES)}", f"messages[{i}].role")
-        clean.append({"role": ROLES[m["role"]], "content": message_text(m.get("content"), f"messages[{i}].content")})
+        clean.append({"role": ROLES[role], "content": message_text(m.get("content"), f"messages[{i}].content")})
     return clean
 
 
@@ -168,6 +282,14 @@ def completion_prompt(body: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+class Piece(NamedTuple):
+    """What one step of a generation adds to the answer: its text, and its tokens' log-probabilities
+    in OpenAI's chat shape (token, logprob, bytes, top_logprobs), when the request asked for them."""
+
+    text: str
+    logprobs: tuple[dict, ...] = ()
+
+
 class Engine:
     """The model behind the API: the generation engine, stepped by a worker thread of its own, with
     up to `parallel` requests decoding together; the rest wait in arrival order.
@@ -175,6 +297,8 @@ class Engine:
     defaults: the sampling values a request does not set (weights.sampling_defaults: the model's
     generation_config.json), as Sampling's field names.
     """
+
+    features = frozenset({"logprobs", "logit_bias"})  # the optional fields it honours (the rest get 400)
 
     def __init__(self, params, config, tokenizer, name: str, defaults: dict, kernels="reference",
                  max_kv_size=None, parallel: int = 8):
@@ -189,30 +313,55 @@ class Engine:
             raise ApiError(400, f"the prompt has {len(ids)} tokens, but the context holds {self.max_kv} "
                                 "(and at least one token must be generated)", param, "context_length_exceeded")
 
-    async def generate(self, ids: list[int], options: dict, cancelled: threading.Event):
-        """Yield the text pieces of one generation, then its result dict."""
+    def token_logprob(self, token: int, logprob: float) -> dict:
+        text = self.tokenizer.decode([token])
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8", "surrogatepass"))}
+
+    def piece(self, event: generation.Event, options: Options) -> Piece:
+        if not options.logprobs or event.token is None or event.token in self.engine.eos:
+            return Piece(event.text)
+        entry = {**self.token_logprob(event.token, event.logprob),
+                 "top_logprobs": [self.token_logprob(t, lp) for t, lp in event.top_logprobs]}
+        return Piece(event.text, (entry,))
+
+    async def generate(self, ids: list[int], options: Options, cancelled: threading.Event, scope: str = ""):
+        """Yield the Pieces of one generation, then its result dict."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        request = generation.Request(tuple(ids), options["sampling"], options["max_tokens"], tuple(options["stops"]),
-                                     options["seed"])
-        handle = self.engine.submit(request, lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
+        request = generation.Request(tuple(ids), options.sampling, options.max_tokens, options.stops, options.seed,
+                                     scope, options.logit_bias, options.top_logprobs)
+        try:
+            handle = self.engine.submit(request, lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
+        except ValueError as e:
+            raise ApiError(400, str(e)) from None
+        watch = asyncio.ensure_future(asyncio.to_thread(cancelled.wait))  # the client left: free its row
         try:
             while True:
-                event = await events.get()
-                if event.text:
-                    yield event.text
+                getting = asyncio.ensure_future(events.get())
+                await asyncio.wait({getting, watch}, return_when=asyncio.FIRST_COMPLETED)
+                if not getting.done():
+                    getting.cancel()
+                    handle.cancel()
+                    await asyncio.sleep(0)
+                    continue
+                event = getting.result()
+                piece = self.piece(event, options)
+                if piece.text or piece.logprobs:
+                    yield piece
                 if event.finish_reason:
                     break
         finally:
-            handle.cancel()  # the client left (or the stream ended): its row is freed at the next step
+            handle.cancel()  # the stream ended early, or the client left: its row is freed at the next step
             cancelled.set()
+            watch.cancel()
         if event.finish_reason == "cancelled":
-            raise ApiError(503, "the server is stopping")
-        usage = event.usage
-        yield {"finish_reason": event.finish_reason if event.finish_reason != "context" else "length", "usage": {
-            "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-            "total_tokens": usage.prompt_tokens + usage.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": usage.cached_tokens}}}
+            raise ApiError(503, "the server is stopping, or the request was cancelled")
+        usage, stats = event.usage, event.stats
+        yield {"finish_reason": "length" if event.finish_reason == "context" else event.finish_reason,
+               "usage": {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+                         "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+                         "prompt_tokens_details": {"cached_tokens": usage.cached_tokens}},
+               "timings": {"prefill_seconds": stats.prefill_seconds, "decode_seconds": stats.decode_seconds}}
 
     def close(self) -> None:
         """Stop: running and queued generations end at the next step."""
@@ -220,56 +369,208 @@ class Engine:
 
 
 # ---------------------------------------------------------------------------------------------
-# The HTTP side
+# The HTTP side: settings, metrics, the Host and Origin guard
+# ---------------------------------------------------------------------------------------------
+
+LOCAL_ORIGINS = r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d{1,5})?"  # pages served from this machine
+HOST = re.compile(r"(?:\[(?P<v6>[0-9a-f:.]+)\]|(?P<name>[a-z0-9._-]+))(?::\d{1,5})?")
+
+
+class Settings(NamedTuple):
+    """How the API answers: its names, defaults, key, and who may reach it."""
+
+    names: tuple[str, ...]  # the model's ids; responses carry the first, requests may use any
+    defaults: Defaults
+    api_key: str | None = None
+    bind: str = "127.0.0.1"  # the address served: always an accepted Host
+    hosts: tuple[str, ...] = ()  # more Host names: exact, "*.suffix", or "*" for any
+    origins: tuple[str, ...] = ()  # more page origins than localhost's, or "*" for any
+    body_seconds: float = BODY_SECONDS
+
+
+class Metrics(NamedTuple):
+    """The Prometheus series of /metrics, in a registry of their own (no global state).
+
+    The server counts requests and tokens from each result's usage, and the prefill and decode
+    seconds from its "timings" when the engine reports them; the engine keeps queue_length.
+    """
+
+    registry: CollectorRegistry
+    requests: Counter  # labels: endpoint, status
+    prompt_tokens: Counter
+    generated_tokens: Counter
+    cached_tokens: Counter  # prompt tokens taken from the prompt cache
+    cache_hits: Counter  # generations that reused at least one cached token
+    prefill_seconds: Histogram
+    decode_seconds: Histogram
+    queue_length: Gauge  # generations waiting for the model
+    running: Gauge  # generation requests being answered
+
+
+def new_metrics() -> Metrics:
+    r = CollectorRegistry()
+    seconds = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+    return Metrics(
+        r,
+        Counter("qwen2_scratch_requests", "HTTP requests answered, by endpoint and status",
+                ["endpoint", "status"], registry=r),
+        Counter("qwen2_scratch_prompt_tokens", "Prompt tokens of finished generations", registry=r),
+        Counter("qwen2_scratch_generated_tokens", "Tokens generated", registry=r),
+        Counter("qwen2_scratch_cached_prompt_tokens", "Prompt tokens reused from the prompt cache", registry=r),
+        Counter("qwen2_scratch_prompt_cache_hits", "Generations that reused cached prompt tokens", registry=r),
+        Histogram("qwen2_scratch_prefill_seconds", "Seconds to process a prompt", buckets=seconds, registry=r),
+        Histogram("qwen2_scratch_decode_seconds", "Seconds to generate after the prompt", buckets=seconds,
+                  registry=r),
+        Gauge("qwen2_scratch_queue_length", "Generations waiting for the model", registry=r),
+        Gauge("qwen2_scratch_requests_running", "Generation requests being answered", registry=r),
+    )
+
+
+def record(metrics: Metrics, result: dict) -> None:
+    """A finished generation's usage (and timings, when the engine gives them) into the metrics."""
+    usage = result["usage"]
+    metrics.prompt_tokens.inc(usage["prompt_tokens"])
+    metrics.generated_tokens.inc(usage["completion_tokens"])
+    cached = usage["prompt_tokens_details"]["cached_tokens"]
+    metrics.cached_tokens.inc(cached)
+    if cached:
+        metrics.cache_hits.inc()
+    timings = result.get("timings") or {}
+    for name in ("prefill_seconds", "decode_seconds"):
+        if name in timings:
+            getattr(metrics, name).observe(timings[name])
+
+
+def host_name(header: str) -> str | None:
+    """A Host header -> its name or address, lowercased, without port, brackets or final dot; None if malformed."""
+    found = HOST.fullmatch(header.strip().lower())
+    if not found:
+        return None
+    return found["v6"] or found["name"].removesuffix(".") or None
+
+
+def host_allowed(header: str | None, bind: str, hosts: tuple[str, ...]) -> bool:
+    """Whether a request's Host names this server: a loopback name or address, the address served
+    (with a wildcard bind, any address: an IP literal cannot be rebound), or one of hosts.
+
+    A page that rebinds its own name to 127.0.0.1 (DNS rebinding) still sends that name: refused.
+    """
+    name = host_name(header or "")
+    if name is None:
+        return False
+    if "*" in hosts or name in hosts or any(h.startswith("*.") and name.endswith(h[1:]) for h in hosts):
+        return True
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return name == "localhost" or name.endswith(".localhost") or name == bind.lower().removesuffix(".")
+    try:
+        served = ipaddress.ip_address(bind)
+    except ValueError:
+        served = None
+    return address.is_loopback or address == served or (served is not None and served.is_unspecified)
+
+
+class Guard:
+    """ASGI middleware: refuse (403) a Host that is not this server's and an Origin that is not
+    allowed, before anything else; then CORS headers and preflight answers (Starlette's CORS
+    middleware, whose origin rule is the one refused here too)."""
+
+    def __init__(self, app, settings: Settings):
+        self.settings = settings
+        self.cors = CORSMiddleware(app, allow_origins=settings.origins, allow_origin_regex=LOCAL_ORIGINS,
+                                   allow_methods=["GET", "POST"], allow_headers=["*"], max_age=600)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            headers = Headers(scope=scope)
+            hosts, origin = headers.getlist("host"), headers.get("origin")
+            refusal = None
+            if len(hosts) != 1 or not host_allowed(hosts[0], self.settings.bind, self.settings.hosts):
+                refusal = ApiError(403, f"Host {short(hosts[0] if hosts else '')} is not this server's "
+                                        "(serve --allowed-hosts adds names)", None, "host_not_allowed")
+            elif origin is not None and not self.cors.is_allowed_origin(origin):
+                refusal = ApiError(403, f"requests from pages at {short(origin)} are not allowed "
+                                        "(serve --allowed-origins adds origins)", None, "origin_not_allowed")
+            if refusal:
+                return await refusal.response()(scope, receive, send)
+        await self.cors(scope, receive, send)
+
+
+# ---------------------------------------------------------------------------------------------
+# The HTTP side: requests
 # ---------------------------------------------------------------------------------------------
 
 
-async def read_json(request) -> dict:
-    """The request body as a JSON object, at most MAX_BODY_BYTES long."""
+class Context(NamedTuple):
+    """What every endpoint reads."""
+
+    engine: Engine
+    settings: Settings
+    metrics: Metrics
+
+
+async def read_json(request, seconds: float = BODY_SECONDS) -> dict:
+    """The request body as a JSON object: sent as application/json, at most MAX_BODY_BYTES long, within seconds."""
+    kind = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if kind != "application/json":  # a form or text/plain POST is what a cross-site page can send unasked
+        raise ApiError(415, "send the request body as JSON, with Content-Type: application/json", None,
+                       "unsupported_media_type")
     declared = request.headers.get("content-length", "")
     too_big = ApiError(413, f"the request body is over {MAX_BODY_BYTES} bytes", None, "request_too_large")
     if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise too_big
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY_BYTES:
-            raise too_big
+    try:
+        async with asyncio.timeout(seconds):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > MAX_BODY_BYTES:
+                    raise too_big
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {seconds:g} s", None, "timeout") from None
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError):  # ValueError too for an integer literal of over 4300 digits
         raise ApiError(400, "the request body is not valid JSON") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object")
     return data
 
 
-def check_model(engine: Engine, body: dict) -> None:
+def check_model(names: tuple[str, ...], body: dict) -> None:
     model = body.get("model")
-    if model is not None and model != engine.name:
-        raise ApiError(404, f"no model {model!r}: this server serves {engine.name!r} (GET /v1/models)", "model",
-                       "model_not_found")
+    if model is not None and (not isinstance(model, str) or model not in names):
+        raise ApiError(404, f"no model {short(model)}: this server serves {', '.join(map(repr, names))} "
+                            "(GET /v1/models)", "model", "model_not_found")
 
 
 def check_key(request, api_key: str | None) -> None:
+    """Authorization must be exactly "Bearer KEY", KEY compared in constant time."""
     if api_key is None:
         return
-    given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-    if not hmac.compare_digest(given.encode(), api_key.encode()):  # constant time: no timing hint at the key
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    same = hmac.compare_digest(given.encode(), api_key.encode())  # constant time: no timing hint at the key
+    if scheme != "Bearer" or not same:
         raise ApiError(401, "missing or wrong API key (send Authorization: Bearer KEY)", None, "invalid_api_key")
 
 
-def endpoint(handler, api_key, engine):
-    """Key check, OpenAI-format errors, and no stack trace in any response."""
+def endpoint(handler, ctx: Context, keyed: bool = True):
+    """Key check, OpenAI-format errors, no stack trace in any response, and the count by status."""
     async def wrapped(request):
         try:
-            check_key(request, api_key)
-            return await handler(request, engine)
+            if keyed:
+                check_key(request, ctx.settings.api_key)
+            response = await handler(request, ctx)
         except ApiError as e:
-            return e.response()
+            response = e.response()
+            if e.status == 401:
+                response.headers["WWW-Authenticate"] = "Bearer"
         except Exception as e:
             say(f"error: {request.url.path}: {type(e).__name__}: {e}")
-            return ApiError(500, f"internal error: {type(e).__name__}").response()
+            response = ApiError(500, f"internal error: {type(e).__name__}").response()
+        ctx.metrics.requests.labels(request.url.path, str(response.status_code)).inc()
+        return response
     return wrapped
 
 
@@ -291,92 +592,156 @@ class EventStream(StreamingResponse):
             self.cancelled.set()
 
 
-async def respond(engine, body, ids, options, chunk, final):
-    """Stream or collect one generation; chunk(text, finish) and final(text, result) shape the JSON."""
+async def cancel_on_disconnect(request, cancelled: threading.Event) -> None:
+    """Set cancelled when the client goes away (the body is read: the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    cancelled.set()
+
+
+async def respond(request, ctx: Context, ids, options: Options, chunk, final):
+    """Stream or collect one generation; chunk(piece, finish) and final(piece, result) shape the JSON."""
     cancelled = threading.Event()
-    pieces = engine.generate(ids, options, cancelled)
+    pieces = ctx.engine.generate(ids, options, cancelled)
+    metrics = ctx.metrics
 
     async def events():
         try:
-            async for item in pieces:
-                if isinstance(item, str):
-                    yield sse(chunk(item, None))
-                else:
-                    yield sse(chunk("", item["finish_reason"]))
-                    if (body.get("stream_options") or {}).get("include_usage"):
-                        yield sse({**chunk("", None), "choices": [], "usage": item["usage"]})
+            with metrics.running.track_inprogress():
+                async for item in pieces:
+                    if isinstance(item, Piece):
+                        yield sse(chunk(item, None))
+                    else:
+                        record(metrics, item)
+                        yield sse(chunk(Piece(""), item["finish_reason"]))
+                        if options.include_usage:
+                            yield sse({**chunk(Piece(""), None), "choices": [], "usage": item["usage"]})
         except ApiError as e:
             yield sse(e.body())
         yield "data: [DONE]\n\n"
 
-    if body.get("stream"):
+    if options.stream:
         return EventStream(events(), cancelled)
-    text = []
-    async for item in pieces:
-        if isinstance(item, str):
-            text.append(item)
-        else:
-            return JSONResponse(final("".join(text), item))
+    watcher = asyncio.create_task(cancel_on_disconnect(request, cancelled))  # a client that leaves frees the model
+    collected = []
+    try:
+        with metrics.running.track_inprogress():
+            async for item in pieces:
+                if isinstance(item, Piece):
+                    collected.append(item)
+                else:
+                    record(metrics, item)
+                    whole = Piece("".join(p.text for p in collected), tuple(e for p in collected for e in p.logprobs))
+                    return JSONResponse(final(whole, item))
+    finally:
+        watcher.cancel()
 
 
-def envelope(engine, kind):
+def envelope(ctx: Context, kind):
     return {"id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}",
             "object": "chat.completion" if kind == "chat" else "text_completion",
-            "created": int(time.time()), "model": engine.name}
+            "created": int(time.time()), "model": ctx.settings.names[0]}
 
 
-async def chat_completions(request, engine: Engine):
-    body = await read_json(request)
-    check_model(engine, body)
-    messages, options = chat_messages(body), generation_options(body, engine.defaults)
+def request_options(ctx: Context, body: dict, kind: str) -> Options:
+    check_model(ctx.settings.names, body)
+    options = parse_options(body, kind, ctx.settings.defaults)
+    unsupported(options, body, getattr(ctx.engine, "features", frozenset()))
+    return options
+
+
+async def chat_completions(request, ctx: Context):
+    body = await read_json(request, ctx.settings.body_seconds)
+    options = request_options(ctx, body, "chat")
+    messages = chat_messages(body)
     try:
-        ids = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        ids = ctx.engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     except Exception as e:  # the template's own errors (jinja raises many kinds)
         raise ApiError(400, f"the chat template rejects these messages: {e}", "messages") from None
-    engine.check_fits(ids, "messages")
-    head = envelope(engine, "chat")
+    ctx.engine.check_fits(ids, "messages")
+    head = envelope(ctx, "chat")
     sent_role = []
 
-    def chunk(text, finish):
-        delta = {"content": text} if text or finish is None else {}
+    def logprobs(piece: Piece):
+        return {"content": list(piece.logprobs)} if options.logprobs else None
+
+    def chunk(piece, finish):
+        delta = {"content": piece.text} if piece.text or finish is None else {}
         if not sent_role:  # the first chunk names the role, as OpenAI's do
             sent_role.append(True)
             delta = {"role": "assistant", **delta}
         return {**head, "object": "chat.completion.chunk",
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+                "choices": [{"index": 0, "delta": delta, "logprobs": logprobs(piece), "finish_reason": finish}]}
 
-    def final(text, result):
-        return {**head, "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                     "logprobs": None, "finish_reason": result["finish_reason"]}],
+    def final(piece, result):
+        return {**head, "choices": [{"index": 0, "message": {"role": "assistant", "content": piece.text},
+                                     "logprobs": logprobs(piece), "finish_reason": result["finish_reason"]}],
                 "usage": result["usage"]}
 
-    return await respond(engine, body, ids, options, chunk, final)
+    return await respond(request, ctx, ids, options, chunk, final)
 
 
-async def completions(request, engine: Engine):
-    body = await read_json(request)
-    check_model(engine, body)
-    prompt, options = completion_prompt(body), generation_options(body, engine.defaults)
-    ids = engine.tokenizer.encode(prompt)
-    engine.check_fits(ids, "prompt")
-    head = envelope(engine, "text")
+async def completions(request, ctx: Context):
+    body = await read_json(request, ctx.settings.body_seconds)
+    options = request_options(ctx, body, "text")
+    ids = ctx.engine.tokenizer.encode(completion_prompt(body))
+    ctx.engine.check_fits(ids, "prompt")
+    head = envelope(ctx, "text")
 
-    def chunk(text, finish):
-        return {**head, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+    def logprobs(piece: Piece):  # the legacy completions shape
+        if not options.logprobs:
+            return None
+        entries = piece.logprobs
+        return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+                "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+                "text_offset": []}
 
-    def final(text, result):
-        return {**chunk(text, result["finish_reason"]), "usage": result["usage"]}
+    def chunk(piece, finish):
+        return {**head, "choices": [{"index": 0, "text": piece.text, "logprobs": logprobs(piece),
+                                     "finish_reason": finish}]}
 
-    return await respond(engine, body, ids, options, chunk, final)
+    def final(piece, result):
+        return {**chunk(piece, result["finish_reason"]), "usage": result["usage"]}
+
+    return await respond(request, ctx, ids, options, chunk, final)
 
 
-async def models(request, engine: Engine):
+def text_ids(tokenizer, text: str, add_special: bool) -> list[int]:
+    """Text as text: a literal "<|im_start|>" gives the tokens of its characters, never the control token."""
+    return tokenizer.encode(text, add_special_tokens=add_special, split_special_tokens=True)
+
+
+async def tokenize(request, ctx: Context):
+    """llama-server's POST /tokenize: {"content": str, "add_special": bool} -> {"tokens": [...]}."""
+    body = await read_json(request, ctx.settings.body_seconds)
+    content = body.get("content")
+    if not isinstance(content, str):
+        raise ApiError(400, "content must be a string", "content")
+    return JSONResponse({"tokens": text_ids(ctx.engine.tokenizer, content, flag(body, "add_special"))})
+
+
+async def detokenize(request, ctx: Context):
+    """llama-server's POST /detokenize: {"tokens": [...]} -> {"content": str}."""
+    body = await read_json(request, ctx.settings.body_seconds)
+    tokens, vocab = body.get("tokens"), ctx.settings.defaults.vocab_size
+    if not isinstance(tokens, list) or not all(is_number(t) and isinstance(t, int) and 0 <= t < vocab
+                                               for t in tokens):
+        raise ApiError(400, f"tokens must be a list of token ids in [0, {vocab})", "tokens")
+    return JSONResponse({"content": ctx.engine.tokenizer.decode(tokens)})
+
+
+async def models(request, ctx: Context):
     return JSONResponse({"object": "list", "data": [
-        {"id": engine.name, "object": "model", "created": int(time.time()), "owned_by": "qwen2-scratch"}]})
+        {"id": name, "object": "model", "created": int(time.time()), "owned_by": "qwen2-scratch"}
+        for name in ctx.settings.names]})
 
 
-async def health(request, engine: Engine):
+async def health(request, ctx: Context):
     return JSONResponse({"status": "ok"})
+
+
+async def metrics_text(request, ctx: Context):
+    return Response(generate_latest(ctx.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 async def http_error(request, exc: HTTPException):
@@ -385,20 +750,27 @@ async def http_error(request, exc: HTTPException):
     return ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", None, code).response()
 
 
-def app(engine: Engine, api_key: str | None = None) -> Starlette:
+def app(engine: Engine, settings: Settings, metrics: Metrics | None = None) -> Starlette:
     """The ASGI application over engine; /health answers without the key."""
+    ctx = Context(engine, settings, metrics or new_metrics())
+    ctx.metrics.queue_length.set_function(lambda: engine.engine.load[1])  # requests waiting for a row
+
     @asynccontextmanager
     async def lifespan(_app):
         yield
         engine.close()  # stop a running generation at its next token when the server stops
 
     routes = [
-        Route("/v1/models", endpoint(models, api_key, engine), methods=["GET"]),
-        Route("/v1/chat/completions", endpoint(chat_completions, api_key, engine), methods=["POST"]),
-        Route("/v1/completions", endpoint(completions, api_key, engine), methods=["POST"]),
-        Route("/health", endpoint(health, None, engine), methods=["GET"]),
+        Route("/v1/models", endpoint(models, ctx), methods=["GET"]),
+        Route("/v1/chat/completions", endpoint(chat_completions, ctx), methods=["POST"]),
+        Route("/v1/completions", endpoint(completions, ctx), methods=["POST"]),
+        Route("/tokenize", endpoint(tokenize, ctx), methods=["POST"]),
+        Route("/detokenize", endpoint(detokenize, ctx), methods=["POST"]),
+        Route("/metrics", endpoint(metrics_text, ctx), methods=["GET"]),
+        Route("/health", endpoint(health, ctx, keyed=False), methods=["GET"]),
     ]
-    return Starlette(routes=routes, exception_handlers={HTTPException: http_error}, lifespan=lifespan)
+    return Starlette(routes=routes, exception_handlers={HTTPException: http_error}, lifespan=lifespan,
+                     middleware=[Middleware(Guard, settings=settings)])
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -415,10 +787,34 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(engine: Engine, sock: socket.socket, api_key: str | None = None) -> None:
+class HeaderDeadline(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, closing a connection that begins no request within HEADER_SECONDS:
+    uvicorn has no deadline for request headers, so a client that connects and sends nothing, or
+    trickles its headers, would hold a socket for ever (MAX_CONNECTIONS of them: the server)."""
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self.seen = None  # the request being answered at the last check
+        self.timer = self.loop.call_later(HEADER_SECONDS, self.check)
+
+    def check(self) -> None:
+        answering = self.cycle is not None and not self.cycle.response_complete
+        if not answering and self.cycle is self.seen:  # no new request since the last check
+            self.transport.close()
+            return
+        self.seen = self.cycle
+        self.timer = self.loop.call_later(HEADER_SECONDS, self.check)
+
+    def connection_lost(self, exc) -> None:
+        self.timer.cancel()
+        super().connection_lost(exc)
+
+
+def serve(engine: Engine, sock: socket.socket, settings: Settings, metrics: Metrics | None = None) -> None:
     """Answer on sock until Ctrl-C; uvicorn's own logging only for warnings and errors."""
-    config = uvicorn.Config(app(engine, api_key), log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=2)
+    config = uvicorn.Config(app(engine, settings, metrics), log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=2, timeout_keep_alive=KEEP_ALIVE_SECONDS,
+                            limit_concurrency=MAX_CONNECTIONS, http=HeaderDeadline)
     try:
         uvicorn.Server(config).run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down: stopping is the normal end

@@ -1,12 +1,16 @@
-"""The OpenAI-compatible server: the real openai client (and raw httpx for exact statuses and
-bodies) against a live `qwen2-scratch serve` subprocess on 127.0.0.1, on the packaged model."""
+"""The OpenAI-compatible server: the real openai client (and raw httpx or sockets for exact
+statuses and bodies) against a live `qwen2-scratch serve` subprocess on 127.0.0.1, on the packaged
+model for the text and on the tiny random model for the HTTP rules; the request parser and the
+stop-string matcher without a server."""
 
 import qwen2_scratch as q  # noqa: F401  (first: the fast BLAS before MLX)
 
 # isort: split
 import json
+import math
 import re
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -15,11 +19,13 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import engine
 import server
 import weights
-from conftest import COMMAND
+from conftest import COMMAND, run_cli
 
 KEY = "test-key-0123456789"
 TIMEOUT = 300  # seconds for any one request: the 2-core machine is shared, so generous but bounded
@@ -36,7 +42,7 @@ def test_stop_text_cuts_at_the_first_stop_whatever_the_segments(stops):
     text = "hello world, the end! xx END"
     first = min(i for s in stops if (i := text.find(s)) >= 0)
     for size in (1, 2, 3, 7, len(text)):
-        cut, sent, hit = engine.StopMatcher(tuple(stops)), [], False
+        cut, sent, hit = engine.StopMatcher(stops), [], False
         for start in range(0, len(text), size):
             piece, hit = cut.feed(text[start : start + size])
             sent.append(piece)
@@ -46,10 +52,160 @@ def test_stop_text_cuts_at_the_first_stop_whatever_the_segments(stops):
 
 
 def test_stop_text_holds_back_only_what_may_begin_a_stop():
-    cut = engine.StopMatcher(("STOP",))
+    cut = engine.StopMatcher(["STOP"])
     assert cut.feed("abc ST") == ("abc ", False)
     assert cut.feed("x") == ("STx", False)
     assert cut.feed("S") == ("", False) and cut.flush() == "S"
+
+
+def earliest_end_cut(text, stops):
+    """The reference rule: the text before the stop string complete first (the longer one on a tie)."""
+    for end in range(1, len(text) + 1):
+        starts = [end - len(s) for s in stops if text[:end].endswith(s)]
+        if starts:
+            return text[: min(starts)], True
+    return text, False
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text("ab", max_size=30), stops=st.lists(st.text("ab", min_size=1, max_size=5), min_size=1, max_size=4),
+       cuts=st.lists(st.integers(0, 30), max_size=6))
+def test_stop_text_matches_the_reference_rule_whatever_the_segments(text, stops, cuts):
+    bounds = sorted({0, len(text), *(c for c in cuts if c <= len(text))})
+    matcher, sent, hit = engine.StopMatcher(stops), [], False
+    for a, b in zip(bounds, bounds[1:], strict=False):
+        piece, hit = matcher.feed(text[a:b])
+        sent.append(piece)
+        if hit:
+            break
+    if not hit:
+        sent.append(matcher.flush())
+    assert ("".join(sent), hit) == earliest_end_cut(text, stops)
+
+
+def test_stop_text_is_linear_in_the_text_even_with_four_longest_stops():
+    stops = ["a" * (server.MAX_STOP_CHARS - 1) + c for c in "bcde"]  # every "a" keeps each match alive
+    matcher, sent, tic = engine.StopMatcher(stops), [], time.perf_counter()
+    for _ in range(5000):  # 5000 tokens of 4 characters: the old matcher took seconds per token here
+        text, hit = matcher.feed("aaaa")
+        assert not hit and len(matcher.pending) < server.MAX_STOP_CHARS
+        sent.append(text)
+    assert time.perf_counter() - tic < 5
+    text, hit = matcher.feed("b")
+    assert hit and "".join([*sent, text]) == "a" * (20000 - server.MAX_STOP_CHARS + 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The request parser: every JSON body parses or is a 4xx ApiError
+# ---------------------------------------------------------------------------------------------
+
+DEFAULTS = server.Defaults(sampling={"temp": 0.7, "top_p": 0.8}, vocab_size=300, max_tokens=64)
+FIELDS = ["model", "messages", "prompt", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+          "max_tokens", "max_completion_tokens", "stop", "seed", "stream", "stream_options", "n", "logprobs",
+          "top_logprobs", "logit_bias", "frequency_penalty", "presence_penalty", "response_format", "tools",
+          "tool_choice"]
+NUMBERS = st.one_of(st.integers(), st.sampled_from([10**400, -(10**400), 2**63, 2**64, 0, 1, -1, 5, 20, 21]),
+                    st.floats(allow_nan=True, allow_infinity=True), st.booleans())
+JSON = st.recursive(st.none() | NUMBERS | st.text(max_size=10),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner,
+                                                                                 max_size=4), max_leaves=12)
+MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "tool"]) | JSON,
+                                 "content": st.text(max_size=10) | JSON})
+BODIES = st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=8),
+                         JSON | st.lists(MESSAGE, max_size=3) | st.dictionaries(st.just("include_usage"), JSON),
+                         max_size=8)
+
+
+def parse(body, kind):
+    """What a handler does with a body before the tokenizer: the messages or prompt, and the Options."""
+    options = server.parse_options(body, kind, DEFAULTS)
+    server.unsupported(options, body, frozenset())
+    return (server.chat_messages(body) if kind == "chat" else server.completion_prompt(body)), options
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(body=BODIES, kind=st.sampled_from(["chat", "text"]))
+def test_any_json_body_parses_or_is_a_4xx(body, kind):
+    body = json.loads(json.dumps(body))  # what read_json would hand over (NaN and huge integers survive)
+    try:
+        _, options = parse(body, kind)
+    except server.ApiError as e:
+        assert 400 <= e.status < 500 and "\n" not in e.message and len(e.message) < 400, e.message
+        assert e.param is None or isinstance(e.param, str)
+        return
+    assert isinstance(options.sampling, server.q.Sampling) and 1 <= options.max_tokens <= server.MAX_INT
+    assert all(math.isfinite(v) for v in options.sampling[:5]), options.sampling
+    assert options.seed is None or 0 <= options.seed <= server.MAX_INT
+    assert len(options.stops) <= server.MAX_STOPS and isinstance(options.stream, bool)
+
+
+@settings(max_examples=200, deadline=None)
+@given(temp=st.floats(0, 2), top_p=st.floats(0.01, 1), top_k=st.integers(0, 1000), max_tokens=st.integers(1, 10**6),
+       stops=st.lists(st.text(min_size=1, max_size=20), max_size=4), seed=st.integers(0, 2**63 - 1),
+       stream=st.booleans(), bias=st.dictionaries(st.integers(0, 299).map(str), st.floats(-100, 100), max_size=3))
+def test_valid_fields_arrive_in_the_options_as_given(temp, top_p, top_k, max_tokens, stops, seed, stream, bias):
+    body = {"prompt": "x", "temperature": temp, "top_p": top_p, "top_k": top_k, "max_tokens": max_tokens,
+            "stop": stops, "seed": seed, "stream": stream, "logit_bias": bias, "logprobs": 3}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    o = server.parse_options(body, "text", DEFAULTS)
+    assert o.sampling[:3] == (temp, top_p, top_k if top_k < 300 else 0)  # past the vocabulary: all kept
+    assert (o.max_tokens, o.stops, o.seed, o.stream, o.include_usage) == (max_tokens, tuple(stops), seed, stream,
+                                                                          stream)
+    assert (o.logprobs, o.top_logprobs, dict(o.logit_bias)) == (True, 3, {int(k): v for k, v in bias.items()})
+
+
+def test_the_defaults_fill_what_a_request_leaves_out():
+    o = server.parse_options({"prompt": "x"}, "text", DEFAULTS)
+    assert (o.sampling.temp, o.sampling.top_p, o.max_tokens, o.stops, o.seed) == (0.7, 0.8, 64, (), None)
+
+
+@pytest.mark.parametrize("field, param", [
+    ({"max_tokens": 10**400}, "max_tokens"), ({"temperature": 10**400}, "temperature"), ({"seed": 2**64}, "seed"),
+    ({"top_k": 2**63}, "top_k"), ({"n": True}, "n"), ({"stream": "yes"}, "stream"),
+    ({"stream": True, "stream_options": "usage"}, "stream_options"), ({"stream_options": {}}, "stream_options"),
+    ({"stop": ["x" * (server.MAX_STOP_CHARS + 1)]}, "stop"), ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"logit_bias": {"300": 1}}, "logit_bias"), ({"logit_bias": {"5": 101}}, "logit_bias"),
+    ({"logit_bias": {"-1": 1}}, "logit_bias"), ({"top_logprobs": 2}, "top_logprobs"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"), ({"presence_penalty": 10**400}, "presence_penalty"),
+])
+def test_each_bad_field_is_a_400_naming_it(field, param):
+    with pytest.raises(server.ApiError) as e:
+        server.parse_options({"messages": MESSAGES, **field}, "chat", DEFAULTS)
+    assert (e.value.status, e.value.param) == (400, param)
+
+
+def test_a_field_the_engine_cannot_honour_is_refused_not_ignored():
+    for body, name in [({"logprobs": True}, "logprobs"), ({"logit_bias": {"1": 5}}, "logit_bias"),
+                       ({"response_format": {"type": "json_object"}}, "response_format"),
+                       ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools")]:
+        options = server.parse_options(body, "chat", DEFAULTS)
+        with pytest.raises(server.ApiError) as e:
+            server.unsupported(options, body, frozenset())
+        assert (e.value.status, e.value.param) == (400, name)
+        server.unsupported(options, body, frozenset({name}))  # an engine that can: accepted
+
+
+# ---------------------------------------------------------------------------------------------
+# Who may call: Host names (DNS rebinding)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("host, bind, extra, allowed", [
+    ("127.0.0.1:8080", "127.0.0.1", (), True), ("localhost", "127.0.0.1", (), True),
+    ("LOCALHOST.:80", "127.0.0.1", (), True), ("app.localhost:3000", "127.0.0.1", (), True),
+    ("[::1]:8080", "127.0.0.1", (), True), ("127.5.5.5", "127.0.0.1", (), True),
+    ("evil.example:8080", "127.0.0.1", (), False), ("", "127.0.0.1", (), False), (None, "127.0.0.1", (), False),
+    ("localhost.evil.example", "127.0.0.1", (), False), ("evil@127.0.0.1", "127.0.0.1", (), False),
+    ("127.0.0.1:8080/x", "127.0.0.1", (), False), ("2130706433", "127.0.0.1", (), False),
+    ("192.168.1.5:8080", "127.0.0.1", (), False), ("192.168.1.5:8080", "192.168.1.5", (), True),
+    ("192.168.1.5:8080", "0.0.0.0", (), True), ("myhost.lan", "0.0.0.0", (), False),
+    ("myhost.lan:8080", "myhost.lan", (), True), ("box.example.org", "0.0.0.0", ("box.example.org",), True),
+    ("a.example.org", "127.0.0.1", ("*.example.org",), True), ("example.org", "127.0.0.1", ("*.example.org",), False),
+    ("anything.example", "127.0.0.1", ("*",), True), ("", "127.0.0.1", ("*",), False),
+])
+def test_host_allowed(host, bind, extra, allowed):
+    assert server.host_allowed(host, bind, extra) is allowed
 
 
 def test_only_a_non_loopback_host_gets_the_warning():
@@ -81,9 +237,16 @@ class Served:
     def client(self, key=KEY):
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, timeout=TIMEOUT, max_retries=0)
 
-    def post(self, path, body=None, key=KEY, content=None):
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        return httpx.post(f"{self.url}{path}", json=body, content=content, headers=headers, timeout=TIMEOUT)
+    def post(self, path, body=None, key=KEY, content=None, headers=None):
+        sent = {"Authorization": f"Bearer {key}"} if key else {}
+        if content is not None:
+            sent["Content-Type"] = "application/json"
+        return httpx.post(f"{self.url}{path}", json=body, content=content, headers={**sent, **(headers or {})},
+                          timeout=TIMEOUT)
+
+    def get(self, path, key=KEY, headers=None):
+        sent = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.get(f"{self.url}{path}", headers={**sent, **(headers or {})}, timeout=TIMEOUT)
 
     def stop(self):
         self.proc.send_signal(signal.SIGINT)
@@ -259,3 +422,184 @@ def test_the_api_key_is_required_when_set(served):
     r = served.post("/v1/completions", {"prompt": "1, 2, 3,", "max_tokens": 2, "temperature": 0})
     assert r.status_code == 200 and r.json()["choices"][0]["text"], r.text
     assert json.loads(httpx.get(f"{served.url}/health", timeout=30).text)["status"] == "ok"  # no key needed
+
+
+# ---------------------------------------------------------------------------------------------
+# A live server on the tiny random model: the HTTP rules
+# ---------------------------------------------------------------------------------------------
+
+TINY = "tiny"
+
+
+@pytest.fixture(scope="module")
+def tiny_served(tiny_folder):
+    s = Served("--model", str(tiny_folder), "--api-key", KEY, "--served-model-name", f"{TINY},tiny-alias",
+               "--allowed-origins", "https://app.example.org", "--allowed-hosts", "box.example.org",
+               "--read-timeout", "2", "--max-tokens", "3")
+    yield s
+    assert s.stop() == 0, s.stderr
+    assert "Traceback" not in "".join(s.stderr), "".join(s.stderr)
+
+
+def raw_http(url, request: bytes, wait=0.0) -> bytes:
+    """Send request bytes as they are (no client fixes them up), then read the whole answer."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(request)
+        time.sleep(wait)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+def test_hosts_not_this_servers_are_403(tiny_served):
+    body = {"prompt": "hello", "max_tokens": 1}
+    for host in ("evil.example:8080", "localhost.evil.example", "", "evil@127.0.0.1", "192.168.1.5"):
+        assert error_of(tiny_served.post("/v1/completions", body, headers={"Host": host}), 403)["code"] \
+            == "host_not_allowed", host
+    assert error_of(tiny_served.get("/health", headers={"Host": "evil.example"}), 403)
+    for host in ("localhost:1", "app.localhost", "127.0.0.1", "[::1]:8080", "box.example.org"):
+        assert tiny_served.post("/v1/completions", body, headers={"Host": host}).status_code == 200, host
+    for request in (b"GET /health HTTP/1.0\r\n\r\n", b"GET /health HTTP/1.0\r\nHost:\r\n\r\n"):
+        assert raw_http(tiny_served.url, request).startswith(b"HTTP/1.1 403"), request
+
+
+def test_pages_of_other_origins_are_403_localhost_pages_get_cors(tiny_served):
+    body = {"prompt": "hello", "max_tokens": 1}
+    for origin in ("https://evil.example", "null", "http://localhost.evil.example", "http://127.0.0.1.evil.example"):
+        r = tiny_served.post("/v1/completions", body, headers={"Origin": origin})
+        assert error_of(r, 403)["code"] == "origin_not_allowed" and "access-control-allow-origin" not in r.headers
+    for origin in ("http://localhost:3000", "https://127.0.0.1", "http://[::1]:5173", "https://app.example.org"):
+        r = tiny_served.post("/v1/completions", body, headers={"Origin": origin})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == origin, origin
+    preflight = {"Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os"}
+    r = httpx.options(f"{tiny_served.url}/v1/chat/completions", headers=preflight, timeout=30)
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://localhost:3000"
+    assert "POST" in r.headers["access-control-allow-methods"]
+    assert "authorization" in r.headers["access-control-allow-headers"].lower()
+    r = httpx.options(f"{tiny_served.url}/v1/chat/completions", headers={**preflight, "Origin": "https://evil.example"},
+                      timeout=30)
+    assert error_of(r, 403)["code"] == "origin_not_allowed"
+
+
+def test_only_json_bodies_are_accepted(tiny_served):
+    raw = json.dumps({"prompt": "hello", "max_tokens": 1}).encode()
+    for kind in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None):
+        headers = {"Content-Type": kind} if kind else {"Content-Type": ""}
+        assert error_of(tiny_served.post("/v1/completions", content=raw, headers=headers), 415)["code"] \
+            == "unsupported_media_type", kind
+    r = tiny_served.post("/v1/completions", content=raw, headers={"Content-Type": "Application/JSON; charset=utf-8"})
+    assert r.status_code == 200, r.text
+
+
+def test_the_key_must_be_sent_exactly_as_bearer(tiny_served):
+    for header in (KEY, f"bearer {KEY}", f"Bearer  {KEY}", f"Bearer {KEY}x", f"Basic {KEY}", "Bearer", ""):
+        r = httpx.get(f"{tiny_served.url}/v1/models", headers={"Authorization": header}, timeout=30)
+        assert error_of(r, 401)["code"] == "invalid_api_key" and r.headers["www-authenticate"] == "Bearer", header
+    for path in ("/metrics", "/tokenize"):
+        assert tiny_served.post(path, {"content": "x"}, key=None).status_code in (401, 405)
+    assert tiny_served.get("/metrics", key=None).status_code == 401
+
+
+def test_a_body_that_trickles_in_is_cut_off(tiny_served):
+    head = (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: 100\r\n\r\n{\"prompt\"")
+    tic = time.time()
+    answer = raw_http(tiny_served.url, head)  # the rest of the 100 bytes never comes
+    assert answer.startswith(b"HTTP/1.1 408") and b'"code":"timeout"' in answer and time.time() - tic < 20, answer
+
+
+def test_numbers_and_stream_options_beyond_reason_are_400_before_any_stream(tiny_served):
+    for raw in (b'{"prompt": "x", "max_tokens": 1' + b"0" * 400 + b"}", b'{"prompt": "x", "seed": 1e400}'):
+        assert error_of(tiny_served.post("/v1/completions", content=raw), 400)["param"] in ("max_tokens", "seed")
+    r = tiny_served.post("/v1/chat/completions", {"messages": MESSAGES, "stream": True, "stream_options": "usage"})
+    assert error_of(r, 400)["param"] == "stream_options"
+    for stop in (["a"] * 5, ["x" * 1025]):
+        assert error_of(tiny_served.post("/v1/completions", {"prompt": "x", "stop": stop}), 400)["param"] == "stop"
+    tic = time.time()  # four of the longest stops: answered as fast as none
+    r = tiny_served.post("/v1/completions", {"prompt": "hello", "max_tokens": 50, "stop": ["a" * 1024] * 4})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 50 and time.time() - tic < 60
+    for field in ({"logprobs": 2}, {"logit_bias": {"5": 10}}, {"response_format": {"type": "json_object"}}):
+        error = error_of(tiny_served.post("/v1/completions", {"prompt": "x", **field}), 400)
+        assert error["param"] == next(iter(field))
+
+
+def test_names_defaults_tokenize_and_metrics(tiny_served):
+    client = tiny_served.client()
+    assert [m.id for m in client.models.list().data] == [TINY, "tiny-alias"]
+    r = client.completions.create(model="tiny-alias", prompt="hello world")
+    assert r.model == TINY and r.usage.completion_tokens == 3  # --max-tokens 3: a request that sets none
+    assert error_of(tiny_served.post("/v1/completions", {"model": "other", "prompt": "x"}), 404)["code"] \
+        == "model_not_found"
+    tokens = tiny_served.post("/tokenize", {"content": "hello <|im_start|> world"}).json()["tokens"]
+    assert 1 not in tokens and len(tokens) > 3, "the control token's text is text, not the control token"
+    assert tiny_served.post("/detokenize", {"tokens": tokens}).json() == {"content": "hello <|im_start|> world"}
+    assert r.usage.prompt_tokens == len(tiny_served.post("/tokenize", {"content": "hello world"}).json()["tokens"])
+    for bad in ({"tokens": [10**9]}, {"tokens": "1 2"}, {"tokens": [1.5]}, {"tokens": [True]}):
+        assert error_of(tiny_served.post("/detokenize", bad), 400)["param"] == "tokens"
+    assert error_of(tiny_served.post("/tokenize", {"content": 5}), 400)["param"] == "content"
+
+    def value(text, name):
+        found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+        return float(found.group(1)) if found else 0.0
+
+    before = tiny_served.get("/metrics").text
+    r = client.completions.create(model=TINY, prompt="hello world", max_tokens=4, temperature=0)
+    after = tiny_served.get("/metrics")
+    assert after.headers["content-type"].startswith("text/plain")
+    for name, grew in [("qwen2_scratch_prompt_tokens_total", r.usage.prompt_tokens),
+                       ("qwen2_scratch_generated_tokens_total", 4),
+                       ("qwen2_scratch_cached_prompt_tokens_total", r.usage.prompt_tokens_details.cached_tokens),
+                       ('qwen2_scratch_requests_total{endpoint="/v1/completions",status="200"}', 1)]:
+        assert value(after.text, name) - value(before, name) == grew, name
+    assert r.usage.prompt_tokens_details.cached_tokens > 0  # the same prompt as before: a cache hit
+    assert value(after.text, "qwen2_scratch_prompt_cache_hits_total") >= 1
+    assert "qwen2_scratch_queue_length 0.0" in after.text and "qwen2_scratch_prefill_seconds_bucket" in after.text
+
+
+def test_a_client_that_leaves_a_long_answer_frees_the_model(tiny_served):
+    with pytest.raises(httpx.TimeoutException):  # the tiny model never ends an answer by itself
+        httpx.post(f"{tiny_served.url}/v1/completions", json={"prompt": "hello", "max_tokens": 30000},
+                   headers={"Authorization": f"Bearer {KEY}"}, timeout=3)
+    tic = time.time()
+    r = tiny_served.post("/v1/completions", {"prompt": "hello", "max_tokens": 1})
+    assert r.status_code == 200 and time.time() - tic < 30  # 30000 tokens would take minutes here
+
+
+def test_serve_flags_set_the_default_sampling_and_the_template(tiny_folder, tmp_path):
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}X{{ m['content'] }}{% endfor %}")
+    s = Served("--model", str(tiny_folder), "--temp", "5", "--top-k", "0", "--chat-template", str(template))
+    try:
+        def chat(**fields):
+            r = s.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hello"}],
+                                                "max_tokens": 12, **fields}, key=None)
+            return r.json()
+
+        hot = {chat(seed=seed)["choices"][0]["message"]["content"] for seed in (1, 2, 3)}
+        cold = {chat(seed=seed, temperature=0)["choices"][0]["message"]["content"] for seed in (1, 2, 3)}
+        assert len(hot) > 1 and len(cold) == 1  # --temp 5 samples; a request's own temperature wins
+        assert chat()["usage"]["prompt_tokens"] == len(s.post("/tokenize", {"content": "Xhello"}, key=None)
+                                                       .json()["tokens"])
+    finally:
+        assert s.stop() == 0, s.stderr
+
+
+def test_serve_refuses_a_chat_template_that_is_not_one(tmp_path):
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{% for m in messages %}")
+    for path in (str(broken), str(tmp_path / "missing.jinja")):
+        r = run_cli("serve", "--chat-template", path, "--port", "0", timeout=120)
+        assert r.returncode == 2 and "--chat-template" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_connection_that_begins_no_request_is_closed(tiny_served):
+    host, port = tiny_served.url.removeprefix("http://").split(":")
+    for first in (b"", b"GET /health HTTP/1.1\r\nHo"):  # silent, or headers that trickle and stop
+        with socket.create_connection((host, int(port)), timeout=60) as sock:
+            sock.sendall(first)
+            tic = time.time()
+            assert sock.recv(1024) == b"" and time.time() - tic < 3 * server.HEADER_SECONDS
+    assert tiny_served.get("/health").status_code == 200
