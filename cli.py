@@ -258,7 +258,7 @@ def generate_command(model, dtype, kernels, prompt, prompt_file, system, raw, qu
         sys.stdout.write("\n")
         sys.stdout.flush()
     except ValueError as e:
-        raise click.ClickException(str(e)) from None
+        raise click.ClickException(f"{e}; --max-kv-size sets the context" if "context" in str(e) else str(e)) from None
     except BrokenPipeError:
         quiet_broken_pipe()
     if last.finish_reason == "context":

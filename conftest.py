@@ -238,6 +238,7 @@ def packaged_mlx_lm(packaged):
 
 
 STATS = (r"prefill: \d+ tokens, \d+\.\d\d tok/s \| decode: \d+ tokens, \d+\.\d\d tok/s \| peak memory: \d+\.\d\d GB"
+         r"( \| prompt cache: \d+ tokens)?"
          r"( \| speculative: \d+% of \d+ proposed accepted, \d+\.\d\d tokens per verifier step)?")
 
 

@@ -87,9 +87,11 @@ class Event(NamedTuple):
 
 def stats_line(stats: Stats, usage: Usage) -> str:
     """One line, as the commands print it after an answer."""
-    line = (f"prefill: {usage.prompt_tokens} tokens, {stats.prompt_tps:.2f} tok/s | "
+    line = (f"prefill: {usage.prompt_tokens - usage.cached_tokens} tokens, {stats.prompt_tps:.2f} tok/s | "
             f"decode: {usage.completion_tokens} tokens, {stats.generation_tps:.2f} tok/s | "
             f"peak memory: {stats.peak_memory:.2f} GB")
+    if usage.cached_tokens:
+        line += f" | prompt cache: {usage.cached_tokens} tokens"
     if stats.verify_steps:
         accepted = stats.accepted / stats.proposed if stats.proposed else 0.0
         line += (f" | speculative: {accepted:.0%} of {stats.proposed} proposed accepted, "

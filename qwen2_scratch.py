@@ -1,19 +1,22 @@
-"""Qwen2 from scratch in pure MLX: the forward pass, a KV cache, sampling and generation.
+"""Qwen2 from scratch in pure MLX: the forward pass, a KV cache, sampling, perplexity.
 
 The model is a set of pure functions over one nested parameter dict that keeps the
 checkpoint's own key names: params["model"]["layers"][i]["self_attn"]["q_proj"]["weight"].
 It follows week 1 of the tiny-llm course: softmax and linear, attention, RoPE, grouped-query
 attention, RMSNorm and the SwiGLU MLP, the transformer block, the whole model, then text.
+A batch is one more axis: its rows may hold sequences of different lengths, each at its own
+offset. Generating text from it (many requests at once) is engine.py's work.
 
 Map of this file, top to bottom:
     Config                    the checkpoint's hyper-parameters, Hugging Face names
     Day 1                     softmax, linear, causal mask, grouped-query attention
     Day 2                     RoPE
-    Day 4                     RMSNorm, SiLU, the SwiGLU MLP; then mx.fast at the same call sites
+    Day 4                     RMSNorm, SiLU, the SwiGLU MLP
+    The kernels               ours, or mx.fast at the same call sites, chosen once per forward
     Day 3                     the attention layer, writing its keys and values into the cache
     Day 5                     the block, hidden states, logits, forward
-    The KV cache              plain data: per-layer arrays and an offset
-    Days 6 and 7              prefill, the compiled decode step, samplers, generate
+    The KV cache              plain data: per-layer arrays and one offset per row
+    Days 6 and 7              prefill in chunks, the compiled decode step, samplers, seeded keys
     Evaluation                perplexity
 
 Shape legend, used in every comment below:

@@ -42,6 +42,7 @@ from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 import engine as generation
+import grammar
 import weights
 from say import say
 
@@ -167,6 +168,7 @@ class Options(NamedTuple):
     logprobs: bool = False  # the chosen token's log-probability, from the model's distribution before sampling
     top_logprobs: int = 0  # and this many likeliest alternatives
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit before sampling)
+    constraint: grammar.Constraint | None = None  # response_format's grammar (structured output)
 
 
 def logit_bias(body: dict, vocab_size: int) -> tuple[tuple[int, float], ...]:
@@ -228,11 +230,15 @@ def parse_options(body: dict, kind: str, defaults: Defaults) -> Options:
     if stream_options is not None and (not stream or not isinstance(stream_options, dict)):
         raise ApiError(400, "stream_options must be an object, and only with stream: true", "stream_options")
     wanted, top = log_probabilities(body, kind)
+    try:
+        constraint = grammar.from_response_format(body.get("response_format"))
+    except ValueError as e:
+        raise ApiError(400, str(e), "response_format") from None
     return Options(
         sampling=sampling, max_tokens=max_tokens, stops=stop_strings(body),
         seed=number(body, "seed", None, low=0, high=MAX_INT, integer=True),  # MLX seeds are unsigned
         stream=stream, include_usage=flag(stream_options or {}, "include_usage"),
-        logprobs=wanted, top_logprobs=top, logit_bias=logit_bias(body, defaults.vocab_size))
+        logprobs=wanted, top_logprobs=top, logit_bias=logit_bias(body, defaults.vocab_size), constraint=constraint)
 
 
 def unsupported(options: Options, body: dict, features: frozenset) -> None:
@@ -298,7 +304,7 @@ class Engine:
     generation_config.json), as Sampling's field names.
     """
 
-    features = frozenset({"logprobs", "logit_bias"})  # the optional fields it honours (the rest get 400)
+    features = frozenset({"logprobs", "logit_bias", "response_format"})  # the optional fields it honours
 
     def __init__(self, params, config, tokenizer, name: str, defaults: dict, kernels="reference",
                  max_kv_size=None, parallel: int = 8):
@@ -329,9 +335,11 @@ class Engine:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         request = generation.Request(tuple(ids), options.sampling, options.max_tokens, options.stops, options.seed,
-                                     scope, options.logit_bias, options.top_logprobs)
+                                     scope, options.logit_bias, options.top_logprobs, options.constraint)
         try:
-            handle = self.engine.submit(request, lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
+            # in a thread: a first grammar builds the grammar engine's view of the vocabulary (seconds)
+            handle = await asyncio.to_thread(self.engine.submit, request,
+                                             lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
         except ValueError as e:
             raise ApiError(400, str(e)) from None
         watch = asyncio.ensure_future(asyncio.to_thread(cancelled.wait))  # the client left: free its row

@@ -13,13 +13,13 @@ import subprocess
 import sys
 import time
 
-import mlx.core as mx
 import pytest
-from conftest import COMMAND, LOGITS_ATOL_F32, STATS, assert_close, run_cli, tiny_model
 from mlx.utils import tree_flatten, tree_unflatten
 
 import chat as chat_module
 import weights
+from conftest import COMMAND, STATS, run_cli, tiny_model
+from engine import Engine, Request
 
 # ---------------------------------------------------------------------------------------------
 # Chat: scripted through pipes, and through a pseudo-terminal for Ctrl-C
@@ -36,7 +36,9 @@ def prefills(stderr):
 
 
 def test_chat_script_prints_only_answers_and_reuses_the_cache(tiny_folder):
-    result = chat("hello world", "the quick brown fox", model=tiny_folder, args=["--max-tokens", "12", "--temp", "0"])
+    system = "the lazy dog " * 100  # more than one prefill chunk: the second turn reuses the first's whole chunks
+    result = chat("hello world", "the quick brown fox", model=tiny_folder,
+                  args=["--max-tokens", "12", "--temp", "0", "--system", system])
     assert result.returncode == 0, result.stderr
     answers = result.stdout.split("\n\n")
     assert len(answers) == 3 and answers[2] == "" and all(answers[:2])  # each answer, then an empty line
@@ -44,19 +46,20 @@ def test_chat_script_prints_only_answers_and_reuses_the_cache(tiny_folder):
     first, second = prefills(result.stderr)
     tokenizer = weights.load_tokenizer(tiny_folder)
     full = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "hello world"}, {"role": "assistant", "content": answers[0]},
-         {"role": "user", "content": "the quick brown fox"}], add_generation_prompt=True)
-    assert second < len(full) - first + 2, "the second turn should prefill only what the cache lacks"
+        [{"role": "system", "content": system}, {"role": "user", "content": "hello world"},
+         {"role": "assistant", "content": answers[0]}, {"role": "user", "content": "the quick brown fox"}],
+        add_generation_prompt=True)
+    chunk = q.prefill_chunk()
+    assert second == len(full) - first // chunk * chunk, "the second turn prefills what the cache's whole chunks lack"
     assert len(re.findall(STATS, result.stderr)) == 2
 
 
-def make_chat(tokenizer_dir, system=None, **overrides):
+def make_chat(tokenizer_dir, system=None, max_tokens=12):
     """A Chat over a tiny random model (one that does end its answers)."""
     model, raw = tiny_model()
     params, config = tree_unflatten(tree_flatten(model.parameters())), q.config_from_dict(raw)
-    options = dict(max_tokens=12, max_kv_size=None) | overrides
-    return chat_module.Chat(params, config, weights.load_tokenizer(tokenizer_dir), system, q.Sampling(temp=1.0),
-                            **options)
+    runner = Engine(params, config, weights.load_tokenizer(tokenizer_dir))
+    return chat_module.Chat(runner, system, q.Sampling(temp=1.0), max_tokens)
 
 
 def second_answer(tokenizer_dir, *lines, system=None):
@@ -67,10 +70,9 @@ def second_answer(tokenizer_dir, *lines, system=None):
         if line.startswith("/"):
             c.command(line)
         else:
-            mx.random.seed(0)
             for _ in c.reply(line, c.fit(line, print), print):
                 pass
-    return c.last_report["generated"]
+    return c.turns[-1][1]
 
 
 def test_chat_history_reset_and_system(tiny_folder, tiny_tokenizer_dir):
@@ -88,19 +90,15 @@ def test_chat_history_reset_and_system(tiny_folder, tiny_tokenizer_dir):
     assert "unknown command /nope" in result.stderr and result.stdout.count("\n\n") == 1
 
 
-def test_chat_cache_reuse_gives_the_logits_of_a_fresh_prefill(tiny_tokenizer_dir):
-    c = make_chat(tiny_tokenizer_dir)
-    for line in ("hello world", "the quick brown fox"):
+def test_a_turn_answers_as_a_fresh_engine_would_whatever_the_prompt_cache_holds(tiny_tokenizer_dir):
+    c = make_chat(tiny_tokenizer_dir, system="the quick brown fox " * 80)  # the history spans whole chunks
+    for line in ("hello world", "the quick brown fox", "jumps over the lazy dog"):
         ids = c.fit(line, print)
-        for _ in c.reply(line, ids, print):
-            pass
-    ids = c.fit("jumps over the lazy dog", print)
-    reuse = q.common_prefix(c.cached, ids)
-    assert len(ids) - reuse < len(ids) // 2, "most of the history should come from the cache"
-    reused, _ = q.prefill(c.params, c.config, mx.array(ids[reuse:])[None],
-                          {"layers": c.cache["layers"], "offset": mx.array(reuse)})
-    fresh, _ = q.prefill(c.params, c.config, mx.array(ids)[None], q.new_cache(c.config))
-    assert_close(reused, fresh, 0, LOGITS_ATOL_F32, "logits after cache reuse")
+        answer = "".join(c.reply(line, ids, print))
+        assert c.last.usage.cached_tokens > 0 or line == "hello world"
+        fresh = make_chat(tiny_tokenizer_dir)
+        request = Request(tuple(ids), c.sampling, c.max_tokens, seed=c.seed + len(c.turns) - 1)
+        assert answer == "".join(e.text for e in fresh.engine.generate(request)), line
 
 
 def test_chat_drops_the_oldest_turns_when_the_history_overflows(tiny_folder):

@@ -92,7 +92,7 @@ def test_generate_rejects_an_empty_prompt_and_raw_with_system(tiny_folder):
 
 def test_generate_prompt_longer_than_the_context_is_an_error(tiny_folder):
     result = invoke("generate", "-m", str(tiny_folder), "--prompt", "hello world " * 20, "--max-kv-size", "8")
-    assert result.exit_code == 1 and "--max-kv-size is 8" in result.output
+    assert result.exit_code == 1 and "the context holds 8" in result.output and "--max-kv-size" in result.output
 
 
 def test_generate_stops_at_the_context_limit_with_a_notice(tiny_folder):

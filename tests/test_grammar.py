@@ -149,6 +149,7 @@ def constrained_generate(packaged, gt, ids, states, sampling, max_tokens=40):
             break
         cache = q.reserve(cache, pos + 1)
         logits, cache = q.compiled_decode_step(params, config, mx.array(tokens)[:, None], cache)
+        logits = logits[:, -1]
         pos += 1
     assert all(done), f"a row did not finish in {max_tokens} tokens: {[tokenizer.decode(r) for r in rows]}"
     return [tokenizer.decode(r) for r in rows]

@@ -88,7 +88,7 @@ def test_stop_text_is_linear_in_the_text_even_with_four_longest_stops():
     matcher, sent, tic = engine.StopMatcher(stops), [], time.perf_counter()
     for _ in range(5000):  # 5000 tokens of 4 characters: the old matcher took seconds per token here
         text, hit = matcher.feed("aaaa")
-        assert not hit and len(matcher.pending) < server.MAX_STOP_CHARS
+        assert not hit and len(matcher.held) < server.MAX_STOP_CHARS
         sent.append(text)
     assert time.perf_counter() - tic < 5
     text, hit = matcher.feed("b")
@@ -298,7 +298,9 @@ def test_greedy_chat_equals_generate_streamed_or_not_with_usage(served, packaged
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == r.choices[0].finish_reason
     assert chunks[-1].usage.completion_tokens == report["generation_tokens"]
-    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == len(ids) - 1, "the same prompt again: all cached"
+    # the same prompt again: its whole prefill chunks come from the prompt cache (here none: it is short)
+    chunk = q.prefill_chunk()
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == (len(ids) - 1) // chunk * chunk
 
 
 @pytest.mark.packaged_model
@@ -333,13 +335,15 @@ def test_stop_cuts_before_the_stop_text(served, packaged):
 @pytest.mark.packaged_model
 def test_an_extended_conversation_reuses_the_cached_prefix(served, packaged):
     client = served.client()
-    first = client.chat.completions.create(model="qwen2.5-coder-0.5b-instruct", messages=MESSAGES, temperature=0,
-                                           max_tokens=6)
-    longer = MESSAGES + [{"role": "assistant", "content": first.choices[0].message.content},
-                         {"role": "user", "content": "Now the cube."}]
+    system = [{"role": "system", "content": "You answer questions about Python. " * 60}]  # > one prefill chunk
+    first = client.chat.completions.create(model="qwen2.5-coder-0.5b-instruct", messages=system + MESSAGES,
+                                           temperature=0, max_tokens=6)
+    longer = system + MESSAGES + [{"role": "assistant", "content": first.choices[0].message.content},
+                                  {"role": "user", "content": "Now the cube."}]
     second = client.chat.completions.create(model="qwen2.5-coder-0.5b-instruct", messages=longer, temperature=0,
                                             max_tokens=2)
-    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
+    chunk = q.prefill_chunk()
+    assert second.usage.prompt_tokens_details.cached_tokens == first.usage.prompt_tokens // chunk * chunk > 0
     assert second.usage.prompt_tokens > first.usage.prompt_tokens + first.usage.completion_tokens
 
 
@@ -521,7 +525,7 @@ def test_numbers_and_stream_options_beyond_reason_are_400_before_any_stream(tiny
     tic = time.time()  # four of the longest stops: answered as fast as none
     r = tiny_served.post("/v1/completions", {"prompt": "hello", "max_tokens": 50, "stop": ["a" * 1024] * 4})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 50 and time.time() - tic < 60
-    for field in ({"logprobs": 2}, {"logit_bias": {"5": 10}}, {"response_format": {"type": "json_object"}}):
+    for field in ({"logprobs": 6}, {"logit_bias": {"5": 101}}, {"response_format": {"type": "yaml"}}):
         error = error_of(tiny_served.post("/v1/completions", {"prompt": "x", **field}), 400)
         assert error["param"] == next(iter(field))
 
@@ -546,13 +550,15 @@ def test_names_defaults_tokenize_and_metrics(tiny_served):
         return float(found.group(1)) if found else 0.0
 
     before = tiny_served.get("/metrics").text
-    r = client.completions.create(model=TINY, prompt="hello world", max_tokens=4, temperature=0)
+    long = "hello world " * 150  # more than one prefill chunk: its first chunk is cached by the first request
+    client.completions.create(model=TINY, prompt=long, max_tokens=1, temperature=0)
+    r = client.completions.create(model=TINY, prompt=long, max_tokens=4, temperature=0)
     after = tiny_served.get("/metrics")
     assert after.headers["content-type"].startswith("text/plain")
-    for name, grew in [("qwen2_scratch_prompt_tokens_total", r.usage.prompt_tokens),
-                       ("qwen2_scratch_generated_tokens_total", 4),
+    for name, grew in [("qwen2_scratch_prompt_tokens_total", 2 * r.usage.prompt_tokens),
+                       ("qwen2_scratch_generated_tokens_total", 5),
                        ("qwen2_scratch_cached_prompt_tokens_total", r.usage.prompt_tokens_details.cached_tokens),
-                       ('qwen2_scratch_requests_total{endpoint="/v1/completions",status="200"}', 1)]:
+                       ('qwen2_scratch_requests_total{endpoint="/v1/completions",status="200"}', 2)]:
         assert value(after.text, name) - value(before, name) == grew, name
     assert r.usage.prompt_tokens_details.cached_tokens > 0  # the same prompt as before: a cache hit
     assert value(after.text, "qwen2_scratch_prompt_cache_hits_total") >= 1
@@ -603,3 +609,44 @@ def test_a_connection_that_begins_no_request_is_closed(tiny_served):
             tic = time.time()
             assert sock.recv(1024) == b"" and time.time() - tic < 3 * server.HEADER_SECONDS
     assert tiny_served.get("/health").status_code == 200
+
+
+def test_logprobs_logit_bias_and_structured_output(tiny_served):
+    """Log-probabilities in OpenAI's shapes (streamed or not, chat and completions), a logit bias that forces
+    a token, and JSON output that parses and validates against its schema."""
+    import jsonschema
+
+    client = tiny_served.client()
+    r = client.chat.completions.create(model=TINY, messages=MESSAGES, max_tokens=5, temperature=0, logprobs=True,
+                                       top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == 5 and "".join(c.token for c in content) == r.choices[0].message.content
+    for c in content:
+        assert len(c.top_logprobs) == 3 and c.top_logprobs[0].logprob == max(t.logprob for t in c.top_logprobs)
+        assert c.logprob <= 0 and c.logprob == c.top_logprobs[0].logprob  # greedy: the likeliest
+        assert bytes(c.bytes).decode() == c.token
+    chunks = list(client.chat.completions.create(model=TINY, messages=MESSAGES, max_tokens=5, temperature=0,
+                                                 logprobs=True, stream=True))
+    streamed = [c for chunk in chunks if chunk.choices and chunk.choices[0].logprobs
+                for c in chunk.choices[0].logprobs.content]
+    assert [(c.token, c.logprob) for c in streamed] == [(c.token, c.logprob) for c in content]
+    text = client.completions.create(model=TINY, prompt="hello", max_tokens=3, temperature=0, logprobs=2)
+    assert len(text.choices[0].logprobs.tokens) == 3 and all(len(t) == 2 for t in text.choices[0].logprobs.top_logprobs)
+    fox = tiny_served.post("/tokenize", {"content": "fox"}).json()["tokens"][0]
+    forced = client.completions.create(model=TINY, prompt="hello", max_tokens=3, temperature=0,
+                                       logit_bias={str(fox): 100})
+    assert forced.choices[0].text == tiny_served.post("/detokenize", {"tokens": [fox] * 3}).json()["content"]
+    schema = {"type": "object", "properties": {"animal": {"enum": ["fox", "dog"]}, "quick": {"type": "boolean"}},
+              "required": ["animal", "quick"], "additionalProperties": False}
+    for temperature in (0, 1.0):
+        r = client.chat.completions.create(model=TINY, messages=MESSAGES, max_tokens=60, temperature=temperature,
+                                           response_format={"type": "json_schema",
+                                                            "json_schema": {"name": "animal", "schema": schema}})
+        jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+        assert r.choices[0].finish_reason == "stop"
+    r = client.chat.completions.create(model=TINY, messages=MESSAGES, max_tokens=60, temperature=0,
+                                       response_format={"type": "json_object"})
+    assert isinstance(json.loads(r.choices[0].message.content), dict)
+    bad = tiny_served.post("/v1/chat/completions", {"messages": MESSAGES, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}})
+    assert error_of(bad, 400)["param"] == "response_format"
