@@ -502,12 +502,12 @@ def start_server(argv: list[str], port: int, env: dict) -> subprocess.Popen:
     raise BenchError(f"{argv[0]} did not answer on port {port} within 300 s")
 
 
-def mlx_lm_float32(folder) -> str:
-    """The model as an mlx_lm float32 folder (converted once into our cache), for mlx_lm.server."""
-    out = weights.cache_root() / "mlx-lm-float32" / folder.name
+def mlx_lm_folder(folder, dtype: str) -> str:
+    """The model as an mlx_lm folder of dtype (converted once into our cache), for mlx_lm.server."""
+    out = weights.cache_root() / f"mlx-lm-{dtype}" / folder.name
     if not (out / "config.json").is_file():
         subprocess.run([sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(folder), "--mlx-path", str(out),
-                        "--dtype", "float32"], check=True, capture_output=True)
+                        "--dtype", dtype], check=True, capture_output=True)
     return str(out)
 
 
@@ -558,7 +558,7 @@ def run_serve(model=None, dtype=None, levels=(1, 8, 32), max_tokens=48, trials=1
     ours = [sys.executable, "-m", "cli", "serve", "--port", str(ports["ours"]), "--dtype", dtype]
     ours += (["--model", model] if model else []) + (["--parallel", str(parallel)] if parallel else [])
     theirs = [sys.executable, "-m", "mlx_lm", "server", "--port", str(ports["mlx_lm"]), "--model",
-              mlx_lm_float32(folder) if dtype == "float32" else str(folder)]
+              mlx_lm_folder(folder, dtype)]
     env = {}
     if (state := blas.load()).kind == "openblas":  # our BLAS under mlx_lm too: the same matmuls
         env = {"LD_PRELOAD": str(state.adapter), "LD_LIBRARY_PATH": str(blas.library_dir())}
