@@ -15,6 +15,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import mlx.core as mx
@@ -490,10 +491,12 @@ def start_server(argv: list[str], port: int, env: dict) -> subprocess.Popen:
     """A server in a process of its own, once /v1/models answers."""
     import httpx
 
-    proc = subprocess.Popen(argv, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = tempfile.TemporaryFile()  # not a pipe: a server that logs every request would fill it and stall
+    proc = subprocess.Popen(argv, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=log)
     for _ in range(600):
         if proc.poll() is not None:
-            raise BenchError(f"{argv[0]} {argv[1:3]} exited: {proc.stderr.read().decode()[-500:]}")
+            log.seek(0)
+            raise BenchError(f"{argv[0]} {argv[1:3]} exited: {log.read().decode(errors='replace')[-500:]}")
         with contextlib.suppress(httpx.HTTPError):
             if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).status_code == 200:
                 return proc
