@@ -518,7 +518,7 @@ def one_client(port: int, question: str, max_tokens: int) -> dict:
     """One streamed greedy chat completion: time to first token, latency, tokens."""
     import httpx
 
-    body = {"model": "default", "messages": [{"role": "user", "content": question}], "temperature": 0,
+    body = {"messages": [{"role": "user", "content": question}], "temperature": 0,  # each server's own model
             "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True}}
     tic, first, chunks, usage = time.perf_counter(), None, 0, None
     with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=3600) as r:
@@ -538,10 +538,15 @@ def burst(port: int, clients: int, max_tokens: int) -> dict:
     """`clients` requests at once: aggregate tokens/s, and time-to-first-token and latency percentiles."""
     from concurrent.futures import ThreadPoolExecutor
 
+    import httpx
+
     tic = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        runs = list(pool.map(lambda i: one_client(port, SERVE_QUESTIONS[i % len(SERVE_QUESTIONS)], max_tokens),
-                             range(clients)))
+    try:
+        with ThreadPoolExecutor(clients) as pool:
+            runs = list(pool.map(lambda i: one_client(port, SERVE_QUESTIONS[i % len(SERVE_QUESTIONS)], max_tokens),
+                                 range(clients)))
+    except httpx.HTTPError as e:
+        raise BenchError(f"the server on port {port} failed a request: {type(e).__name__}: {e}") from None
     wall = time.perf_counter() - tic
 
     def pct(key, p):
