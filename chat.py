@@ -16,8 +16,9 @@ import sys
 import termios
 import threading
 
-import jinja2
 import mlx.core as mx
+
+import prompts
 
 __all__ = ["Chat", "repl"]
 
@@ -51,7 +52,7 @@ class Chat:
         for u, a in self.turns:
             messages += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
         messages.append({"role": "user", "content": user})
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return prompts.encode_chat(self.tokenizer, messages)
 
     def fit(self, user: str, notice) -> list[int] | None:
         """The prompt ids, dropping the oldest turns until they fit the cache, or None."""
@@ -268,8 +269,8 @@ def talk(chat: Chat, interactive: bool, ctrl_c: CtrlC, quiet: bool) -> None:
         elif line:
             try:
                 answer(chat, line, interactive, ctrl_c, quiet)
-            except jinja2.TemplateError as e:
-                notice(f"error: the model's chat template refused this turn ({e}); it was not sent")
+            except prompts.PromptError as e:
+                notice(f"error: {e}; this turn was not sent")
             except KeyboardInterrupt:
                 sys.stdout.write("\n")
                 sys.stdout.flush()

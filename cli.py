@@ -14,12 +14,12 @@ import os
 import sys
 
 import click
-import jinja2
 import mlx.core as mx
 
 import bench
 import blas
 import chat
+import prompts
 import server
 import speculative
 import weights
@@ -159,12 +159,12 @@ def utf8_prompt(prompt: str | None, prompt_file) -> str:
 
 def templated(tokenizer, messages: list[dict]) -> list[int]:
     """The chat template applied, or one line: there is none (we do not guess one), or it refused."""
-    if tokenizer.chat_template is None:
+    if not tokenizer.chat_template:
         raise click.ClickException("this model has no chat template; use generate --raw to continue plain text")
     try:
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    except jinja2.TemplateError as e:
-        raise click.ClickException(f"the model's chat template refused the messages: {e}") from None
+        return prompts.encode_chat(tokenizer, messages)
+    except prompts.PromptError as e:
+        raise click.ClickException(str(e)) from None
 
 
 def quiet_broken_pipe():
@@ -238,7 +238,7 @@ def generate_command(model, dtype, kernels, prompt, prompt_file, system, raw, qu
     sampling = sampling_from(o, model, GREEDY)
     speculation = speculation_from(o, speculate, dtype, kernels, config, tokenizer)
     if raw:
-        ids = tokenizer.encode(prompt)
+        ids = prompts.encode_text(tokenizer, prompt)
     else:
         messages = ([{"role": "system", "content": system}] if system is not None else [])
         ids = templated(tokenizer, messages + [{"role": "user", "content": prompt}])
@@ -322,7 +322,7 @@ def perplexity_command(model, dtype, kernels, path, context, as_json):
         raise click.BadParameter(f"{path} is not a readable UTF-8 file ({e})", param_hint="--file") from None
     params, config, tokenizer = load_model(model, dtype)
     try:
-        result = q.perplexity(params, config, tokenizer.encode(text), context, kernels)
+        result = q.perplexity(params, config, prompts.encode_text(tokenizer, text), context, kernels)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     if as_json:

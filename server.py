@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
+import prompts
 import weights
 
 __all__ = ["Engine", "app", "listen", "serve", "ApiError", "exposure_warning", "MAX_BODY_BYTES", "DEFAULT_MAX_TOKENS"]
@@ -410,9 +411,9 @@ async def chat_completions(request, engine: Engine):
     check_model(engine, body)
     messages, options = chat_messages(body), generation_options(body, engine.defaults)
     try:
-        ids = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    except Exception as e:  # the template's own errors (jinja raises many kinds)
-        raise ApiError(400, f"the chat template rejects these messages: {e}", "messages") from None
+        ids = prompts.encode_chat(engine.tokenizer, messages)
+    except prompts.PromptError as e:  # the template is missing, refused the messages or ran past its limits
+        raise ApiError(400, str(e), "messages") from None
     engine.check_fits(ids, "messages")
     head = envelope(engine, "chat")
     sent_role = []
@@ -437,7 +438,7 @@ async def completions(request, engine: Engine):
     body = await read_json(request)
     check_model(engine, body)
     prompt, options = completion_prompt(body), generation_options(body, engine.defaults)
-    ids = engine.tokenizer.encode(prompt)
+    ids = prompts.encode_text(engine.tokenizer, prompt)
     engine.check_fits(ids, "prompt")
     head = envelope(engine, "text")
 

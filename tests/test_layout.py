@@ -11,7 +11,7 @@ import zipfile
 
 from conftest import HERE, run_cli
 
-MODULES = ["qwen2_scratch", "weights", "speculative", "blas", "chat", "bench", "server", "cli"]
+MODULES = ["qwen2_scratch", "weights", "speculative", "prompts", "blas", "chat", "bench", "server", "cli"]
 
 
 def lint_imports(source):
