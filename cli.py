@@ -55,6 +55,14 @@ class Finite(click.FloatRange):
         return value
 
 
+COUNT_MAX = 2**63 - 1  # counts beyond 64 bits reach MLX as a failed cast (std::bad_cast), not a usage error
+
+
+def Count(min: int) -> click.IntRange:  # noqa: N802 (a type, as click's are)
+    """A whole number of things (tokens, proposals), at least min, within 64 bits."""
+    return click.IntRange(min, COUNT_MAX)
+
+
 GREEDY = {"temp": 0.0}
 QWEN_CHAT = {"temp": 0.7, "top_p": 0.8, "repetition_penalty": 1.05}  # Qwen's guidance for its chat models
 
@@ -67,23 +75,23 @@ def sampling_options(fallback: dict, max_tokens: int):
 
     def decorate(f):
         for option in reversed([
-            click.option("--max-tokens", type=click.IntRange(min=1), default=max_tokens, show_default=True,
+            click.option("--max-tokens", type=Count(min=1), default=max_tokens, show_default=True,
                          help="Most tokens to generate."),
             click.option("--temp", type=Finite(min=0), default=None,
                          help=f"Sampling temperature; 0 is greedy {default('temp', 0)}."),
             click.option("--top-p", type=Finite(0, 1, min_open=True), default=None,
                          help=f"Nucleus sampling; 1 is off {default('top_p', 1)}."),
-            click.option("--top-k", type=click.IntRange(min=0), default=None,
+            click.option("--top-k", type=Count(min=0), default=None,
                          help=f"Keep the k likeliest tokens; 0 is off {default('top_k', 0)}."),
             click.option("--min-p", type=Finite(0, 1), default=0.0, show_default=True,
                          help="Drop tokens less likely than min-p times the likeliest; 0 is off."),
             click.option("--repetition-penalty", type=Finite(min=0, min_open=True), default=None,
                          help=f"Penalty for recent tokens; 1 is off {default('repetition_penalty', 1)}."),
-            click.option("--repetition-context", type=click.IntRange(min=1), default=20, show_default=True,
+            click.option("--repetition-context", type=Count(min=1), default=20, show_default=True,
                          help="How many recent tokens the penalty looks at."),
             click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=0, show_default=True,
                          help="Random seed for sampling."),
-            click.option("--max-kv-size", type=click.IntRange(min=1), default=None,
+            click.option("--max-kv-size", type=Count(min=1), default=None,
                          help="Most tokens the KV cache holds [default: the model's max_position_embeddings]."),
         ]):
             f = option(f)
@@ -93,7 +101,7 @@ def sampling_options(fallback: dict, max_tokens: int):
 
 def speculation_options(f):
     """--speculate, --draft-model and --num-draft, the same on generate and chat."""
-    f = click.option("--num-draft", type=click.IntRange(min=1), default=speculative.NUM_DRAFT, show_default=True,
+    f = click.option("--num-draft", type=Count(min=1), default=speculative.NUM_DRAFT, show_default=True,
                      help="Proposals checked per verifier step (k).")(f)
     f = click.option("--draft-model", default=None, metavar="M",
                      help="A smaller model with the same tokenizer (any --model source), for --speculate draft.")(f)
@@ -142,14 +150,33 @@ def load_model(model, dtype):
         raise click.ClickException(str(e)) from None
 
 
+INPUT_LIMIT = 16 * 2**20  # bytes of a prompt or a perplexity file: far beyond any context, short of /dev/zero
+
+
+def bounded_read(f, hint: str) -> bytes:
+    """All of a binary file, or a one-line error past INPUT_LIMIT (/dev/zero, a runaway pipe)."""
+    data = f.read(INPUT_LIMIT + 1)
+    if len(data) > INPUT_LIMIT:
+        raise click.BadParameter(f"the input is larger than {INPUT_LIMIT // 2**20} MiB, the most read",
+                                 param_hint=hint)
+    return data
+
+
+def stdin_closed() -> bool:
+    """Whether the command started with stdin closed (<&-): main put /dev/null in its place."""
+    return getattr(sys.stdin, "name", None) == os.devnull
+
+
 def utf8_prompt(prompt: str | None, prompt_file) -> str:
     """The prompt: as given, from stdin for -, or the file's; refused with one line if it is not UTF-8."""
     if (prompt is None) == (prompt_file is None):
         raise click.UsageError("give the prompt with --prompt or --prompt-file (one of them)")
+    if prompt == "-" and stdin_closed():
+        raise click.BadParameter("--prompt - reads standard input, which is closed", param_hint="--prompt")
     try:
         if prompt_file is not None:
-            return prompt_file.read().decode("utf-8")
-        text = sys.stdin.buffer.read().decode("utf-8") if prompt == "-" else prompt
+            return bounded_read(prompt_file, "--prompt-file").decode("utf-8")
+        text = bounded_read(sys.stdin.buffer, "--prompt").decode("utf-8") if prompt == "-" else prompt
         text.encode("utf-8")  # argv arrives with undecodable bytes as lone surrogates
         return text
     except (UnicodeDecodeError, UnicodeEncodeError):
@@ -301,7 +328,7 @@ def chat_command(model, dtype, kernels, system, quiet, **o):
 @cli.command("perplexity")
 @model_options
 @click.option("--file", "path", required=True, type=click.Path(dir_okay=False), help="A UTF-8 text file.")
-@click.option("--context", type=click.IntRange(min=2), default=1024, show_default=True,
+@click.option("--context", type=Count(min=2), default=1024, show_default=True,
               help="Tokens per window; the file is split into consecutive windows of this many.")
 @click.option("--json", "as_json", is_flag=True, help='Print only {"tokens", "nll", "perplexity"} as JSON.')
 def perplexity_command(model, dtype, kernels, path, context, as_json):
@@ -315,7 +342,8 @@ def perplexity_command(model, dtype, kernels, path, context, as_json):
       qwen2-scratch perplexity --file README.md --json
     """
     try:
-        text = open(path, encoding="utf-8").read()
+        with open(path, "rb") as f:
+            text = bounded_read(f, "--file").decode("utf-8")
     except FileNotFoundError:
         raise click.BadParameter(f"{path} does not exist", param_hint="--file") from None
     except (OSError, UnicodeDecodeError) as e:
@@ -353,9 +381,9 @@ def pull_command(model):
 @click.option("--shape", type=click.Choice(list(bench.SHAPES)), default=None,
               help="Random weights of a real Qwen2 shape instead of --model (sizing hardware).")
 @click.option("--prompt-tokens", default="128,512", show_default=True, help="Prompt lengths, comma-separated.")
-@click.option("--gen-tokens", type=click.IntRange(min=2), default=128, show_default=True,
+@click.option("--gen-tokens", type=Count(min=2), default=128, show_default=True,
               help="Tokens decoded after the shortest prompt.")
-@click.option("--trials", type=click.IntRange(min=1), default=3, show_default=True,
+@click.option("--trials", type=Count(min=1), default=3, show_default=True,
               help="Trials; each figure is the median.")
 @click.option("--int4/--no-int4", default=True, show_default=True,
               help="Also time what mlx_lm gives by default: the int4 (group 64) model, and (CPU) mlx_lm "
@@ -410,7 +438,7 @@ def bench_command(model, dtype, kernels, shape, prompt_tokens, gen_tokens, trial
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True,
               help="Port to listen on; 0 picks a free one.")
 @click.option("--api-key", default=None, metavar="K", help="Require Authorization: Bearer K on /v1 requests.")
-@click.option("--max-kv-size", type=click.IntRange(min=2), default=None,
+@click.option("--max-kv-size", type=Count(min=2), default=None,
               help="Most tokens of context [default: the model's max_position_embeddings].")
 def serve_command(model, dtype, kernels, host, port, api_key, max_kv_size):
     """Serve the model through an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions).
@@ -449,17 +477,43 @@ def whole_numbers(text: str, flag: str, example: str) -> list[int]:
     return numbers
 
 
+def fill_closed_stdin() -> None:
+    """Started with stdin closed (<&-): /dev/null on descriptor 0, else the first file the command opens
+    (the weights) lands there and is read as stdin; stdin_closed() still tells."""
+    if sys.stdin is not None:
+        return
+    try:
+        os.fstat(0)
+    except OSError:
+        fd = os.open(os.devnull, os.O_RDONLY)
+        if fd != 0:
+            os.dup2(fd, 0)
+            os.close(fd)
+    sys.stdin = open(os.devnull, encoding="utf-8")
+
+
+def os_error_line(e: OSError) -> str:
+    """An OSError that reached main, named by its real cause: a deleted working directory, a file, or stdout."""
+    try:
+        os.getcwd()
+    except OSError:
+        return "the working directory no longer exists (deleted?); cd to one that does"
+    if e.filename is not None:
+        return f"{e.filename}: {e.strerror or e}"
+    return f"cannot write to standard output: {e.strerror or e}"  # a full disk, say
+
+
 def main():
     if sys.stdout is None:  # started with stdout closed (>&-)
         print("Error: standard output is closed; give the command somewhere to write", file=sys.stderr)
         sys.exit(1)
+    fill_closed_stdin()
     try:
         cli(standalone_mode=False)
     except BrokenPipeError:
         quiet_broken_pipe()
-    except OSError as e:  # stdout on a full disk, say: the path and the cause, then no retry at exit
-        name = "standard output" if e.filename is None else e.filename
-        print(f"Error: cannot write to {name}: {e.strerror or e}", file=sys.stderr)
+    except OSError as e:  # the cause in one line, then no retry of stdout's flush at exit
+        print(f"Error: {os_error_line(e)}", file=sys.stderr)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
     except click.ClickException as e:  # bad input: one line, exit 1 (usage errors: 2)

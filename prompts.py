@@ -22,7 +22,6 @@ from typing import NamedTuple
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from transformers.utils import chat_template_utils as hf_chat
 
 __all__ = ["PromptError", "encode_chat", "encode_text", "RENDER_SECONDS", "RENDER_CHARS"]
 
@@ -138,7 +137,7 @@ def compiled(source: str) -> Compiled:
     """The template compiled as transformers compiles it (its filters, globals and tags, taken from an
     empty template: compiling this one with transformers would fold its constants, 'x' * 3000000000
     included), in the bounded sandbox, unoptimized so that nothing runs before the limits do."""
-    theirs = hf_chat._compile_jinja_template("").environment
+    theirs = hf_chat()._compile_jinja_template("").environment
     env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True, optimized=False,
                          extensions=[type(e) for e in theirs.extensions.values()])
     env.filters.update({name: guarded(f) for name, f in theirs.filters.items()})
@@ -201,6 +200,13 @@ def render(template: jinja2.Template, context: dict) -> str:
     return text
 
 
+def hf_chat():
+    """transformers' chat-template helpers, imported on first use (transformers takes seconds to import)."""
+    from transformers.utils import chat_template_utils
+
+    return chat_template_utils
+
+
 def one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
@@ -220,13 +226,13 @@ def hf_tokenizer(tokenizer):
 def template_context(tokenizer, literal_text: str, messages: list[dict], add_generation_prompt: bool) -> dict:
     """What apply_chat_template hands the template, the control tokens in the user's strings marked as text."""
     hf = hf_tokenizer(tokenizer)
-    control = hf_chat._get_control_token_patterns(control_tokens(hf, literal_text))[0]
+    control = hf_chat()._get_control_token_patterns(control_tokens(hf, literal_text))[0]
     messages = [{k: v for k, v in m.items() if v is not None} for m in messages]  # as transformers does
     extra = {}
     if isinstance(getattr(tokenizer, "_thinking_kwarg", None), str):  # mlx_lm's wrapper passes its thinking switch
         extra[tokenizer._thinking_kwarg] = tokenizer.has_thinking
     return {**hf.special_tokens_map, **extra, "tools": None, "documents": None,
-            "messages": hf_chat._plain_template_data(hf_chat.mark_control_tokens(messages, control)),
+            "messages": hf_chat()._plain_template_data(hf_chat().mark_control_tokens(messages, control)),
             "add_generation_prompt": add_generation_prompt}
 
 
@@ -243,7 +249,7 @@ def encode_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = T
                                                       add_generation_prompt))
     try:
         with ENCODE_LOCK:
-            return hf_chat.encode_marked_chat(hf_tokenizer(tokenizer), text)
+            return hf_chat().encode_marked_chat(hf_tokenizer(tokenizer), text)
     except ValueError as e:  # a control token the tokenizer also makes from plain text
         raise PromptError(one_line(e)) from None
 
