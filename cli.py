@@ -142,9 +142,18 @@ def sampling_from(o: dict, model, fallback: dict) -> q.Sampling:
                                 repetition_context=o["repetition_context"])
 
 
+LOAD_MARGIN = 1.1  # bytes in flight while the weights are read and cast, over their final size
+
+
 def load_model(model, dtype):
-    """weights.load, with its errors as one-line Click errors."""
+    """weights.load, after checking the weights fit in memory (past it MLX crashes or hangs), with its
+    errors as one-line Click errors."""
     try:
+        folder = weights.resolve(model)
+        config = q.config_from_dict(weights.read_config(folder))
+        dtype = dtype or weights.default_dtype()
+        weights.check_memory(int(weights.weight_bytes(config, dtype) * LOAD_MARGIN),
+                             f"the model {folder.name} at {dtype}")
         return weights.load(model, dtype)
     except weights.ModelError as e:
         raise click.ClickException(str(e)) from None
@@ -349,6 +358,7 @@ def perplexity_command(model, dtype, kernels, path, context, as_json):
     except (OSError, UnicodeDecodeError) as e:
         raise click.BadParameter(f"{path} is not a readable UTF-8 file ({e})", param_hint="--file") from None
     params, config, tokenizer = load_model(model, dtype)
+    check_window(config, context)
     try:
         result = q.perplexity(params, config, prompts.encode_text(tokenizer, text), context, kernels)
     except ValueError as e:
@@ -358,6 +368,26 @@ def perplexity_command(model, dtype, kernels, path, context, as_json):
     else:
         click.echo(f"{result['tokens']} tokens, nll {result['nll']:.4f} nats/token, "
                    f"perplexity {result['perplexity']:.3f}")
+
+
+def window_bytes(config: q.Config, context: int) -> int:
+    """What scoring one window of --context tokens allocates beside the weights (float32): each layer's
+    attention scores (three [heads, C, C] arrays: scores, mask, softmax), the activations, a logits slice."""
+    scores = 3 * config.num_attention_heads * context * context
+    activations = context * (8 * config.hidden_size + 3 * config.intermediate_size)
+    logits = 3 * 256 * config.vocab_size
+    return 4 * (scores + activations + logits)
+
+
+def check_window(config: q.Config, context: int) -> None:
+    """--context within the model's positions and the memory at hand, else one line with the numbers."""
+    if context > config.max_position_embeddings:
+        raise click.BadParameter(f"{context} is beyond the model's {config.max_position_embeddings} positions "
+                                 "(max_position_embeddings)", param_hint="--context")
+    try:
+        weights.check_memory(window_bytes(config, context), f"--context {context}")
+    except weights.ModelError as e:
+        raise click.BadParameter(f"{e}; give a smaller one", param_hint="--context") from None
 
 
 @cli.command("pull")

@@ -496,3 +496,46 @@ def test_a_device_as_the_model_is_not_a_write_error():
     done = shell('"$Q" generate --model /dev/zero --prompt hi')
     one_error_line(done, "/dev/zero")
     assert "write" not in done.stderr, done.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory: what a run will allocate is checked against the limits before it allocates
+# ---------------------------------------------------------------------------------------------
+
+LIMITED = "ulimit -v 4000000; "  # 3.8 GiB of address space: the same limit on every machine
+
+
+def test_perplexity_context_beyond_the_positions_or_the_memory_is_refused(tmp_path, tiny_folder):
+    text = tmp_path / "long.txt"
+    text.write_text("the quick brown fox " * 5000)
+    done = shell(f'"$Q" perplexity -m {tiny_folder} --file {text} --context 100000')
+    one_error_line(done, "--context", "100000", "32768 positions", returncode=2)
+    done = shell(LIMITED + f'"$Q" perplexity -m {tiny_folder} --file {text} --context 32768')
+    one_error_line(done, "--context 32768 needs about", "GiB", "ulimit -v 4000000", returncode=2)
+    assert shell(LIMITED + f'"$Q" perplexity -m {tiny_folder} --file {text} --context 256').returncode == 0
+
+
+def test_weights_beyond_the_memory_are_refused_before_loading(tmp_path, tiny_folder):
+    folder = tmp_path / "huge"
+    folder.mkdir()
+    for f in tiny_folder.iterdir():
+        (folder / f.name).symlink_to(f)
+    raw = json.loads((tiny_folder / "config.json").read_text())
+    (folder / "config.json").unlink()
+    (folder / "config.json").write_text(json.dumps({**raw, "intermediate_size": 4_000_000}))  # 12 GB of MLP weights
+    done = shell(LIMITED + f'"$Q" generate -m {folder} --prompt hi', timeout=60)
+    one_error_line(done, "needs about", "GiB", "ulimit -v 4000000")
+    done = shell(LIMITED + '"$Q" bench --shape qwen2-7b --no-int4 --trials 1', timeout=60)
+    one_error_line(done, "qwen2-7b", "needs about", "ulimit -v 4000000")
+
+
+def test_an_empty_home_does_not_write_to_the_root(monkeypatch, tmp_path):
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", "")
+    root = weights.cache_root()
+    assert root != Path("/.cache/qwen2-scratch") and root.is_absolute() and str(root).endswith(".cache/qwen2-scratch")
+    monkeypatch.setenv("XDG_CACHE_HOME", "")
+    assert weights.cache_root() == root  # empty counts as unset
+    monkeypatch.setenv("HOME", "/")
+    with pytest.raises(weights.ModelError, match="XDG_CACHE_HOME"):
+        weights.cache_root()
