@@ -18,6 +18,7 @@ import qwen2_scratch as q  # first: the model loads the fast BLAS before MLX
 from collections.abc import Iterator
 from typing import NamedTuple
 
+import prompts
 import weights
 from engine import Engine, Event, Request, stats_line
 
@@ -44,9 +45,10 @@ def load(model: str | None = None, dtype: str | None = None, kernels: str = "ref
 
 
 def prompt_ids(model: Model, prompt: str | list[dict]) -> tuple[int, ...]:
+    """Text is text (a control token's name in it is not the control token); messages go through the template."""
     if isinstance(prompt, str):
-        return tuple(model.tokenizer.encode(prompt))
-    return tuple(model.tokenizer.apply_chat_template(prompt, add_generation_prompt=True))
+        return tuple(prompts.encode_text(model.tokenizer, prompt))
+    return tuple(prompts.encode_chat(model.tokenizer, prompt))
 
 
 def stream_generate(model: Model, prompt: str | list[dict], max_tokens: int = 256, seed: int | None = 0,

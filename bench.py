@@ -50,14 +50,17 @@ def bench_weights(model: str | None, shape: str | None, dtype: str):
 
     if shape:
         raw = {"model_type": "qwen2", "rms_norm_eps": 1e-6, "rope_theta": 1e6, **SHAPES[shape]}
+        # the bytes first: past the machine's memory MLX's allocation crashed (a 7B in float32 on 24 GB)
+        weights.check_memory(weights.weight_bytes(q.config_from_dict(raw), dtype), f"the {shape} shape at {dtype}")
         reference = ref.Model(ref.ModelArgs.from_dict(raw))
         reference.set_dtype(getattr(mx, dtype))
         mx.eval(reference.parameters())
         params = tree_unflatten(tree_flatten(reference.parameters()))
         return params, q.config_from_dict(raw), reference, f"random weights, {shape} shape"
     folder = weights.resolve(model)
-    params, config = weights.load_params(folder, getattr(mx, dtype))
     raw = weights.read_config(folder)
+    weights.check_memory(weights.weight_bytes(q.config_from_dict(raw), dtype), f"the model {folder.name} at {dtype}")
+    params, config = weights.load_params(folder, getattr(mx, dtype))
     reference = ref.Model(ref.ModelArgs.from_dict(raw))
     reference.update(params)  # the same arrays: no second copy of the weights
     return params, config, reference, str(folder)

@@ -15,9 +15,9 @@ import signal
 import sys
 import termios
 import threading
+import time
 
-import jinja2
-
+import prompts
 from engine import Engine, Event, Request, stats_line
 from say import say
 
@@ -50,15 +50,31 @@ class Chat:
         for u, a in self.turns:
             messages += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
         messages.append({"role": "user", "content": user})
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return prompts.encode_chat(self.tokenizer, messages)
 
     def fit(self, user: str, notice) -> list[int] | None:
-        """The prompt ids, dropping the oldest turns until they fit the cache, or None."""
+        """The prompt ids; when they overflow the cache, without the oldest turns, dropped until the prompt
+        takes half the cache at most (as llama.cpp's context shift discards half): one turn at a time
+        changed the prefix every turn, so each turn re-templated and re-ran the whole history. None if
+        the message cannot fit even alone."""
         ids = self.prompt_ids(user)
-        while len(ids) >= self.max_kv and self.turns:
-            self.turns.pop(0)
-            notice(f"notice: dropped the oldest turn to fit --max-kv-size {self.max_kv}")
-            ids = self.prompt_ids(user)
+        if len(ids) < self.max_kv or not self.turns:
+            return self.refuse_too_long(ids, notice)
+        turns = self.turns
+        low, high = 1, len(turns)  # the fewest oldest turns to drop so that the prompt takes half the cache
+        while low < high:
+            middle = (low + high) // 2
+            self.turns = turns[middle:]
+            if len(self.prompt_ids(user)) <= self.max_kv // 2:
+                high = middle
+            else:
+                low = middle + 1
+        self.turns = turns[low:]
+        notice(f"notice: dropped the {'oldest turn' if low == 1 else f'{low} oldest turns'} to fit "
+               f"--max-kv-size {self.max_kv}")
+        return self.refuse_too_long(self.prompt_ids(user), notice)
+
+    def refuse_too_long(self, ids: list[int], notice) -> list[int] | None:
         if len(ids) >= self.max_kv:
             notice(f"error: this message needs {len(ids)} tokens of context, more than --max-kv-size "
                    f"{self.max_kv}; it was not sent")
@@ -189,11 +205,13 @@ def answer(chat: Chat, line: str, interactive: bool, ctrl_c: CtrlC, quiet: bool 
         say(stats_line(chat.last.stats, chat.last.usage))
 
 
+COALESCE = 0.3  # seconds after an interrupted answer when more Ctrl-C presses still belong to it
 MULTILINE = '"""'  # ollama's quotes around a message of several lines
 
 
-def read_message(first: str, read) -> str | None:
-    '''A message: the line itself, or the lines from one opening with """ to one ending in """ (None: input ended).'''
+def read_message(first: str, read) -> str:
+    '''A message: the line itself, or the lines from one opening with """ to one ending in """ (as ollama's);
+    a """ elsewhere in a line (foo"""bar) is text. Input that ends inside a block sends what was typed.'''
     if not first.startswith(MULTILINE):
         return first
     lines, line = [], first[len(MULTILINE):]
@@ -201,7 +219,7 @@ def read_message(first: str, read) -> str | None:
         lines.append(line)
         line = read()
         if line is None:
-            return None
+            return "\n".join(lines).strip()
     lines.append(line.rstrip()[: -len(MULTILINE)])
     return "\n".join(lines).strip()
 
@@ -210,14 +228,41 @@ def repl(chat: Chat, interactive: bool, quiet: bool = False) -> None:
     """Talk until end of input or /quit: a prompt and line editing in a terminal, one turn per line otherwise.
 
     Answers go to stdout (in a pipe each is followed by an empty line); everything else to stderr.
-    Ctrl-C at the prompt leaves; during an answer it stops it, and the turn is dropped from the history.
+    Ctrl-C at the prompt leaves; during an answer it stops it, and the turn is dropped from the history
+    (more presses within COALESCE seconds are the same interruption, not a Ctrl-C at the prompt).
+    SIGTERM or SIGHUP at the prompt leaves with the terminal as it was (readline had turned its echo off).
     """
     ctrl_c = CtrlC()
     previous = signal.signal(signal.SIGINT, ctrl_c)
+    restore = terminal_restorer() if interactive else contextlib.nullcontext()
     try:
-        talk(chat, interactive, ctrl_c, quiet)
+        with restore:
+            talk(chat, interactive, ctrl_c, quiet)
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
+def terminal_restorer():
+    """The terminal's settings, put back on leaving and on SIGTERM or SIGHUP (which then exit with
+    128 + the signal's number, as a death by that signal would report)."""
+    fd = sys.stdin.fileno()
+    saved = termios.tcgetattr(fd)
+
+    def leave(signum, frame):
+        with contextlib.suppress(termios.error):
+            termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+        sys.stderr.write("\n")
+        sys.exit(128 + signum)
+
+    previous = {sig: signal.signal(sig, leave) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        with contextlib.suppress(termios.error):
+            termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
 def warm_up(chat: Chat) -> None:
@@ -257,10 +302,11 @@ def talk(chat: Chat, interactive: bool, ctrl_c: CtrlC, quiet: bool) -> None:
         elif line:
             try:
                 answer(chat, line, interactive, ctrl_c, quiet)
-            except jinja2.TemplateError as e:
-                say(f"error: the model's chat template refused this turn ({e}); it was not sent")
+            except prompts.PromptError as e:
+                say(f"error: {e}; this turn was not sent")
             except KeyboardInterrupt:
                 sys.stdout.write("\n")
                 sys.stdout.flush()
                 say("[interrupted: this question and its answer were dropped from the history]")
-                ctrl_c.pressed = False
+                time.sleep(COALESCE)  # a fast second or third press (as people do) is this interruption,
+                ctrl_c.pressed = False  # not a Ctrl-C at the prompt that would end the chat and its history

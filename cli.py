@@ -21,6 +21,7 @@ import bench
 import blas
 import chat
 import engine
+import prompts
 import server
 import speculative
 import weights
@@ -56,6 +57,14 @@ class Finite(click.FloatRange):
         return value
 
 
+COUNT_MAX = 2**63 - 1  # counts beyond 64 bits reach MLX as a failed cast (std::bad_cast), not a usage error
+
+
+def Count(min: int) -> click.IntRange:  # noqa: N802 (a type, as click's are)
+    """A whole number of things (tokens, proposals), at least min, within 64 bits."""
+    return click.IntRange(min, COUNT_MAX)
+
+
 GREEDY = {"temp": 0.0}
 QWEN_CHAT = {"temp": 0.7, "top_p": 0.8, "repetition_penalty": 1.05}  # Qwen's guidance for its chat models
 
@@ -68,23 +77,23 @@ def sampling_options(fallback: dict, max_tokens: int):
 
     def decorate(f):
         for option in reversed([
-            click.option("--max-tokens", type=click.IntRange(min=1), default=max_tokens, show_default=True,
+            click.option("--max-tokens", type=Count(min=1), default=max_tokens, show_default=True,
                          help="Most tokens to generate."),
             click.option("--temp", type=Finite(min=0), default=None,
                          help=f"Sampling temperature; 0 is greedy {default('temp', 0)}."),
             click.option("--top-p", type=Finite(0, 1, min_open=True), default=None,
                          help=f"Nucleus sampling; 1 is off {default('top_p', 1)}."),
-            click.option("--top-k", type=click.IntRange(min=0), default=None,
+            click.option("--top-k", type=Count(min=0), default=None,
                          help=f"Keep the k likeliest tokens; 0 is off {default('top_k', 0)}."),
             click.option("--min-p", type=Finite(0, 1), default=0.0, show_default=True,
                          help="Drop tokens less likely than min-p times the likeliest; 0 is off."),
             click.option("--repetition-penalty", type=Finite(min=0, min_open=True), default=None,
                          help=f"Penalty for recent tokens; 1 is off {default('repetition_penalty', 1)}."),
-            click.option("--repetition-context", type=click.IntRange(min=1), default=20, show_default=True,
+            click.option("--repetition-context", type=Count(min=1), default=20, show_default=True,
                          help="How many recent tokens the penalty looks at."),
             click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=0, show_default=True,
                          help="Random seed for sampling."),
-            click.option("--max-kv-size", type=click.IntRange(min=1), default=None,
+            click.option("--max-kv-size", type=Count(min=1), default=None,
                          help="Most tokens the KV cache holds [default: the model's max_position_embeddings]."),
         ]):
             f = option(f)
@@ -94,7 +103,7 @@ def sampling_options(fallback: dict, max_tokens: int):
 
 def speculation_options(f):
     """--speculate, --draft-model and --num-draft, the same on generate and chat."""
-    f = click.option("--num-draft", type=click.IntRange(min=1), default=speculative.NUM_DRAFT, show_default=True,
+    f = click.option("--num-draft", type=Count(min=1), default=speculative.NUM_DRAFT, show_default=True,
                      help="Proposals checked per verifier step (k).")(f)
     f = click.option("--draft-model", default=None, metavar="M",
                      help="A smaller model with the same tokenizer (any --model source), for --speculate draft.")(f)
@@ -141,22 +150,50 @@ def sampling_from(o: dict, model, fallback: dict) -> q.Sampling:
                                 repetition_context=o["repetition_context"])
 
 
+LOAD_MARGIN = 1.1  # bytes in flight while the weights are read and cast, over their final size
+
+
 def load_model(model, dtype):
-    """weights.load, with its errors as one-line Click errors."""
+    """weights.load, after checking the weights fit in memory (past it MLX crashes or hangs), with its
+    errors as one-line Click errors."""
     try:
+        folder = weights.resolve(model)
+        config = q.config_from_dict(weights.read_config(folder))
+        dtype = dtype or weights.default_dtype()
+        weights.check_memory(int(weights.weight_bytes(config, dtype) * LOAD_MARGIN),
+                             f"the model {folder.name} at {dtype}")
         return weights.load(model, dtype)
     except weights.ModelError as e:
         raise click.ClickException(str(e)) from None
+
+
+INPUT_LIMIT = 16 * 2**20  # bytes of a prompt or a perplexity file: far beyond any context, short of /dev/zero
+
+
+def bounded_read(f, hint: str) -> bytes:
+    """All of a binary file, or a one-line error past INPUT_LIMIT (/dev/zero, a runaway pipe)."""
+    data = f.read(INPUT_LIMIT + 1)
+    if len(data) > INPUT_LIMIT:
+        raise click.BadParameter(f"the input is larger than {INPUT_LIMIT // 2**20} MiB, the most read",
+                                 param_hint=hint)
+    return data
+
+
+def stdin_closed() -> bool:
+    """Whether the command started with stdin closed (<&-): main put /dev/null in its place."""
+    return getattr(sys.stdin, "name", None) == os.devnull
 
 
 def utf8_prompt(prompt: str | None, prompt_file) -> str:
     """The prompt: as given, from stdin for -, or the file's; refused with one line if it is not UTF-8."""
     if (prompt is None) == (prompt_file is None):
         raise click.UsageError("give the prompt with --prompt or --prompt-file (one of them)")
+    if prompt == "-" and stdin_closed():
+        raise click.BadParameter("--prompt - reads standard input, which is closed", param_hint="--prompt")
     try:
         if prompt_file is not None:
-            return prompt_file.read().decode("utf-8")
-        text = sys.stdin.buffer.read().decode("utf-8") if prompt == "-" else prompt
+            return bounded_read(prompt_file, "--prompt-file").decode("utf-8")
+        text = bounded_read(sys.stdin.buffer, "--prompt").decode("utf-8") if prompt == "-" else prompt
         text.encode("utf-8")  # argv arrives with undecodable bytes as lone surrogates
         return text
     except (UnicodeDecodeError, UnicodeEncodeError):
@@ -166,12 +203,12 @@ def utf8_prompt(prompt: str | None, prompt_file) -> str:
 
 def templated(tokenizer, messages: list[dict]) -> list[int]:
     """The chat template applied, or one line: there is none (we do not guess one), or it refused."""
-    if tokenizer.chat_template is None:
+    if not tokenizer.chat_template:
         raise click.ClickException("this model has no chat template; use generate --raw to continue plain text")
     try:
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    except jinja2.TemplateError as e:
-        raise click.ClickException(f"the model's chat template refused the messages: {e}") from None
+        return prompts.encode_chat(tokenizer, messages)
+    except prompts.PromptError as e:
+        raise click.ClickException(str(e)) from None
 
 
 def quiet_broken_pipe():
@@ -245,7 +282,7 @@ def generate_command(model, dtype, kernels, prompt, prompt_file, system, raw, qu
     sampling = sampling_from(o, model, GREEDY)
     runner = engine_for(params, config, tokenizer, kernels, o, speculate, dtype, max_batch=1)
     if raw:
-        ids = tokenizer.encode(prompt)
+        ids = prompts.encode_text(tokenizer, prompt)
     else:
         messages = ([{"role": "system", "content": system}] if system is not None else [])
         ids = templated(tokenizer, messages + [{"role": "user", "content": prompt}])
@@ -303,7 +340,7 @@ def chat_command(model, dtype, kernels, system, quiet, **o):
 @cli.command("perplexity")
 @model_options
 @click.option("--file", "path", required=True, type=click.Path(dir_okay=False), help="A UTF-8 text file.")
-@click.option("--context", type=click.IntRange(min=2), default=1024, show_default=True,
+@click.option("--context", type=Count(min=2), default=1024, show_default=True,
               help="Tokens per window; the file is split into consecutive windows of this many.")
 @click.option("--json", "as_json", is_flag=True, help='Print only {"tokens", "nll", "perplexity"} as JSON.')
 def perplexity_command(model, dtype, kernels, path, context, as_json):
@@ -317,20 +354,42 @@ def perplexity_command(model, dtype, kernels, path, context, as_json):
       qwen2-scratch perplexity --file README.md --json
     """
     try:
-        text = open(path, encoding="utf-8").read()
+        with open(path, "rb") as f:
+            text = bounded_read(f, "--file").decode("utf-8")
     except FileNotFoundError:
         raise click.BadParameter(f"{path} does not exist", param_hint="--file") from None
     except (OSError, UnicodeDecodeError) as e:
         raise click.BadParameter(f"{path} is not a readable UTF-8 file ({e})", param_hint="--file") from None
     params, config, tokenizer = load_model(model, dtype)
+    check_window(config, context)
     try:
-        result = q.perplexity(params, config, tokenizer.encode(text), context, kernels)
+        result = q.perplexity(params, config, prompts.encode_text(tokenizer, text), context, kernels)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     if as_json:
         click.echo(json.dumps(result._asdict()))
     else:
         click.echo(f"{result.tokens} tokens, nll {result.nll:.4f} nats/token, perplexity {result.perplexity:.3f}")
+
+
+def window_bytes(config: q.Config, context: int) -> int:
+    """What scoring one window of --context tokens allocates beside the weights (float32): each layer's
+    attention scores (three [heads, C, C] arrays: scores, mask, softmax), the activations, a logits slice."""
+    scores = 3 * config.num_attention_heads * context * context
+    activations = context * (8 * config.hidden_size + 3 * config.intermediate_size)
+    logits = 3 * 256 * config.vocab_size
+    return 4 * (scores + activations + logits)
+
+
+def check_window(config: q.Config, context: int) -> None:
+    """--context within the model's positions and the memory at hand, else one line with the numbers."""
+    if context > config.max_position_embeddings:
+        raise click.BadParameter(f"{context} is beyond the model's {config.max_position_embeddings} positions "
+                                 "(max_position_embeddings)", param_hint="--context")
+    try:
+        weights.check_memory(window_bytes(config, context), f"--context {context}")
+    except weights.ModelError as e:
+        raise click.BadParameter(f"{e}; give a smaller one", param_hint="--context") from None
 
 
 @cli.command("pull")
@@ -354,9 +413,9 @@ def pull_command(model):
 @click.option("--shape", type=click.Choice(list(bench.SHAPES)), default=None,
               help="Random weights of a real Qwen2 shape instead of --model (sizing hardware).")
 @click.option("--prompt-tokens", default="128,512", show_default=True, help="Prompt lengths, comma-separated.")
-@click.option("--gen-tokens", type=click.IntRange(min=2), default=128, show_default=True,
+@click.option("--gen-tokens", type=Count(min=2), default=128, show_default=True,
               help="Tokens decoded after the shortest prompt.")
-@click.option("--trials", type=click.IntRange(min=1), default=3, show_default=True,
+@click.option("--trials", type=Count(min=1), default=3, show_default=True,
               help="Trials; each figure is the median.")
 @click.option("--int4/--no-int4", default=True, show_default=True,
               help="Also time what mlx_lm gives by default: the int4 (group 64) model, and (CPU) mlx_lm "
@@ -462,7 +521,7 @@ def read_chat_template(path: str | None) -> str | None:
               help="Port to listen on; 0 picks a free one.")
 @click.option("--api-key", default=None, metavar="K", help="Require Authorization: Bearer K on every endpoint but "
                                                             "/health.")
-@click.option("--max-kv-size", type=click.IntRange(min=2), default=None,
+@click.option("--max-kv-size", type=Count(min=2), default=None,
               help="Most tokens of context [default: the model's max_position_embeddings].")
 @click.option("--parallel", type=click.IntRange(1, 16), default=None,
               help="Most requests decoding together in one batch; more wait in arrival order "
@@ -533,17 +592,43 @@ def whole_numbers(text: str, flag: str, example: str) -> list[int]:
     return numbers
 
 
+def fill_closed_stdin() -> None:
+    """Started with stdin closed (<&-): /dev/null on descriptor 0, else the first file the command opens
+    (the weights) lands there and is read as stdin; stdin_closed() still tells."""
+    if sys.stdin is not None:
+        return
+    try:
+        os.fstat(0)
+    except OSError:
+        fd = os.open(os.devnull, os.O_RDONLY)
+        if fd != 0:
+            os.dup2(fd, 0)
+            os.close(fd)
+    sys.stdin = open(os.devnull, encoding="utf-8")
+
+
+def os_error_line(e: OSError) -> str:
+    """An OSError that reached main, named by its real cause: a deleted working directory, a file, or stdout."""
+    try:
+        os.getcwd()
+    except OSError:
+        return "the working directory no longer exists (deleted?); cd to one that does"
+    if e.filename is not None:
+        return f"{e.filename}: {e.strerror or e}"
+    return f"cannot write to standard output: {e.strerror or e}"  # a full disk, say
+
+
 def main():
     if sys.stdout is None:  # started with stdout closed (>&-)
         print("Error: standard output is closed; give the command somewhere to write", file=sys.stderr)
         sys.exit(1)
+    fill_closed_stdin()
     try:
         cli(standalone_mode=False)
     except BrokenPipeError:
         quiet_broken_pipe()
-    except OSError as e:  # stdout on a full disk, say: the path and the cause, then no retry at exit
-        name = "standard output" if e.filename is None else e.filename
-        print(f"Error: cannot write to {name}: {e.strerror or e}", file=sys.stderr)
+    except OSError as e:  # the cause in one line, then no retry of stdout's flush at exit
+        print(f"Error: {os_error_line(e)}", file=sys.stderr)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
     except click.ClickException as e:  # bad input: one line, exit 1 (usage errors: 2)

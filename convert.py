@@ -16,6 +16,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import pwd
 import re
 import shutil
 import tempfile
@@ -78,7 +79,19 @@ def shown(value) -> str:
 
 
 def cache_root() -> Path:
-    return (Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qwen2-scratch").absolute()
+    """$XDG_CACHE_HOME/qwen2-scratch, else ~/.cache/qwen2-scratch; an empty variable counts as unset (an empty
+    HOME made it /.cache), and with no usable home the user's cache is refused with one line."""
+    if xdg := os.environ.get("XDG_CACHE_HOME"):
+        return (Path(xdg) / "qwen2-scratch").absolute()
+    home = os.environ.get("HOME") or None
+    if home is None:
+        try:
+            home = pwd.getpwuid(os.getuid()).pw_dir
+        except KeyError:
+            home = None
+    if not home or home == "/":
+        raise ModelError("no cache folder: HOME is empty or /; set XDG_CACHE_HOME (or HOME) to a writable folder")
+    return (Path(home) / ".cache" / "qwen2-scratch").absolute()
 
 
 # ---------------------------------------------------------------------------------------------

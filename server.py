@@ -43,6 +43,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 import engine as generation
 import grammar
+import prompts
 import weights
 from say import say
 
@@ -663,9 +664,9 @@ async def chat_completions(request, ctx: Context):
     options = request_options(ctx, body, "chat")
     messages = chat_messages(body)
     try:
-        ids = ctx.engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    except Exception as e:  # the template's own errors (jinja raises many kinds)
-        raise ApiError(400, f"the chat template rejects these messages: {e}", "messages") from None
+        ids = prompts.encode_chat(ctx.engine.tokenizer, messages)
+    except prompts.PromptError as e:  # the template is missing, refused the messages or ran past its limits
+        raise ApiError(400, str(e), "messages") from None
     ctx.engine.check_fits(ids, "messages")
     head = envelope(ctx, "chat")
     sent_role = []
@@ -692,7 +693,7 @@ async def chat_completions(request, ctx: Context):
 async def completions(request, ctx: Context):
     body = await read_json(request, ctx.settings.body_seconds)
     options = request_options(ctx, body, "text")
-    ids = ctx.engine.tokenizer.encode(completion_prompt(body))
+    ids = prompts.encode_text(ctx.engine.tokenizer, completion_prompt(body))
     ctx.engine.check_fits(ids, "prompt")
     head = envelope(ctx, "text")
 

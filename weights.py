@@ -15,7 +15,9 @@ import json
 import math
 import os
 import re
+import resource
 from pathlib import Path
+from typing import NamedTuple
 
 import mlx.core as mx
 from mlx.utils import tree_unflatten
@@ -58,6 +60,63 @@ CHOICES = (
 def default_dtype() -> str:
     """float32 on the CPU (its only fast matmul path), bfloat16 on a GPU (Qwen2 overflows float16)."""
     return "bfloat16" if mx.default_device() == mx.gpu else "float32"
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory: what a run will allocate, checked before it does (past the limits MLX crashes or hangs)
+# ---------------------------------------------------------------------------------------------
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def proc_kib(path: str, field: str) -> int | None:
+    """A 'Field:  123 kB' line of a /proc file, in bytes; None where there is none (macOS)."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+class Available(NamedTuple):
+    bytes: int
+    limit: str  # which limit: the machine's free memory or the address-space limit
+
+
+def available_memory() -> Available | None:
+    """What this process may still allocate: the machine's MemAvailable, or what the address-space limit
+    (ulimit -v) leaves above what the process maps now, whichever is less; None where neither is known."""
+    known = []
+    if (free := proc_kib("/proc/meminfo", "MemAvailable")) is not None:
+        known.append(Available(free, "available memory (MemAvailable)"))
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        mapped = proc_kib("/proc/self/status", "VmSize") or 0
+        known.append(Available(max(soft - mapped, 0), f"the address-space limit (ulimit -v {soft // 1024})"))
+    return min(known, default=None)
+
+
+def gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def check_memory(need: int, what: str) -> None:
+    """A ModelError with the numbers if `what` needs more bytes than this process may allocate."""
+    available = available_memory()
+    if available is not None and need > available.bytes:
+        raise ModelError(f"{what} needs about {gib(need)}, more than the {gib(available.bytes)} of "
+                         f"{available.limit}")
+
+
+def weight_bytes(config: Config, dtype: str) -> int:
+    """The bytes of a Qwen2's weights at dtype, from its shape (q, k, v with biases; tied or not)."""
+    h, kv = config.hidden_size, config.num_key_value_heads * config.head_dim
+    layer = 2 * h * h + h + 2 * (h * kv + kv) + 3 * h * config.intermediate_size + 2 * h
+    embeddings = config.vocab_size * h * (1 if config.tie_word_embeddings else 2)
+    return (config.num_hidden_layers * layer + embeddings + h) * DTYPE_BYTES[dtype]
 
 
 # ---------------------------------------------------------------------------------------------

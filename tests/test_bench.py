@@ -7,6 +7,7 @@ import json
 
 import mlx.core as mx
 import pytest
+
 from conftest import invoke, run_cli
 
 # ---------------------------------------------------------------------------------------------

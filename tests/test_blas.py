@@ -17,9 +17,9 @@ import sys
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import HERE, assert_close, rand, run_cli
 
 import blas
+from conftest import HERE, assert_close, rand, run_cli
 
 
 def test_mlx_runs_on_openblas_and_matmul_matches_numpy():

@@ -10,10 +10,10 @@ import subprocess
 
 import numpy as np
 import pytest
-from conftest import COMMAND, STATS, invoke, run_cli
 
 import cli
 import weights
+from conftest import COMMAND, STATS, invoke, run_cli
 
 
 @pytest.mark.packaged_model

@@ -10,10 +10,10 @@ import re
 import shutil
 
 import pytest
-from conftest import STATS, invoke, run_cli
 
 import convert
 import weights
+from conftest import STATS, invoke, run_cli
 
 
 def generate(folder, *args):

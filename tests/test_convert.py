@@ -15,6 +15,12 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from mlx.utils import tree_flatten
+from test_hostile_input import one_line_error, run_limited
+
+import cli
+import convert
+import weights
 from conftest import (
     CHATML,
     COMMAND,
@@ -25,12 +31,6 @@ from conftest import (
     run_cli,
     tiny_model,
 )
-from mlx.utils import tree_flatten
-from test_hostile_input import one_line_error, run_limited
-
-import cli
-import convert
-import weights
 
 TOKENS = mx.array([[5, 17, 42, 99, 3, 250, 7, 7, 120]])
 

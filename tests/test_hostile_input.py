@@ -5,15 +5,17 @@ import qwen2_scratch as q  # noqa: F401  (first: the fast BLAS before MLX)
 
 # isort: split
 import json
+import os
 import re
 import resource
 import subprocess
+from pathlib import Path
 
 import pytest
-from conftest import COMMAND, TINY, invoke, reference_model, run_cli, tiny_model, write_checkpoint
 
 import convert
 import weights
+from conftest import COMMAND, TINY, invoke, reference_model, run_cli, tiny_model, write_checkpoint
 
 
 def one_line_error(result, *words, exit_code=1):
@@ -495,3 +497,95 @@ def test_streamed_text_of_the_packaged_model_matches_mlx_lm(packaged, packaged_m
                                                      sampler=make_sampler(0.0)))
     assert ours.returncode == 0 and ours.stdout == theirs + "\n", (ours.stdout, theirs)
     assert not ours.stdout.startswith(" ")
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile input at the command line: huge counts, closed or endless stdin, messages naming the cause
+# ---------------------------------------------------------------------------------------------
+
+def shell(command: str, cwd=None, timeout=120):
+    """A command line run by bash (for <&- and a deleted working directory), with the console script as $Q."""
+    return subprocess.run(["bash", "-c", command], capture_output=True, text=True, cwd=cwd, timeout=timeout,
+                          env={**os.environ, "Q": str(COMMAND)})
+
+
+def one_error_line(done, *words, returncode=1):
+    """A finished subprocess that failed with one Error line holding every one of words, and no traceback."""
+    assert done.returncode == returncode and "Traceback" not in done.stderr, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith("Error")]
+    assert len(lines) == 1 and all(w in lines[0] for w in words), done.stderr
+
+
+@pytest.mark.parametrize("option", ["--top-k", "--max-tokens", "--repetition-context", "--max-kv-size"])
+def test_counts_beyond_64_bits_are_usage_errors(tiny_folder, option):
+    result = invoke("generate", "-m", str(tiny_folder), "--prompt", "hi", option, str(2**64))
+    one_line_error(result, option, str(2**63 - 1), exit_code=2)
+
+
+def test_prompt_from_a_closed_stdin_says_so(tiny_folder):
+    done = shell(f'"$Q" generate -m {tiny_folder} --prompt - --max-tokens 2 <&-')
+    one_error_line(done, "standard input", "closed", returncode=2)
+    done = shell(f'"$Q" chat -m {tiny_folder} --max-tokens 2 <&-')  # the weights never land on descriptor 0
+    assert done.returncode == 0 and "safetensors" not in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("command", ['"$Q" generate -m {m} --prompt-file /dev/zero',
+                                     '"$Q" generate -m {m} --prompt - < /dev/zero',
+                                     '"$Q" perplexity -m {m} --file /dev/zero'])
+def test_endless_input_is_read_only_up_to_a_limit(tiny_folder, command):
+    done = shell(command.format(m=tiny_folder), timeout=60)
+    one_error_line(done, "larger than 16 MiB", returncode=2)
+
+
+def test_a_deleted_working_directory_is_named(tmp_path, tiny_folder):
+    done = shell(f'mkdir gone && cd gone && rmdir ../gone && "$Q" generate -m {tiny_folder} --prompt hi', cwd=tmp_path)
+    one_error_line(done, "working directory no longer exists")
+
+
+def test_a_device_as_the_model_is_not_a_write_error():
+    done = shell('"$Q" generate --model /dev/zero --prompt hi')
+    one_error_line(done, "/dev/zero")
+    assert "write" not in done.stderr, done.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory: what a run will allocate is checked against the limits before it allocates
+# ---------------------------------------------------------------------------------------------
+
+LIMITED = "ulimit -v 4000000; "  # 3.8 GiB of address space: the same limit on every machine
+
+
+def test_perplexity_context_beyond_the_positions_or_the_memory_is_refused(tmp_path, tiny_folder):
+    text = tmp_path / "long.txt"
+    text.write_text("the quick brown fox " * 5000)
+    done = shell(f'"$Q" perplexity -m {tiny_folder} --file {text} --context 100000')
+    one_error_line(done, "--context", "100000", "32768 positions", returncode=2)
+    done = shell(LIMITED + f'"$Q" perplexity -m {tiny_folder} --file {text} --context 32768')
+    one_error_line(done, "--context 32768 needs about", "GiB", "ulimit -v 4000000", returncode=2)
+    assert shell(LIMITED + f'"$Q" perplexity -m {tiny_folder} --file {text} --context 256').returncode == 0
+
+
+def test_weights_beyond_the_memory_are_refused_before_loading(tmp_path, tiny_folder):
+    folder = tmp_path / "huge"
+    folder.mkdir()
+    for f in tiny_folder.iterdir():
+        (folder / f.name).symlink_to(f)
+    raw = json.loads((tiny_folder / "config.json").read_text())
+    (folder / "config.json").unlink()
+    (folder / "config.json").write_text(json.dumps({**raw, "intermediate_size": 4_000_000}))  # 12 GB of MLP weights
+    done = shell(LIMITED + f'"$Q" generate -m {folder} --prompt hi', timeout=60)
+    one_error_line(done, "needs about", "GiB", "ulimit -v 4000000")
+    done = shell(LIMITED + '"$Q" bench --shape qwen2-7b --no-int4 --trials 1', timeout=60)
+    one_error_line(done, "qwen2-7b", "needs about", "ulimit -v 4000000")
+
+
+def test_an_empty_home_does_not_write_to_the_root(monkeypatch, tmp_path):
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", "")
+    root = weights.cache_root()
+    assert root != Path("/.cache/qwen2-scratch") and root.is_absolute() and str(root).endswith(".cache/qwen2-scratch")
+    monkeypatch.setenv("XDG_CACHE_HOME", "")
+    assert weights.cache_root() == root  # empty counts as unset
+    monkeypatch.setenv("HOME", "/")
+    with pytest.raises(weights.ModelError, match="XDG_CACHE_HOME"):
+        weights.cache_root()

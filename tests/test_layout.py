@@ -11,6 +11,7 @@ import zipfile
 from importlib.metadata import version
 
 import tomllib
+
 from conftest import HERE, run_cli
 
 PROJECT = tomllib.loads((HERE / "pyproject.toml").read_text())

@@ -10,6 +10,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import pytest
 from click.testing import CliRunner
+from mlx.utils import tree_flatten
+from test_convert import write_gguf
+
+import cli
+import weights
 from conftest import (
     LOGITS_ATOL_F32,
     LOGITS_TOL,
@@ -22,11 +27,6 @@ from conftest import (
     tiny_model,
     write_checkpoint,
 )
-from mlx.utils import tree_flatten
-from test_convert import write_gguf
-
-import cli
-import weights
 
 TOKENS = mx.array([[5, 17, 42, 99, 3, 250, 7, 7, 120]])
 
