@@ -61,6 +61,15 @@ def assert_close(ours, theirs, rtol, atol, what=""):
     assert ok, f"{what}: max diff {diff.max():.3g}, mean diff {diff.mean():.3g} (rtol {rtol}, atol {atol})"
 
 
+@pytest.fixture
+def on_cpu():
+    """Run the test on the CPU (what it checks is the CPU's: its BLAS, its bit-for-bit promises)."""
+    previous = mx.default_device()
+    mx.set_default_device(mx.cpu)
+    yield
+    mx.set_default_device(previous)
+
+
 def log_softmax(x):
     x = x.astype(mx.float32)
     return x - mx.logsumexp(x, axis=-1, keepdims=True)

@@ -302,13 +302,13 @@ class Engine:
 
     def __init__(self, params, config, tokenizer, kernels: str = "reference", max_batch: int = 8,
                  max_kv_size: int | None = None, prompt_cache_bytes: int = 1 << 30, proposer=None,
-                 num_draft: int = 8):
+                 num_draft: int = 8, chunk: int | None = None):
         self.params, self.config, self.tokenizer, self.kernels = params, config, tokenizer, kernels
         self.max_batch, self.proposer, self.num_draft = max_batch, proposer, num_draft
         self.max_kv = max_kv_size or config.max_position_embeddings
         self.eos = frozenset(tokenizer.eos_token_ids)
         self.dtype = params["model"]["norm"]["weight"].dtype
-        self.chunk = q.prefill_chunk()
+        self.chunk = chunk or q.prefill_chunk()  # prompt tokens per prefill step, cut at multiples of it
         self.prompt_cache = PromptCache(prompt_cache_bytes)
         self.incoming: queue.SimpleQueue = queue.SimpleQueue()
         self.waiting: list[Row] = []  # admitted in order; the first is being prefilled

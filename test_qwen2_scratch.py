@@ -167,7 +167,9 @@ def test_quantized_model_dequantized_matches_mlx_lm(bits, group_size):
     dense = weights.dequantize(flat, {"group_size": group_size, "bits": bits}, Path("test"))
     tokens = mx.random.randint(0, 300, (1, 9), key=mx.random.key(5))
     ours, _ = q.forward(tree_unflatten(list(dense.items())), config, tokens)
-    assert_close(ours, model(tokens), 0, LOGITS_ATOL_F32, f"quantized {bits}-bit g{group_size}")
+    with mx.stream(mx.cpu):  # mlx_lm's quantized matmul is wrong on MLX 0.32.4's CUDA backend (max diff 1.9)
+        theirs = model(tokens)
+    assert_close(ours, theirs, 0, LOGITS_ATOL_F32, f"quantized {bits}-bit g{group_size}")
 
 
 def test_config_from_dict_ignores_unknown_keys_and_derives_head_dim():
@@ -247,8 +249,9 @@ def test_decoding_three_blocks_traces_once_per_block(monkeypatch):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_rows_of_a_batch_are_computed_as_they_would_be_alone():
-    """Three prompts of different lengths decoded together equal each decoded alone, bit for bit."""
+def test_rows_of_a_batch_are_computed_as_they_would_be_alone(on_cpu):
+    """Three prompts of different lengths decoded together equal each decoded alone, bit for bit (on the CPU,
+    whose products blas_adapter.c computes row by row; a GPU's kernels round a batch's rows otherwise)."""
     _, params, config, _ = reference_model()
     prompts = [[5, 6, 7], list(range(10, 30)), [40, 41, 42, 43, 44, 45, 46, 47, 48, 49]]
     alone, caches, last = [], [], []

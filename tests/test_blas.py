@@ -21,6 +21,8 @@ import pytest
 import blas
 from conftest import HERE, assert_close, rand, run_cli
 
+pytestmark = pytest.mark.usefixtures("on_cpu")  # the CPU's BLAS, also on a GPU machine
+
 
 def test_mlx_runs_on_openblas_and_matmul_matches_numpy():
     assert blas.load().kind == "openblas" and blas.in_use() == "openblas", blas.load().why

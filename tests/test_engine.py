@@ -14,6 +14,7 @@ import engine as E
 from conftest import IdTokenizer, reference_model
 
 GREEDY, SAMPLED = q.Sampling(), q.Sampling(temp=0.9, top_p=0.9, top_k=40, repetition_penalty=1.1)
+CHUNK = 256  # prefill chunk of every engine here (a GPU's default, 2048, is longer than these prompts)
 
 
 def model():
@@ -27,12 +28,16 @@ def prompts(n=8):
     return [tuple((7 * i + 3 * j) % 290 + 3 for j in range(length)) for i, length in enumerate(lengths)]
 
 
+def new_engine(params, config, tokenizer=None, **options):
+    return E.Engine(params, config, tokenizer or IdTokenizer(), chunk=CHUNK, **options)
+
+
 def tokens_of(events):
     return [e.token for e in events if e.token is not None]
 
 
 def alone(params, config, request, **options):
-    return tokens_of(E.Engine(params, config, IdTokenizer(), **options).generate(request))
+    return tokens_of(new_engine(params, config, **options).generate(request))
 
 
 def run_together(engine, requests):
@@ -54,16 +59,16 @@ def test_a_request_gives_the_same_tokens_alone_and_in_a_batch(sampling):
     params, config = model()
     requests = [E.Request(p, sampling, 24, seed=i) for i, p in enumerate(prompts())]
     expected = [alone(params, config, r) for r in requests]
-    together = run_together(E.Engine(params, config, IdTokenizer(), max_batch=8), requests)
+    together = run_together(new_engine(params, config, max_batch=8), requests)
     assert [t for t, _ in together] == expected
     # and with a smaller batch, rows joining and leaving at other moments
-    together = run_together(E.Engine(params, config, IdTokenizer(), max_batch=3), requests)
+    together = run_together(new_engine(params, config, max_batch=3), requests)
     assert [t for t, _ in together] == expected
 
 
 def test_a_request_gives_the_same_tokens_whatever_the_prompt_cache_holds():
     params, config = model()
-    runner = E.Engine(params, config, IdTokenizer())
+    runner = new_engine(params, config)
     long = prompts()[6]  # 600 tokens: two whole chunks and a part
     fresh = alone(params, config, E.Request(long, SAMPLED, 16, seed=3))
     # a cache holding a shorter prefix, then the same prompt, then a longer one sharing it
@@ -89,16 +94,16 @@ def test_the_same_seed_gives_the_same_draws_and_another_seed_others():
 def test_limits_end_a_request_with_their_reason():
     params, config = model()
     p = prompts()[0]
-    events = list(E.Engine(params, config, IdTokenizer()).generate(E.Request(p, GREEDY, 7)))
+    events = list(new_engine(params, config).generate(E.Request(p, GREEDY, 7)))
     assert len(tokens_of(events)) == 7 and events[-1].finish_reason == "length"
     assert events[-1].usage == E.Usage(len(p), 7, 0)
-    events = list(E.Engine(params, config, IdTokenizer(), max_kv_size=len(p) + 3).generate(E.Request(p, GREEDY, 50)))
+    events = list(new_engine(params, config, max_kv_size=len(p) + 3).generate(E.Request(p, GREEDY, 50)))
     assert events[-1].finish_reason == "context" and len(tokens_of(events)) == 4  # 3 slots filled, +1 drawn
     free = alone(params, config, E.Request(p, GREEDY, 20))
     stop = free[5]
     events = list(E.Engine(params, config, IdTokenizer([stop])).generate(E.Request(p, GREEDY, 20)))
     assert tokens_of(events) == free[: free.index(stop) + 1] and events[-1].finish_reason == "stop"
-    runner = E.Engine(params, config, IdTokenizer(), max_kv_size=10)
+    runner = new_engine(params, config, max_kv_size=10)
     with pytest.raises(ValueError, match="context holds 10"):
         list(runner.generate(E.Request(tuple(range(3, 13)), GREEDY, 5)))
     with pytest.raises(ValueError, match="outside the vocabulary"):
@@ -108,10 +113,10 @@ def test_limits_end_a_request_with_their_reason():
 def test_stop_strings_cut_the_text_and_end_the_request():
     params, config = model()
     p = prompts()[0]
-    text = "".join(e.text for e in E.Engine(params, config, IdTokenizer()).generate(E.Request(p, GREEDY, 12)))
+    text = "".join(e.text for e in new_engine(params, config).generate(E.Request(p, GREEDY, 12)))
     words = text.split()
     stop = f" {words[4]} {words[5]}"
-    events = list(E.Engine(params, config, IdTokenizer()).generate(E.Request(p, GREEDY, 12, stops=(stop, "zzz"))))
+    events = list(new_engine(params, config).generate(E.Request(p, GREEDY, 12, stops=(stop, "zzz"))))
     assert "".join(e.text for e in events) == text[: text.index(stop)]
     assert events[-1].finish_reason == "stop" and events[-1].usage.completion_tokens == 6
 
@@ -133,7 +138,7 @@ def test_stop_matching_is_incremental_and_holds_back_only_a_possible_start():
 
 def test_a_cancelled_request_frees_its_row_and_the_others_go_on():
     params, config = model()
-    runner = E.Engine(params, config, IdTokenizer(), max_batch=4)
+    runner = new_engine(params, config, max_batch=4)
     requests = [E.Request(p, GREEDY, 30) for p in prompts(3)]
     expected = [alone(params, config, r) for r in requests]
     handles = [runner.submit(r) for r in requests]
@@ -155,7 +160,7 @@ def test_a_cancelled_request_frees_its_row_and_the_others_go_on():
 
 def test_closing_the_generator_early_leaves_a_clean_engine():
     params, config = model()
-    runner = E.Engine(params, config, IdTokenizer())
+    runner = new_engine(params, config)
     events = runner.generate(E.Request(prompts()[2], GREEDY, 30))
     next(events), next(events)
     events.close()
@@ -167,7 +172,7 @@ def test_closing_the_generator_early_leaves_a_clean_engine():
 def test_a_long_prompt_is_prefilled_between_decode_steps():
     """While a 600-token prompt is prefilled (three chunks), a running row still gets a token every step."""
     params, config = model()
-    runner = E.Engine(params, config, IdTokenizer())
+    runner = new_engine(params, config)
     short = runner.submit(E.Request(prompts()[0], GREEDY, 40))
     runner.step()
     assert short.queue.qsize() == 2  # its prompt fits one chunk: its first token, then a decode step
@@ -183,7 +188,7 @@ def test_requests_submitted_from_many_threads_while_it_steps():
     """Clients submit from threads of their own while one thread steps (the server's worker runs in a
     process of its own in tests/test_server.py: MLX aborts a process whose computing thread outlives main)."""
     params, config = model()
-    runner = E.Engine(params, config, IdTokenizer(), max_batch=4)
+    runner = new_engine(params, config, max_batch=4)
     requests = [E.Request(p, SAMPLED, 12, seed=i) for i, p in enumerate(prompts(6))]
     results, done = [[] for _ in requests], [threading.Event() for _ in requests]
 
@@ -205,7 +210,7 @@ def test_requests_submitted_from_many_threads_while_it_steps():
 
 def test_the_prompt_cache_is_bounded_shares_within_a_scope_and_drops_the_least_recently_used():
     params, config = model()
-    runner = E.Engine(params, config, IdTokenizer())
+    runner = new_engine(params, config)
     base = prompts()[6]  # 600 tokens: 512 of them cached
     per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 4
     runner.prompt_cache = E.PromptCache(max_bytes=2 * 512 * per_token)
@@ -226,7 +231,7 @@ def test_memory_is_given_back_after_many_requests():
     """Rows that end, or are cancelled, leave nothing behind: active memory after 60 mixed requests is what it
     was after 10."""
     params, config = model()
-    runner = E.Engine(params, config, IdTokenizer(), max_batch=4, prompt_cache_bytes=0)
+    runner = new_engine(params, config, max_batch=4, prompt_cache_bytes=0)
 
     def batch(n):
         for i in range(n):
@@ -266,7 +271,7 @@ def test_logit_bias_moves_the_draws_and_the_events_report_the_model_distribution
     assert forced == [17] * 8 and free != forced
     banned = alone(params, config, E.Request(p, GREEDY, 8, logit_bias=((free[0], -100.0),)))
     assert banned[0] != free[0]
-    events = list(E.Engine(params, config, IdTokenizer()).generate(E.Request(p, SAMPLED, 6, seed=2, top_logprobs=5)))
+    events = list(new_engine(params, config).generate(E.Request(p, SAMPLED, 6, seed=2, top_logprobs=5)))
     logits, _ = q.forward(params, config, mx.array([p]))
     expected = q.log_softmax(logits[0, -1])
     first = events[0]
@@ -275,7 +280,7 @@ def test_logit_bias_moves_the_draws_and_the_events_report_the_model_distribution
     assert ids == mx.argsort(-expected)[:5].tolist()
     assert all(abs(lp - expected[t].item()) < 1e-5 for t, lp in first.top_logprobs)
     with pytest.raises(ValueError, match="logit_bias"):
-        E.Engine(params, config, IdTokenizer()).submit(E.Request(p, logit_bias=((config.vocab_size, 1.0),)))
+        new_engine(params, config).submit(E.Request(p, logit_bias=((config.vocab_size, 1.0),)))
 
 
 def test_a_grammar_constrains_every_row_of_a_batch(tiny_folder):

@@ -281,7 +281,9 @@ def test_bench_speculative_end_to_end_on_a_tiny_model(tiny_folder, tmp_path):
     assert set(report["workloads"]) == {"code edit", "question"}
     for rows in report["workloads"].values():
         assert set(rows) == {"plain", "lookup k=2", "lookup k=3"}
-        assert all(row["same_as_plain"] and row["decode"] > 0 for row in rows.values()), rows
+        assert all(row["decode"] > 0 for row in rows.values()), rows
+        if mx.default_device() == mx.cpu:  # the same tokens bit for bit: the CPU's promise (docs/engine.md)
+            assert all(row["same_as_plain"] for row in rows.values()), rows
         assert 0 <= rows["lookup k=3"]["acceptance"] <= 1 and rows["lookup k=3"]["tokens_per_step"] >= 1
     assert "verifier step over k+1 tokens / decode step: k=2:" in result.stdout
     assert re.search(r"code edit\s+lookup k=3\s+\d+\.\d\d tok/s \(\d+\.\d\dx plain\)", result.stdout), result.stdout
