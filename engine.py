@@ -255,8 +255,10 @@ class Row:
         return len(self.tokens) - 1
 
     def window(self, extra: list[int] = ()) -> list[int]:
+        """The recent tokens the penalties look at (none when no penalty is on)."""
         s = self.request.sampling
-        return (self.tokens + list(extra))[-s.repetition_context :] if s.repetition_penalty != 1 else []
+        penalized = s.repetition_penalty != 1 or s.presence_penalty or s.frequency_penalty
+        return (self.tokens + list(extra))[-s.repetition_context :] if penalized else []
 
 
 class Draw(NamedTuple):
@@ -268,16 +270,18 @@ class Draw(NamedTuple):
 
 
 def draw(logits: mx.array, row: Row, window: list[int], position: int) -> Draw:
-    """One row's logits [1, V] -> its token: bias, repetition penalty, grammar, then the sampler with the
-    row's key for this position."""
+    """One row's logits [1, V] -> its token: bias, penalties, grammar, then the sampler with the row's key for
+    this position."""
     request = row.request
     s = request.sampling
     logprobs = q.log_softmax(logits)  # [1, V]: what the events report
     if request.logit_bias:
         ids, bias = zip(*request.logit_bias, strict=True)
         logits = logits.at[:, mx.array(ids)].add(mx.array(bias, logits.dtype))
-    if window:
+    if window and s.repetition_penalty != 1:
         logits = q.apply_repetition_penalty(logits, mx.array(window), s.repetition_penalty)
+    if window and (s.presence_penalty or s.frequency_penalty):
+        logits = q.apply_presence_and_frequency(logits, mx.array(window), s.presence_penalty, s.frequency_penalty)
     if row.grammar is not None:
         logits = grammar.mask_logits(logits, grammar.allowed(row.grammar)[None])
     token = q.compiled_sample(logits, s, q.sampling_key(row.seed, position))

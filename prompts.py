@@ -223,7 +223,8 @@ def hf_tokenizer(tokenizer):
     return getattr(tokenizer, "_tokenizer", tokenizer)
 
 
-def template_context(tokenizer, literal_text: str, messages: list[dict], add_generation_prompt: bool) -> dict:
+def template_context(tokenizer, literal_text: str, messages: list[dict], add_generation_prompt: bool,
+                     tools: list[dict] | None = None) -> dict:
     """What apply_chat_template hands the template, the control tokens in the user's strings marked as text."""
     hf = hf_tokenizer(tokenizer)
     control = hf_chat()._get_control_token_patterns(control_tokens(hf, literal_text))[0]
@@ -231,14 +232,18 @@ def template_context(tokenizer, literal_text: str, messages: list[dict], add_gen
     extra = {}
     if isinstance(getattr(tokenizer, "_thinking_kwarg", None), str):  # mlx_lm's wrapper passes its thinking switch
         extra[tokenizer._thinking_kwarg] = tokenizer.has_thinking
-    return {**hf.special_tokens_map, **extra, "tools": None, "documents": None,
+    if tools is not None:
+        tools = hf_chat()._plain_template_data(hf_chat().mark_control_tokens(tools, control))
+    return {**hf.special_tokens_map, **extra, "tools": tools, "documents": None,
             "messages": hf_chat()._plain_template_data(hf_chat().mark_control_tokens(messages, control)),
             "add_generation_prompt": add_generation_prompt}
 
 
-def encode_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-    """The chat template applied to the messages and encoded: exactly apply_chat_template's ids for
-    ordinary text, but a control token's string in a message is text. PromptError if it cannot be."""
+def encode_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = True,
+                tools: list[dict] | None = None) -> list[int]:
+    """The chat template applied to the messages (and the tools, as OpenAI's function definitions) and
+    encoded: exactly apply_chat_template's ids for ordinary text, but a control token's string in a
+    message or a tool is text. PromptError if it cannot be."""
     if not getattr(tokenizer, "chat_template", None):
         raise PromptError("this model has no chat template")
     try:
@@ -246,7 +251,7 @@ def encode_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = T
     except jinja2.TemplateError as e:
         raise PromptError(f"the model's chat template does not compile: {one_line(e)}") from None
     text = render(template.template, template_context(tokenizer, template.literal_text, messages,
-                                                      add_generation_prompt))
+                                                      add_generation_prompt, tools))
     try:
         with ENCODE_LOCK:
             return hf_chat().encode_marked_chat(hf_tokenizer(tokenizer), text)

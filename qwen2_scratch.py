@@ -429,7 +429,9 @@ class Sampling(NamedTuple):
     top_k: int = 0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
-    repetition_context: int = 20
+    repetition_context: int = 20  # recent tokens the penalties look at
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from each recent token's logit
+    frequency_penalty: float = 0.0  # and this, once per time it occurred
 
 
 def apply_repetition_penalty(logits: mx.array, recent: mx.array, penalty: float) -> mx.array:
@@ -437,6 +439,12 @@ def apply_repetition_penalty(logits: mx.array, recent: mx.array, penalty: float)
     seen = logits[:, recent]  # [B, N]
     logits[:, recent] = mx.where(seen < 0, seen * penalty, seen / penalty)
     return logits
+
+
+def apply_presence_and_frequency(logits: mx.array, recent: mx.array, presence: float, frequency: float) -> mx.array:
+    """OpenAI's additive penalties: [B, V], recent ids [N] -> [B, V] minus presence (if seen) + frequency * count."""
+    counts = mx.zeros((logits.shape[-1],), mx.float32).at[recent].add(1)  # [V]: how often each token occurred
+    return logits - (presence * (counts > 0) + frequency * counts).astype(logits.dtype)
 
 
 def apply_top_k(logprobs: mx.array, k: int) -> mx.array:

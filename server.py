@@ -44,6 +44,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 import engine as generation
 import grammar
 import prompts
+import tool_calls
 import weights
 from say import say
 
@@ -211,10 +212,6 @@ def parse_options(body: dict, kind: str, defaults: Defaults) -> Options:
     """
     if number(body, "n", 1, integer=True) != 1:
         raise ApiError(400, "n must be 1: this server generates one choice per request", "n")
-    for name in ("frequency_penalty", "presence_penalty"):
-        if number(body, name, 0.0) != 0:  # 0 is what many clients send: it means off
-            raise ApiError(400, f"{name} is not supported (only 0); use repetition_penalty, a multiplicative "
-                                f"penalty on recent tokens, instead", name)
     top_k = number(body, "top_k", None, low=0, high=MAX_INT, integer=True)
     sampling = weights.sampling_for(
         defaults.sampling,
@@ -223,6 +220,8 @@ def parse_options(body: dict, kind: str, defaults: Defaults) -> Options:
         top_k=None if top_k is None else keep_k(top_k, defaults.vocab_size),
         min_p=number(body, "min_p", None, low=0, high=1),
         repetition_penalty=number(body, "repetition_penalty", None, low=0, low_open=True),
+        presence_penalty=number(body, "presence_penalty", None, low=-2, high=2),  # OpenAI's range
+        frequency_penalty=number(body, "frequency_penalty", None, low=-2, high=2),
     )
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = number(body, name, defaults.max_tokens, low=1, high=MAX_INT, integer=True)
@@ -305,7 +304,7 @@ class Engine:
     generation_config.json), as Sampling's field names.
     """
 
-    features = frozenset({"logprobs", "logit_bias", "response_format"})  # the optional fields it honours
+    features = frozenset({"logprobs", "logit_bias", "response_format", "tools"})  # the optional fields it honours
 
     def __init__(self, params, config, tokenizer, name: str, defaults: dict, kernels="reference",
                  max_kv_size=None, parallel: int = 8):
@@ -608,8 +607,9 @@ async def cancel_on_disconnect(request, cancelled: threading.Event) -> None:
     cancelled.set()
 
 
-async def respond(request, ctx: Context, ids, options: Options, chunk, final):
-    """Stream or collect one generation; chunk(piece, finish) and final(piece, result) shape the JSON."""
+async def respond(request, ctx: Context, ids, options: Options, chunks, final):
+    """Stream or collect one generation; chunks(piece, finish) -> the JSON chunks of one piece (or of the
+    finish, with finish set), final(piece, result) the whole answer's."""
     cancelled = threading.Event()
     pieces = ctx.engine.generate(ids, options, cancelled)
     metrics = ctx.metrics
@@ -619,12 +619,14 @@ async def respond(request, ctx: Context, ids, options: Options, chunk, final):
             with metrics.running.track_inprogress():
                 async for item in pieces:
                     if isinstance(item, Piece):
-                        yield sse(chunk(item, None))
+                        for c in chunks(item, None):
+                            yield sse(c)
                     else:
                         record(metrics, item)
-                        yield sse(chunk(Piece(""), item["finish_reason"]))
+                        for c in chunks(Piece(""), item["finish_reason"]):
+                            yield sse(c)
                         if options.include_usage:
-                            yield sse({**chunk(Piece(""), None), "choices": [], "usage": item["usage"]})
+                            yield sse({**chunks(Piece(""), None)[0], "choices": [], "usage": item["usage"]})
         except ApiError as e:
             yield sse(e.body())
         yield "data: [DONE]\n\n"
@@ -659,35 +661,71 @@ def request_options(ctx: Context, body: dict, kind: str) -> Options:
     return options
 
 
+async def tool_plan(ctx: Context, body: dict) -> tool_calls.ToolPlan:
+    """The request's tools and tool_choice -> what the template renders and how the answer is constrained."""
+    if body.get("tools") is None and body.get("tool_choice") in (None, "none", "auto"):
+        return tool_calls.ToolPlan(None, None)
+    parallel = flag(body, "parallel_tool_calls", True)
+    vocabulary = await asyncio.to_thread(ctx.engine.engine.grammar_tokenizer)  # built once (seconds)
+    return tool_calls.tool_plan(body.get("tools"), body.get("tool_choice"), vocabulary, parallel)
+
+
 async def chat_completions(request, ctx: Context):
     body = await read_json(request, ctx.settings.body_seconds)
     options = request_options(ctx, body, "chat")
-    messages = chat_messages(body)
     try:
-        ids = prompts.encode_chat(ctx.engine.tokenizer, messages)
+        messages = tool_calls.normalize_messages(body.get("messages"))
+        plan = await tool_plan(ctx, body)
+    except tool_calls.RequestError as e:
+        raise ApiError(400, str(e), e.param) from None
+    if plan.constraint is not None:
+        if options.constraint is not None:
+            raise ApiError(400, "response_format and a required tool call cannot both shape the answer",
+                           "tool_choice")
+        options = options._replace(constraint=plan.constraint)
+    try:
+        ids = prompts.encode_chat(ctx.engine.tokenizer, messages, tools=plan.tools)
     except prompts.PromptError as e:  # the template is missing, refused the messages or ran past its limits
         raise ApiError(400, str(e), "messages") from None
     ctx.engine.check_fits(ids, "messages")
     head = envelope(ctx, "chat")
     sent_role = []
+    calls = tool_calls.ToolCallParser() if plan.tools is not None else None  # the answer's <tool_call> blocks
 
     def logprobs(piece: Piece):
         return {"content": list(piece.logprobs)} if options.logprobs else None
 
-    def chunk(piece, finish):
-        delta = {"content": piece.text} if piece.text or finish is None else {}
-        if not sent_role:  # the first chunk names the role, as OpenAI's do
-            sent_role.append(True)
-            delta = {"role": "assistant", **delta}
-        return {**head, "object": "chat.completion.chunk",
-                "choices": [{"index": 0, "delta": delta, "logprobs": logprobs(piece), "finish_reason": finish}]}
+    def deltas(piece: Piece, finish) -> list[dict]:
+        if calls is None:
+            return [{"content": piece.text}] if piece.text or finish is None else [{}]
+        return calls.feed(piece.text) + (calls.finish() if finish is not None else [])
+
+    def chunks(piece, finish):
+        found = deltas(piece, finish) or ([{}] if finish is not None or piece.logprobs else [])
+        if finish is not None and calls is not None:
+            finish = calls.finish_reason(finish)
+        out = []
+        for i, delta in enumerate(found):
+            if not sent_role:  # the first chunk names the role, as OpenAI's do
+                sent_role.append(True)
+                delta = {"role": "assistant", **delta}
+            last = i == len(found) - 1
+            out.append({**head, "object": "chat.completion.chunk",
+                        "choices": [{"index": 0, "delta": delta, "logprobs": logprobs(piece) if last else None,
+                                     "finish_reason": finish if last else None}]})
+        return out
 
     def final(piece, result):
-        return {**head, "choices": [{"index": 0, "message": {"role": "assistant", "content": piece.text},
-                                     "logprobs": logprobs(piece), "finish_reason": result["finish_reason"]}],
-                "usage": result["usage"]}
+        message = {"role": "assistant", "content": piece.text}
+        finish = result["finish_reason"]
+        if calls is not None:
+            calls.feed(piece.text)
+            calls.finish()
+            message, finish = calls.message(), calls.finish_reason(finish)
+        return {**head, "choices": [{"index": 0, "message": message, "logprobs": logprobs(piece),
+                                     "finish_reason": finish}], "usage": result["usage"]}
 
-    return await respond(request, ctx, ids, options, chunk, final)
+    return await respond(request, ctx, ids, options, chunks, final)
 
 
 async def completions(request, ctx: Context):
@@ -705,14 +743,14 @@ async def completions(request, ctx: Context):
                 "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
                 "text_offset": []}
 
-    def chunk(piece, finish):
-        return {**head, "choices": [{"index": 0, "text": piece.text, "logprobs": logprobs(piece),
-                                     "finish_reason": finish}]}
+    def chunks(piece, finish):
+        return [{**head, "choices": [{"index": 0, "text": piece.text, "logprobs": logprobs(piece),
+                                      "finish_reason": finish}]}]
 
     def final(piece, result):
-        return {**chunk(piece, result["finish_reason"]), "usage": result["usage"]}
+        return {**chunks(piece, result["finish_reason"])[0], "usage": result["usage"]}
 
-    return await respond(request, ctx, ids, options, chunk, final)
+    return await respond(request, ctx, ids, options, chunks, final)
 
 
 def text_ids(tokenizer, text: str, add_special: bool) -> list[int]:

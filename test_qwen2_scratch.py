@@ -331,6 +331,17 @@ def test_repetition_penalty_matches_mlx_lm():
     assert_close(ours, theirs, 0, 0, "repetition penalty")
 
 
+def test_presence_and_frequency_penalties_match_mlx_lm():
+    from mlx_lm.sample_utils import make_frequency_penalty, make_presence_penalty
+
+    logits, _ = logprobs_for_sampling(4)
+    recent = [3, 7, 7, 250, 11, 7]
+    ours = q.apply_presence_and_frequency(mx.array(logits), mx.array(recent), 0.5, 0.0)
+    assert_close(ours, make_presence_penalty(0.5, 20)(mx.array(recent), mx.array(logits)), 0, 1e-6, "presence")
+    ours = q.apply_presence_and_frequency(mx.array(logits), mx.array(recent), 0.0, 0.3)
+    assert_close(ours, make_frequency_penalty(0.3, 20)(mx.array(recent), mx.array(logits)), 0, 1e-6, "frequency")
+
+
 @pytest.mark.parametrize("s", [q.Sampling(), q.Sampling(temp=0.7), q.Sampling(temp=0.7, top_p=0.8),
                                q.Sampling(temp=1.0, top_k=20), q.Sampling(temp=0.9, min_p=0.1),
                                q.Sampling(temp=0.7, top_p=0.9, top_k=40, min_p=0.05)])

@@ -390,7 +390,7 @@ def error_of(response, status):
 @pytest.mark.parametrize("field, param", [
     ({"temperature": -1}, "temperature"), ({"temperature": "hot"}, "temperature"), ({"top_p": 0}, "top_p"),
     ({"top_p": 1.5}, "top_p"), ({"max_tokens": 0}, "max_tokens"), ({"n": 2}, "n"),
-    ({"presence_penalty": 0.5}, "presence_penalty"), ({"frequency_penalty": 1}, "frequency_penalty"),
+    ({"presence_penalty": 2.5}, "presence_penalty"), ({"frequency_penalty": "x"}, "frequency_penalty"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"seed": -1}, "seed"), ({"seed": 1.5}, "seed"),
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
@@ -650,3 +650,37 @@ def test_logprobs_logit_bias_and_structured_output(tiny_served):
     bad = tiny_served.post("/v1/chat/completions", {"messages": MESSAGES, "response_format": {
         "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}})
     assert error_of(bad, 400)["param"] == "response_format"
+
+
+def test_tool_calls_forced_streamed_and_sent_back(tiny_served):
+    """tools with tool_choice "required" or a named function: the answer is a call (constrained decoding),
+    parsed into tool_calls with finish_reason "tool_calls", streamed as OpenAI's deltas; an assistant
+    message with content null and tool_calls, and a tool message, are accepted in the history."""
+    client = tiny_served.client()
+    tools = [{"type": "function", "function": {
+        "name": "get_weather", "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}},
+                       "required": ["city"], "additionalProperties": False}}}]
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        r = client.chat.completions.create(model=TINY, messages=MESSAGES, tools=tools, tool_choice=choice,
+                                           max_tokens=80, temperature=0, parallel_tool_calls=False)
+        (call,) = r.choices[0].message.tool_calls  # one call, then the grammar ends the answer
+        assert r.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
+        assert json.loads(call.function.arguments)["city"] in ("Paris", "Rome") and call.id.startswith("call_")
+    chunks = list(client.chat.completions.create(model=TINY, messages=MESSAGES, tools=tools, tool_choice="required",
+                                                 max_tokens=80, temperature=0, stream=True, parallel_tool_calls=False))
+    streamed = [t for c in chunks if c.choices and c.choices[0].delta.tool_calls for t in c.choices[0].delta.tool_calls]
+    assert [t.function.name for t in streamed] == ["get_weather"]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    history = MESSAGES + [
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+            "name": "get_weather", "arguments": '{"city": "Rome"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 25 C"}]
+    r = client.chat.completions.create(model=TINY, messages=history, tools=tools, max_tokens=4, temperature=0)
+    assert r.choices[0].finish_reason in ("length", "stop")
+    bad = tiny_served.post("/v1/chat/completions", {"messages": MESSAGES, "tools": tools,
+                                                     "tool_choice": {"type": "function", "function": {"name": "nope"}}})
+    assert error_of(bad, 400)["param"] == "tool_choice"
+    both = tiny_served.post("/v1/chat/completions", {"messages": MESSAGES, "tools": tools, "tool_choice": "required",
+                                                      "response_format": {"type": "json_object"}})
+    assert error_of(both, 400)["param"] == "tool_choice"
