@@ -41,7 +41,7 @@ bench: install
 # Lint with ruff, and check that imports run one way (import-linter's contract in pyproject.toml).
 lint: install
 	$(PY) -m ruff check .
-	$(PY) tools/lint_imports.py
+	$(VENV)/bin/lint-imports --no-cache
 
 # Remove the virtual environment and caches (not the converted models in ~/.cache/qwen2-scratch).
 clean:

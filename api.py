@@ -1,6 +1,6 @@
 """The Python API, close to mlx_lm's names: `load`, `generate`, `stream_generate`.
 
-    import api
+    from qwen2s import api
     model = api.load()  # the packaged model; or api.load("qwen2-0.5b")
     print(api.generate(model, [{"role": "user", "content": "Name one prime number."}], temp=0))
     for event in api.stream_generate(model, "def add(a, b):", max_tokens=16):
@@ -12,15 +12,14 @@ Importing this module (or any of ours) before MLX loads the fast BLAS; where MLX
 one warning line says that MLX keeps its slow reference BLAS.
 """
 
-import qwen2_scratch as q  # first: the model loads the fast BLAS before MLX
+from qwen2s import qwen2_scratch as q  # first: the model loads the fast BLAS before MLX
 
 # isort: split
 from collections.abc import Iterator
 from typing import NamedTuple
 
-import prompts
-import weights
-from engine import Engine, Event, Request, stats_line
+from qwen2s import prompts, weights
+from qwen2s.engine import Engine, Event, Request, stats_line
 
 __all__ = ["Model", "load", "generate", "stream_generate", "Event", "stats_line"]
 

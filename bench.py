@@ -6,7 +6,7 @@ bytes read per decoded token x decode tok/s / the machine's read bandwidth, meas
 same run.
 """
 
-import qwen2_scratch as q  # first: the model loads the fast BLAS before MLX
+from qwen2s import qwen2_scratch as q  # first: the model loads the fast BLAS before MLX
 
 # isort: split
 import contextlib
@@ -20,11 +20,9 @@ import time
 
 import mlx.core as mx
 
-import blas
-import speculative
-import weights
-from engine import Engine, Request, Stats
-from say import say
+from qwen2s import blas, speculative, weights
+from qwen2s.engine import Engine, Request, Stats
+from qwen2s.say import say
 
 __all__ = ["SHAPES", "run", "table", "run_speculative", "speculative_table"]
 
@@ -59,7 +57,8 @@ def bench_weights(model: str | None, shape: str | None, dtype: str):
         return params, q.config_from_dict(raw), reference, f"random weights, {shape} shape"
     folder = weights.resolve(model)
     raw = weights.read_config(folder)
-    weights.check_memory(weights.weight_bytes(q.config_from_dict(raw), dtype), f"the model {folder.name} at {dtype}")
+    checked = weights.check_config(raw, folder / "config.json")  # before its numbers are used
+    weights.check_memory(weights.weight_bytes(checked, dtype), f"the model {folder.name} at {dtype}")
     params, config = weights.load_params(folder, getattr(mx, dtype))
     reference = ref.Model(ref.ModelArgs.from_dict(raw))
     reference.update(params)  # the same arrays: no second copy of the weights
@@ -566,7 +565,7 @@ def run_serve(model=None, dtype=None, levels=(1, 8, 32), max_tokens=48, trials=1
     dtype = dtype or ("bfloat16" if mx.default_device() == mx.gpu else "float32")
     folder = weights.resolve(model)
     ports = {"ours": free_port(), "mlx_lm": free_port()}
-    ours = [sys.executable, "-m", "cli", "serve", "--port", str(ports["ours"]), "--dtype", dtype]
+    ours = [sys.executable, "-m", "qwen2s.cli", "serve", "--port", str(ports["ours"]), "--dtype", dtype]
     ours += (["--model", model] if model else []) + (["--parallel", str(parallel)] if parallel else [])
     theirs = [sys.executable, "-m", "mlx_lm", "server", "--port", str(ports["mlx_lm"]), "--model",
               mlx_lm_folder(folder, dtype)]

@@ -23,12 +23,11 @@ import shutil
 import struct
 import subprocess
 import sys
-import sysconfig
 import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
-from say import say
+from qwen2s.say import say
 
 __all__ = ["load", "describe", "in_use"]
 
@@ -53,11 +52,9 @@ def cache_folder() -> Path:
 
 
 def adapter_source() -> Path | None:
-    """blas_adapter.c beside this file (a checkout, an editable install) or in the install's share/."""
-    for folder in (Path(__file__).parent, Path(sysconfig.get_path("data")) / "share" / "qwen2-scratch"):
-        if (folder / ADAPTER).is_file():
-            return folder / ADAPTER
-    return None
+    """blas_adapter.c beside this file (in the repository, or in the installed package)."""
+    path = Path(__file__).parent / ADAPTER
+    return path if path.is_file() else None
 
 
 def library_dir() -> Path | None:

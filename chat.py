@@ -6,7 +6,7 @@ values of the prefix it shares with the turn before. `repl` is the loop a termin
 talks to.
 """
 
-import qwen2_scratch as q  # first: the model loads the fast BLAS before MLX
+from qwen2s import qwen2_scratch as q  # first: the model loads the fast BLAS before MLX
 
 # isort: split
 import contextlib
@@ -17,9 +17,9 @@ import termios
 import threading
 import time
 
-import prompts
-from engine import Engine, Event, Request, stats_line
-from say import say
+from qwen2s import prompts
+from qwen2s.engine import Engine, Event, Request, stats_line
+from qwen2s.say import say
 
 __all__ = ["Chat", "repl"]
 

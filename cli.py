@@ -5,7 +5,7 @@ and the benchmark. Bad input is a one-line error with exit code 1 (usage errors 
 outside the chat ends any command with exit code 130; a closed pipe ends it quietly.
 """
 
-import qwen2_scratch as q  # first: the model loads the fast BLAS before MLX
+from qwen2s import qwen2_scratch as q  # first: the model loads the fast BLAS before MLX
 
 # isort: split
 import json
@@ -17,14 +17,7 @@ import click
 import jinja2
 import mlx.core as mx
 
-import bench
-import blas
-import chat
-import engine
-import prompts
-import server
-import speculative
-import weights
+from qwen2s import bench, blas, chat, engine, prompts, server, speculative, weights
 
 PACKAGED_NAME = "qwen2.5-coder-0.5b-instruct"  # the model id the server gives the packaged model
 
@@ -158,7 +151,7 @@ def load_model(model, dtype):
     errors as one-line Click errors."""
     try:
         folder = weights.resolve(model)
-        config = q.config_from_dict(weights.read_config(folder))
+        config = weights.check_config(weights.read_config(folder), folder / "config.json")  # numbers checked first
         dtype = dtype or weights.default_dtype()
         weights.check_memory(int(weights.weight_bytes(config, dtype) * LOAD_MARGIN),
                              f"the model {folder.name} at {dtype}")

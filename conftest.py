@@ -6,7 +6,7 @@ Tests marked packaged_model use the real packaged model (converted once per sess
 temporary cache); `pytest -m "not packaged_model"` deselects them (on the GPU machine).
 """
 
-import qwen2_scratch as q  # first: the model loads the fast BLAS before MLX, as in every command
+from qwen2s import qwen2_scratch as q  # first: the model loads the fast BLAS before MLX, as in every command
 
 # isort: split
 
@@ -25,8 +25,7 @@ from click.testing import CliRunner
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models import qwen2 as ref
 
-import cli
-import weights
+from qwen2s import cli, weights
 
 # The tests hold float32 to 1e-4; on a GPU, MLX's default TF32 matmuls round inputs to 10 bits.
 os.environ.setdefault("MLX_ENABLE_TF32", "0")

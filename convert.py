@@ -9,7 +9,7 @@ ModelError and the small rules every value read from a model's files is held to 
 live here, the lowest room that reads those files; weights.py uses the same ones.
 """
 
-import qwen2_scratch  # noqa: F401  (first: the model loads the fast BLAS before MLX)
+from qwen2s import qwen2_scratch  # noqa: F401  (first: the model loads the fast BLAS before MLX)
 
 # isort: split
 import hashlib
@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import mlx.core as mx
 
-from say import say
+from qwen2s.say import say
 
 __all__ = ["ModelError", "gguf_folder", "packaged_folder", "is_complete", "cache_root", "one_line"]
 

@@ -20,7 +20,7 @@ its seed and the token's position, and speculation keeps a proposal only where t
 draw equals it.
 """
 
-import qwen2_scratch as q  # first: the model loads the fast BLAS before MLX
+from qwen2s import qwen2_scratch as q  # first: the model loads the fast BLAS before MLX
 
 # isort: split
 import os
@@ -33,8 +33,7 @@ from typing import NamedTuple
 
 import mlx.core as mx
 
-import grammar
-import speculative
+from qwen2s import grammar, speculative
 
 __all__ = ["Request", "Event", "Usage", "Stats", "Handle", "Engine", "PromptCache", "StopMatcher", "stats_line"]
 

@@ -19,7 +19,7 @@ The per-sequence state is an llguidance matcher (mutable, on the Rust side): `st
 row, ask `allowed_rows` for the masks of a batch, `advance` it with each chosen token.
 """
 
-import qwen2_scratch  # noqa: F401  first: the model loads the fast BLAS before MLX
+from qwen2s import qwen2_scratch  # noqa: F401  first: the model loads the fast BLAS before MLX
 
 # isort: split
 
@@ -28,7 +28,6 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import llguidance
-import llguidance.hf
 import llguidance.numpy
 import mlx.core as mx
 import numpy as np
@@ -61,6 +60,8 @@ class State(NamedTuple):
 
 def grammar_tokenizer(tokenizer, vocab: int) -> GrammarTokenizer:
     """A loaded tokenizer (mlx_lm's wrapper, or a Hugging Face fast tokenizer) -> llguidance's, ending at every EOS."""
+    import llguidance.hf  # here, not at import: it imports transformers (slow, and it needs a working directory)
+
     hf = getattr(tokenizer, "_tokenizer", tokenizer)
     eos = sorted(getattr(tokenizer, "eos_token_ids", None) or [hf.eos_token_id])
     return GrammarTokenizer(llguidance.hf.from_tokenizer(hf, n_vocab=vocab, eos_token=eos), vocab)

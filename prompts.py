@@ -9,7 +9,7 @@ from a model folder, which is untrusted: it runs in jinja's immutable sandbox, a
 transformers, with a time limit and a limit on the size of what it makes.
 """
 
-import qwen2_scratch  # noqa: F401  first: the model loads the fast BLAS before MLX
+from qwen2s import qwen2_scratch  # noqa: F401  first: the model loads the fast BLAS before MLX
 
 # isort: split
 import functools

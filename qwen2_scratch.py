@@ -26,7 +26,7 @@ Shape legend, used in every comment below:
     V vocabulary size
 """
 
-import blas
+from qwen2s import blas
 
 blas.load()  # first: a real BLAS into the process, before MLX loads its own (see blas.py)
 

@@ -13,7 +13,7 @@ becomes one checked Options (parse_options); errors use OpenAI's format, {"error
 the limits: docs/server-security.md.
 """
 
-import qwen2_scratch as q  # first: the model loads the fast BLAS before MLX
+from qwen2s import qwen2_scratch as q  # first: the model loads the fast BLAS before MLX
 
 # isort: split
 import asyncio
@@ -41,12 +41,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-import engine as generation
-import grammar
-import prompts
-import tool_calls
-import weights
-from say import say
+from qwen2s import engine as generation
+from qwen2s import grammar, prompts, tool_calls, weights
+from qwen2s.say import say
 
 __all__ = ["Engine", "app", "listen", "serve", "ApiError", "exposure_warning", "Settings", "Defaults", "Options",
            "Metrics", "new_metrics", "parse_options", "MAX_BODY_BYTES", "DEFAULT_MAX_TOKENS"]

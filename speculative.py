@@ -15,7 +15,7 @@ is drawn exactly as plain decoding would draw it (the same row arithmetic, the s
 the same random key for that position), so the tokens are plain decoding's, greedy or sampled.
 """
 
-import qwen2_scratch as q  # first: the model loads the fast BLAS before MLX
+from qwen2s import qwen2_scratch as q  # first: the model loads the fast BLAS before MLX
 
 # isort: split
 import mlx.core as mx

@@ -1,7 +1,7 @@
 """The model's pieces against a reference: MLX's own ops and mx.fast kernels, mlx_lm's Qwen2
 modules, samplers, generation and perplexity, with fixed seeds and named tolerances."""
 
-import qwen2_scratch as q  # noqa: F401  (first: the fast BLAS before MLX)
+from qwen2s import qwen2_scratch as q  # noqa: F401  (first: the fast BLAS before MLX)
 
 # isort: split
 from pathlib import Path
@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
-import weights
 from conftest import (
     DTYPES,
     HERE,
@@ -27,7 +26,8 @@ from conftest import (
     rand,
     reference_model,
 )
-from engine import Engine, Request
+from qwen2s import weights
+from qwen2s.engine import Engine, Request
 
 # ---------------------------------------------------------------------------------------------
 # Day 1: softmax, linear, silu, attention

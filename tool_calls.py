@@ -15,7 +15,7 @@ import re
 import uuid
 from typing import NamedTuple
 
-import grammar
+from qwen2s import grammar
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}

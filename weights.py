@@ -8,7 +8,7 @@ Sources, all ending in the same nested dict of dense arrays with Hugging Face ke
   5. the packaged offline model (a GGUF split over six data packages), when none is named.
 """
 
-from qwen2_scratch import Config, Sampling, config_from_dict  # first: the model loads the fast BLAS before MLX
+from qwen2s.qwen2_scratch import Config, Sampling, config_from_dict  # first: the model loads the fast BLAS before MLX
 
 # isort: split
 import json
@@ -22,7 +22,7 @@ from typing import NamedTuple
 import mlx.core as mx
 from mlx.utils import tree_unflatten
 
-from convert import (
+from qwen2s.convert import (
     ModelError,
     Rule,
     cache_root,

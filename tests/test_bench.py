@@ -1,6 +1,6 @@
 """The benchmark, end to end on the tiny model (no speed assertions)."""
 
-import qwen2_scratch as q  # noqa: F401  (first: the fast BLAS before MLX)
+from qwen2s import qwen2_scratch as q  # noqa: F401  (first: the fast BLAS before MLX)
 
 # isort: split
 import json

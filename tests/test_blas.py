@@ -5,7 +5,7 @@ only). OPENBLAS_CORETYPE forces the kernels of older CPUs, so the products are c
 Haswell (AVX2), Sandybridge (AVX) and Nehalem (SSE) kernels on every machine.
 """
 
-import qwen2_scratch as q  # noqa: F401  (first: the fast BLAS before MLX)
+from qwen2s import qwen2_scratch as q  # noqa: F401  (first: the fast BLAS before MLX)
 
 # isort: split
 import json
@@ -18,8 +18,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-import blas
 from conftest import HERE, assert_close, rand, run_cli
+from qwen2s import blas
 
 pytestmark = pytest.mark.usefixtures("on_cpu")  # the CPU's BLAS, also on a GPU machine
 
@@ -139,7 +139,7 @@ PROBE = """
 import os, sys, json
 before = os.getpid()
 {prelude}
-import qwen2_scratch, blas
+from qwen2s import qwen2_scratch, blas
 import mlx.core as mx, numpy as np
 a = mx.random.normal((64, 48), key=mx.random.key(1)); b = mx.random.normal((48, 80), key=mx.random.key(2))
 x = mx.random.normal((1, 48), key=mx.random.key(3))

@@ -1,6 +1,6 @@
 """The chat: scripted through pipes, and through a pseudo-terminal for Ctrl-C."""
 
-import qwen2_scratch as q  # noqa: F401  (first: the fast BLAS before MLX)
+from qwen2s import qwen2_scratch as q  # noqa: F401  (first: the fast BLAS before MLX)
 
 # isort: split
 import os
@@ -16,10 +16,10 @@ import time
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
-import chat as chat_module
-import weights
 from conftest import COMMAND, STATS, run_cli, tiny_model
-from engine import Engine, Request
+from qwen2s import chat as chat_module
+from qwen2s import weights
+from qwen2s.engine import Engine, Request
 
 # ---------------------------------------------------------------------------------------------
 # Chat: scripted through pipes, and through a pseudo-terminal for Ctrl-C
@@ -244,7 +244,7 @@ def test_sigterm_or_sighup_at_the_prompt_restores_the_terminal(tiny_folder, sig)
 
 
 def test_a_block_open_at_end_of_input_is_sent_and_inner_quotes_are_text(tiny_folder):
-    import prompts
+    from qwen2s import prompts
 
     tokenizer = weights.load_tokenizer(tiny_folder)
     result = chat('"""the quick', 'foo"""bar', "brown fox", model=tiny_folder, args=["--max-tokens", "2"])
@@ -258,7 +258,7 @@ def test_a_block_open_at_end_of_input_is_sent_and_inner_quotes_are_text(tiny_fol
 
 def test_an_overflowing_history_drops_half_the_cache_at_once(tiny_folder):
     params, config, tokenizer = weights.load(str(tiny_folder), "float32")
-    session = chat_module.Chat(params, config, tokenizer, None, q.Sampling(temp=0.0), 4, 200)
+    session = chat_module.Chat(Engine(params, config, tokenizer, max_kv_size=200), None, q.Sampling(temp=0.0), 4)
     notices = []
     for i in range(40):
         before = len(notices)

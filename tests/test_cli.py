@@ -1,6 +1,6 @@
 """The generate, perplexity and pull commands, through Click's runner and the real console script."""
 
-import qwen2_scratch as q  # noqa: F401  (first: the fast BLAS before MLX)
+from qwen2s import qwen2_scratch as q  # noqa: F401  (first: the fast BLAS before MLX)
 
 # isort: split
 import json
@@ -11,9 +11,8 @@ import subprocess
 import numpy as np
 import pytest
 
-import cli
-import weights
 from conftest import COMMAND, STATS, invoke, run_cli
+from qwen2s import cli, weights
 
 
 @pytest.mark.packaged_model

@@ -2,7 +2,7 @@
 --quiet, ollama's chat commands and multi-line input, and sampling defaults from the model's
 generation_config.json."""
 
-import qwen2_scratch as q  # noqa: F401  (first: the fast BLAS before MLX)
+from qwen2s import qwen2_scratch as q  # noqa: F401  (first: the fast BLAS before MLX)
 
 # isort: split
 import json
@@ -11,9 +11,8 @@ import shutil
 
 import pytest
 
-import convert
-import weights
 from conftest import STATS, invoke, run_cli
+from qwen2s import convert, weights
 
 
 def generate(folder, *args):

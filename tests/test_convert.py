@@ -1,7 +1,7 @@
 """GGUF files and the packaged model converted into Hugging Face folders, and the cache that holds them:
 faithful conversions, one-line errors for broken or hostile files, a cache that heals."""
 
-import qwen2_scratch as q  # noqa: F401  (first: the fast BLAS before MLX)
+from qwen2s import qwen2_scratch as q  # noqa: F401  (first: the fast BLAS before MLX)
 
 # isort: split
 import json
@@ -18,9 +18,6 @@ from click.testing import CliRunner
 from mlx.utils import tree_flatten
 from test_hostile_input import one_line_error, run_limited
 
-import cli
-import convert
-import weights
 from conftest import (
     CHATML,
     COMMAND,
@@ -31,6 +28,7 @@ from conftest import (
     run_cli,
     tiny_model,
 )
+from qwen2s import cli, convert, weights
 
 TOKENS = mx.array([[5, 17, 42, 99, 3, 250, 7, 7, 120]])
 

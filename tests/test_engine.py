@@ -2,7 +2,7 @@
 prefill chunks), stop strings, limits, cancellation, interleaved prefill, the prompt cache's bounds,
 and the packaged model in a batch of eight."""
 
-import qwen2_scratch as q  # noqa: F401  (first: the fast BLAS before MLX)
+from qwen2s import qwen2_scratch as q  # noqa: F401  (first: the fast BLAS before MLX)
 
 # isort: split
 import threading
@@ -10,8 +10,8 @@ import threading
 import mlx.core as mx
 import pytest
 
-import engine as E
 from conftest import IdTokenizer, reference_model
+from qwen2s import engine as E
 
 GREEDY, SAMPLED = q.Sampling(), q.Sampling(temp=0.9, top_p=0.9, top_k=40, repetition_penalty=1.1)
 CHUNK = 256  # prefill chunk of every engine here (a GPU's default, 2048, is longer than these prompts)
@@ -286,8 +286,7 @@ def test_logit_bias_moves_the_draws_and_the_events_report_the_model_distribution
 def test_a_grammar_constrains_every_row_of_a_batch(tiny_folder):
     import json
 
-    import grammar
-    import weights
+    from qwen2s import grammar, weights
 
     params, config, tokenizer = weights.load(str(tiny_folder))
     runner = E.Engine(params, config, tokenizer, max_batch=4)

@@ -1,7 +1,7 @@
 """Structured output: the grammar's masks against the JSON a parser accepts, and the real model's
 constrained answers, greedy, sampled and in a batch, parsed with json and validated with jsonschema."""
 
-import qwen2_scratch as q  # first: the fast BLAS before MLX
+from qwen2s import qwen2_scratch as q  # first: the fast BLAS before MLX
 
 # isort: split
 
@@ -12,8 +12,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-import grammar
-import weights
+from qwen2s import grammar, weights
 
 PERSON = {
     "type": "object",

@@ -1,7 +1,7 @@
 """Hostile input and faults: every one gets a one-line error and a non-zero exit, never a traceback, a
 hang, runaway memory or an exit 0 with garbage (issue 12)."""
 
-import qwen2_scratch as q  # noqa: F401  (first: the fast BLAS before MLX)
+from qwen2s import qwen2_scratch as q  # noqa: F401  (first: the fast BLAS before MLX)
 
 # isort: split
 import json
@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 
-import convert
-import weights
 from conftest import COMMAND, TINY, invoke, reference_model, run_cli, tiny_model, write_checkpoint
+from qwen2s import convert, weights
 
 
 def one_line_error(result, *words, exit_code=1):

@@ -1,26 +1,31 @@
 """The layout: one room per concern, imports running one way, a package that installs for real."""
 
-import qwen2_scratch as q  # noqa: F401  (first: the fast BLAS before MLX)
+from qwen2s import qwen2_scratch as q  # noqa: F401  (first: the fast BLAS before MLX)
 
 # isort: split
 import ast
+import os
 import shutil
 import subprocess
 import sys
 import zipfile
 from importlib.metadata import version
+from pathlib import Path
 
 import tomllib
 
 from conftest import HERE, run_cli
 
 PROJECT = tomllib.loads((HERE / "pyproject.toml").read_text())
-MODULES = PROJECT["tool"]["setuptools"]["py-modules"]
+PACKAGE = HERE / "qwen2s"
+MODULES = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
 
 
-def lint_imports(source):
-    return subprocess.run([sys.executable, str(HERE / "tools" / "lint_imports.py"), str(source)],
-                          capture_output=True, text=True, timeout=120)
+def lint_imports(root):
+    """lint-imports with the project's contract, on the package qwen2s found in root."""
+    lint = Path(sys.executable).with_name("lint-imports")
+    return subprocess.run([str(lint), "--config", str(HERE / "pyproject.toml"), "--no-cache"], cwd=root,
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(root)})
 
 
 def test_imports_run_one_way():
@@ -29,12 +34,20 @@ def test_imports_run_one_way():
 
 
 def test_an_import_against_the_layers_breaks_the_contract(tmp_path):
-    for name in MODULES:
-        shutil.copy(HERE / f"{name}.py", tmp_path)
-    with open(tmp_path / "weights.py", "a") as f:
-        f.write("\nimport chat  # weights may not import a room above it\n")
+    package = tmp_path / "qwen2s"
+    shutil.copytree(PACKAGE, package)  # the links followed: copies of the modules
+    with open(package / "weights.py", "a") as f:
+        f.write("\nfrom qwen2s import chat  # weights may not import a room above it\n")
     done = lint_imports(tmp_path)
     assert done.returncode != 0 and "0 kept, 1 broken" in done.stdout and "weights -> " in done.stdout, done.stdout
+
+
+def test_the_package_holds_every_module_of_the_repository_top_level():
+    """qwen2s/ links to each top-level module (and the BLAS adapter's source), so nothing is left out of the install."""
+    top = {p.stem for p in HERE.glob("*.py")} - {"conftest", "test_qwen2_scratch"}
+    assert top == set(MODULES), top ^ set(MODULES)
+    for name in [f"{m}.py" for m in MODULES] + ["blas_adapter.c"]:
+        assert (PACKAGE / name).resolve() == (HERE / name).resolve(), name
 
 
 def imported_modules(path):
@@ -43,8 +56,10 @@ def imported_modules(path):
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module == "qwen2s":  # our modules, by their own names
+            names |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
-            names.add(node.module.split(".")[0])
+            names.add(node.module.removeprefix("qwen2s.").split(".")[0])
     return names
 
 
@@ -53,7 +68,7 @@ def test_the_model_file_holds_the_model():
     imported = imported_modules(path)
     assert not imported & {"click", "subprocess", "ctypes", "weights", "chat", "bench", "cli"}, imported
     first = next(n for n in ast.parse(path.read_text()).body if isinstance(n, ast.Import | ast.ImportFrom))
-    assert isinstance(first, ast.Import) and first.names[0].name == "blas", "blas must be the first import"
+    assert first.names[0].name == "blas", "blas must be the first import"
     assert [m for m in MODULES if "click" in imported_modules(HERE / f"{m}.py")] == ["cli"]
 
 
@@ -65,10 +80,11 @@ def test_pip_builds_a_real_wheel(tmp_path):
     assert done.returncode == 0, done.stderr
     (wheel,) = (tmp_path / "dist").glob("qwen2_scratch-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert {f"{m}.py" for m in MODULES} <= set(names), names
-    assert any(n.endswith("data/data/share/qwen2-scratch/blas_adapter.c") for n in names), names
+    assert {f"qwen2s/{m}.py" for m in MODULES} | {"qwen2s/__init__.py", "qwen2s/blas_adapter.c"} <= set(names), names
+    assert not [n for n in names if "/" not in n], "nothing at the top of site-packages but the package"
+    assert zipfile.ZipFile(wheel).read("qwen2s/qwen2_scratch.py") == (HERE / "qwen2_scratch.py").read_bytes()
     meta = {n.rsplit("/", 1)[-1]: zipfile.ZipFile(wheel).read(n).decode() for n in names if ".dist-info/" in n}
-    assert "qwen2-scratch = cli:main" in meta["entry_points.txt"]
+    assert "qwen2-scratch = qwen2s.cli:main" in meta["entry_points.txt"]
     required = {line.removeprefix("Requires-Dist: ") for line in meta["METADATA"].splitlines()
                 if line.startswith("Requires-Dist: ")}
     assert {d.replace(" ; ", "; ") for d in PROJECT["project"]["dependencies"]} <= required, required

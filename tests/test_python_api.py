@@ -1,6 +1,6 @@
 """The README's Python-API example runs as written, and the names it promises are exported."""
 
-import qwen2_scratch as q  # noqa: F401  (first: the fast BLAS before MLX)
+from qwen2s import qwen2_scratch as q  # noqa: F401  (first: the fast BLAS before MLX)
 
 # isort: split
 import importlib
@@ -21,7 +21,7 @@ def readme_example() -> str:
 
 def test_every_name_in_all_exists():
     for name in ("qwen2_scratch", "weights", "engine", "api", "chat", "bench", "server"):
-        module = importlib.import_module(name)
+        module = importlib.import_module(f"qwen2s.{name}")
         missing = [n for n in module.__all__ if not hasattr(module, n)]
         assert not missing, f"{name}.__all__ names {missing}, which it lacks"
 

@@ -3,7 +3,7 @@ statuses and bodies) against a live `qwen2-scratch serve` subprocess on 127.0.0.
 model for the text and on the tiny random model for the HTTP rules; the request parser and the
 stop-string matcher without a server."""
 
-import qwen2_scratch as q  # noqa: F401  (first: the fast BLAS before MLX)
+from qwen2s import qwen2_scratch as q  # noqa: F401  (first: the fast BLAS before MLX)
 
 # isort: split
 import json
@@ -22,10 +22,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import engine
-import server
-import weights
 from conftest import COMMAND, run_cli
+from qwen2s import engine, server, weights
 
 KEY = "test-key-0123456789"
 TIMEOUT = 300  # seconds for any one request: the 2-core machine is shared, so generous but bounded

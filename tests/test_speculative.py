@@ -2,7 +2,7 @@
 proposer (right, wrong, running into the end of the context, holding an end-of-sequence id),
 greedy and sampled, and one trace per (length, block)."""
 
-import qwen2_scratch as q  # noqa: F401  (first: the fast BLAS before MLX)
+from qwen2s import qwen2_scratch as q  # noqa: F401  (first: the fast BLAS before MLX)
 
 # isort: split
 import json
@@ -11,9 +11,9 @@ import re
 import mlx.core as mx
 import pytest
 
-import speculative as sp
 from conftest import STATS, IdTokenizer, invoke, reference_model, run_cli
-from engine import Engine, Request
+from qwen2s import speculative as sp
+from qwen2s.engine import Engine, Request
 
 # ---------------------------------------------------------------------------------------------
 # Proposers the tests control, and the two random models

@@ -1,7 +1,7 @@
 """Tool calls: OpenAI's messages rendered by the packaged chat template as Qwen2.5 does, the parser
 on crafted answers split at every boundary, and tool_choice enforced on the real model."""
 
-import qwen2_scratch as q  # first: the fast BLAS before MLX
+from qwen2s import qwen2_scratch as q  # first: the fast BLAS before MLX
 
 # isort: split
 
@@ -11,9 +11,8 @@ import jsonschema
 import pytest
 from test_grammar import constrained_generate
 
-import grammar
-import tool_calls as tc
-import weights
+from qwen2s import grammar, weights
+from qwen2s import tool_calls as tc
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city",

@@ -1,6 +1,6 @@
 """Every model source (MLX, Hugging Face, GGUF, hub cache, the packaged model) and every loading error."""
 
-import qwen2_scratch as q  # noqa: F401  (first: the fast BLAS before MLX)
+from qwen2s import qwen2_scratch as q  # noqa: F401  (first: the fast BLAS before MLX)
 
 # isort: split
 import json
@@ -13,8 +13,6 @@ from click.testing import CliRunner
 from mlx.utils import tree_flatten
 from test_convert import write_gguf
 
-import cli
-import weights
 from conftest import (
     LOGITS_ATOL_F32,
     LOGITS_TOL,
@@ -27,6 +25,7 @@ from conftest import (
     tiny_model,
     write_checkpoint,
 )
+from qwen2s import cli, weights
 
 TOKENS = mx.array([[5, 17, 42, 99, 3, 250, 7, 7, 120]])
 

@@ -8,7 +8,7 @@ where the first difference is. On the CPU in float32 every count should be 0 (th
 on a GPU this measures how far MLX's kernels keep the promise.
 """
 
-import qwen2_scratch as q  # first: the fast BLAS before MLX
+from qwen2s import qwen2_scratch as q  # first: the fast BLAS before MLX
 
 # isort: split
 import argparse
@@ -17,9 +17,8 @@ import time
 
 import mlx.core as mx
 
-import speculative
-import weights
-from engine import Engine, Request
+from qwen2s import speculative, weights
+from qwen2s.engine import Engine, Request
 
 QUESTIONS = [
     "Why do some programming languages use garbage collection and others do not?",

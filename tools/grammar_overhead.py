@@ -8,7 +8,7 @@ compile time. xgrammar is not measured: its matcher module imports torch at load
     python tools/grammar_overhead.py        (prints one line per engine)
 """
 
-import qwen2_scratch  # noqa: F401  first: the fast BLAS before MLX
+from qwen2s import qwen2_scratch  # noqa: F401  first: the fast BLAS before MLX
 
 # isort: split
 
@@ -18,7 +18,7 @@ import time
 import mlx.core as mx
 import numpy as np
 
-import weights
+from qwen2s import weights
 
 SCHEMA = {
     "type": "object",

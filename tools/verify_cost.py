@@ -8,7 +8,7 @@ and prints the median cost ratio for each k (independent of the weights: no acce
     python tools/verify_cost.py --shape qwen2-0.5b --dtype bfloat16 --context 256 --ks 1,2,4,8
 """
 
-import qwen2_scratch as q  # first: the model loads the fast BLAS before MLX
+from qwen2s import qwen2_scratch as q  # first: the model loads the fast BLAS before MLX
 
 # isort: split
 import argparse
@@ -18,7 +18,7 @@ import time
 
 import mlx.core as mx
 
-import bench
+from qwen2s import bench
 
 
 def verify_step(params, config, tokens, cache, kernels):

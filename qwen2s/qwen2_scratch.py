@@ -1,0 +1,1 @@
+../qwen2_scratch.py
