@@ -571,7 +571,8 @@ def test_weights_beyond_the_memory_are_refused_before_loading(tmp_path, tiny_fol
         (folder / f.name).symlink_to(f)
     raw = json.loads((tiny_folder / "config.json").read_text())
     (folder / "config.json").unlink()
-    (folder / "config.json").write_text(json.dumps({**raw, "intermediate_size": 4_000_000}))  # 12 GB of MLP weights
+    # in range, but 64 layers of 3 x 128 x 262144 float32 MLP weights: about 24 GiB
+    (folder / "config.json").write_text(json.dumps({**raw, "intermediate_size": 262144, "num_hidden_layers": 64}))
     done = shell(LIMITED + f'"$Q" generate -m {folder} --prompt hi', timeout=60)
     one_error_line(done, "needs about", "GiB", "ulimit -v 4000000")
     done = shell(LIMITED + '"$Q" bench --shape qwen2-7b --no-int4 --trials 1', timeout=60)
