@@ -24,7 +24,7 @@ enum { RowMajor = 101, NoTrans = 111, Trans = 112 };
 /* Products of at most FEW_ROWS rows (a decode step of a batch, a verifier step) are computed row by
  * row with sgemv; the weights are walked in blocks of about BLOCK_BYTES, so each block is read from
  * memory once and from the cache for the other rows. (Larger batches are not row by row: sgemm.) */
-enum { FEW_ROWS = 16, BLOCK_BYTES = 2 << 20, BLOCK_ALIGN = 64 };
+enum { FEW_ROWS = 16, BLOCK_BYTES = 6 << 20, BLOCK_ALIGN = 64 };  /* 6 MB: measured best of 2, 6 and 16 */
 
 void scipy_cblas_sgemm(int, int, int, int, int, int, float, const float *, int, const float *, int, float,
                        float *, int);
@@ -53,11 +53,9 @@ static void row_block(int ta, int tb, int i, int j0, int n, int K, float alpha, 
 
 void cblas_sgemm(int order, int ta, int tb, int M, int N, int K, float alpha, const float *A, int lda,
                  const float *B, int ldb, float beta, float *C, int ldc) {
-    if (order == RowMajor && K > 0 && M == 1) {  /* decoding one sequence: sgemv reads 2x faster than sgemm */
-        row_block(ta, tb, 0, 0, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-        return;
-    }
-    if (order == RowMajor && K > 0 && M > 1 && M <= FEW_ROWS) {
+    if (order == RowMajor && K > 0 && M <= FEW_ROWS) {
+        /* One row too goes block by block: every row is the same sgemv calls whatever M is (OpenBLAS may split
+         * one long sgemv's reduction across threads otherwise: seen on a 16-core machine) */
         /* B as [N, K] (a layer's weights): blocks of its rows. B as [K, N] (attention's values, N small)
          * is walked whole: sgemv over a block of its columns rounds differently from sgemv over all. */
         int block = tb != NoTrans ? BLOCK_BYTES / (4 * K) / BLOCK_ALIGN * BLOCK_ALIGN : N;
