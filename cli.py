@@ -19,8 +19,6 @@ import mlx.core as mx
 
 from qwen2s import bench, blas, chat, engine, prompts, server, speculative, weights
 
-PACKAGED_NAME = "qwen2.5-coder-0.5b-instruct"  # the model id the server gives the packaged model
-
 
 def default_kernels() -> str:
     """The hand-written functions on the CPU; on a GPU the mx.fast kernels, measured 1.5-2x faster there."""
@@ -533,9 +531,10 @@ def read_chat_template(path: str | None) -> str | None:
                    "or \"*\" for any) [default: http(s)://localhost, 127.0.0.1 and [::1], any port].")
 @click.option("--read-timeout", type=Finite(min=0, min_open=True), default=server.BODY_SECONDS, show_default=True,
               help="Seconds a request body may take to arrive.")
+@speculation_options
 def serve_command(model, dtype, kernels, host, port, api_key, max_kv_size, parallel, served_model_name, temp, top_p,
                   top_k, min_p, repetition_penalty, max_tokens, chat_template, allowed_hosts, allowed_origins,
-                  read_timeout):
+                  read_timeout, speculate, draft_model, num_draft):
     """Serve the model through an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions).
 
     Up to --parallel requests decode together, each with its own settings and seed (a request's
@@ -561,12 +560,15 @@ def serve_command(model, dtype, kernels, host, port, api_key, max_kv_size, paral
     defaults = weights.sampling_for(weights.sampling_defaults(weights.resolve(model)), temp=temp, top_p=top_p,
                                     top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty)
     defaults = defaults._replace(top_k=server.keep_k(defaults.top_k, config.vocab_size))._asdict()
-    names = comma_list(served_model_name) or (model or PACKAGED_NAME,)
+    names = comma_list(served_model_name) or (model or weights.PACKAGED_NAME,)
     settings = server.Settings(
         names=names, defaults=server.Defaults(defaults, config.vocab_size, max_tokens), api_key=api_key,
         bind=host, hosts=comma_list(allowed_hosts), origins=comma_list(allowed_origins), body_seconds=read_timeout)
     parallel = parallel or (16 if mx.default_device() == mx.gpu else 8)
-    backend = server.Engine(params, config, tokenizer, names[0], defaults, kernels, max_kv_size, parallel)
+    o = {"speculate": speculate, "draft_model": draft_model, "num_draft": num_draft}
+    proposer = proposer_from(o, chosen_speculation(o), dtype, kernels, config, tokenizer)  # for a request alone
+    backend = server.Engine(params, config, tokenizer, names[0], defaults, kernels, max_kv_size, parallel, proposer,
+                            num_draft)
     if warning := server.exposure_warning(host):
         click.echo(warning, err=True)
     address = sock.getsockname()

@@ -56,7 +56,6 @@ KEEP_ALIVE_SECONDS = 5  # an idle kept-alive connection is closed after this
 DEFAULT_MAX_TOKENS = 512  # when a request sets none, as the chat and mlx_lm.server
 MAX_STOPS, MAX_STOP_CHARS = 4, 1024  # OpenAI's count; a length far past any real stop word
 MAX_INT, MAX_FLOAT = 2**63 - 1, sys.float_info.max  # no larger number reaches MLX
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
 def exposure_warning(host: str) -> str | None:
@@ -248,27 +247,12 @@ def unsupported(options: Options, body: dict, features: frozenset) -> None:
             raise ApiError(400, f"{name} is not supported by this server yet", name)
 
 
-def message_text(content, param: str) -> str:
-    """A message's content: a string, or a list of text parts (images and audio are refused)."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
-                                         and isinstance(p.get("text"), str) for p in content):
-        return "".join(p["text"] for p in content)
-    raise ApiError(400, "content must be a string or a list of text parts", param)
-
-
 def chat_messages(body: dict) -> list[dict]:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "messages must be a non-empty list", "messages")
-    clean = []
-    for i, m in enumerate(messages):
-        role = m.get("role") if isinstance(m, dict) else None
-        if not isinstance(role, str) or role not in ROLES:
-            raise ApiError(400, f"each message needs a role, one of {', '.join(ROLES)}", f"messages[{i}].role")
-        clean.append({"role": ROLES[role], "content": message_text(m.get("content"), f"messages[{i}].content")})
-    return clean
+    """The request's messages in the chat template's shapes (tool calls and results included); 400 if malformed."""
+    try:
+        return tool_calls.normalize_messages(body.get("messages"))
+    except tool_calls.RequestError as e:
+        raise ApiError(400, str(e), e.param) from None
 
 
 def completion_prompt(body: dict) -> str:
@@ -304,10 +288,10 @@ class Engine:
     features = frozenset({"logprobs", "logit_bias", "response_format", "tools"})  # the optional fields it honours
 
     def __init__(self, params, config, tokenizer, name: str, defaults: dict, kernels="reference",
-                 max_kv_size=None, parallel: int = 8):
+                 max_kv_size=None, parallel: int = 8, proposer=None, num_draft: int = 8):
         self.tokenizer, self.name, self.defaults = tokenizer, name, defaults
         self.engine = generation.Engine(params, config, tokenizer, kernels, max_batch=parallel,
-                                        max_kv_size=max_kv_size)
+                                        max_kv_size=max_kv_size, proposer=proposer, num_draft=num_draft)
         self.max_kv = self.engine.max_kv
         self.engine.start()
 
@@ -670,8 +654,8 @@ async def tool_plan(ctx: Context, body: dict) -> tool_calls.ToolPlan:
 async def chat_completions(request, ctx: Context):
     body = await read_json(request, ctx.settings.body_seconds)
     options = request_options(ctx, body, "chat")
+    messages = chat_messages(body)
     try:
-        messages = tool_calls.normalize_messages(body.get("messages"))
         plan = await tool_plan(ctx, body)
     except tool_calls.RequestError as e:
         raise ApiError(400, str(e), e.param) from None

@@ -124,9 +124,12 @@ def weight_bytes(config: Config, dtype: str) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
+PACKAGED_NAME = "qwen2.5-coder-0.5b-instruct"  # the packaged model's id (the server lists it; --model takes it)
+
+
 def resolve(model: str | None) -> Path:
     """A model name -> the local folder it loads from: a path first, then an alias, then a hub id."""
-    if model is None or model == "":
+    if model is None or model == "" or (model == PACKAGED_NAME and not expand_user(model).exists()):
         return packaged_folder(check_converted)
     path = expand_user(model)
     if path.exists():

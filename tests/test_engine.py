@@ -40,18 +40,20 @@ def alone(params, config, request, **options):
     return tokens_of(new_engine(params, config, **options).generate(request))
 
 
+def drained(handle) -> list:
+    """Every event waiting in a handle's queue."""
+    events = []
+    while not handle.queue.empty():
+        events.append(handle.queue.get())
+    return events
+
+
 def run_together(engine, requests):
     """Submit every request at once and step until all end: each one's tokens, and its final event."""
     handles = [engine.submit(r) for r in requests]
     while engine.step():
         pass
-    results = []
-    for h in handles:
-        events = []
-        while not h.queue.empty():
-            events.append(h.queue.get())
-        results.append((tokens_of(events), events[-1]))
-    return results
+    return [(tokens_of(events), events[-1]) for events in map(drained, handles)]
 
 
 @pytest.mark.parametrize("sampling", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
@@ -147,12 +149,7 @@ def test_a_cancelled_request_frees_its_row_and_the_others_go_on():
     handles[1].cancel()
     while runner.step():
         pass
-    results = []
-    for h in handles:
-        events = []
-        while not h.queue.empty():
-            events.append(h.queue.get())
-        results.append(events)
+    results = [drained(h) for h in handles]
     assert results[1][-1].finish_reason == "cancelled" and len(tokens_of(results[1])) < 30
     assert tokens_of(results[0]) == expected[0] and tokens_of(results[2]) == expected[2]
     assert runner.rows == [] and runner.cache is None

@@ -682,3 +682,33 @@ def test_tool_calls_forced_streamed_and_sent_back(tiny_served):
     both = tiny_served.post("/v1/chat/completions", {"messages": MESSAGES, "tools": tools, "tool_choice": "required",
                                                       "response_format": {"type": "json_object"}})
     assert error_of(both, 400)["param"] == "tool_choice"
+
+
+def test_ctrl_c_during_a_streamed_answer_stops_the_server_cleanly(tiny_folder):
+    """Ctrl-C while a stream is running: exit code 0, no abort ("terminate called ...", exit -6), no traceback."""
+    s = Served("--model", str(tiny_folder), "--api-key", KEY)
+    stream = s.client().chat.completions.create(model=str(tiny_folder), messages=MESSAGES, max_tokens=5000,
+                                                stream=True, temperature=0)
+    next(iter(stream))  # the answer is under way
+    code = s.stop()
+    assert code == 0 and "terminate called" not in "".join(s.stderr), (code, "".join(s.stderr))
+    assert "Traceback" not in "".join(s.stderr), "".join(s.stderr)
+
+
+def test_serve_speculates_and_answers_as_without(tiny_folder, tiny_served):
+    """serve --speculate lookup (or --draft-model): a request alone is verified k tokens at a time, and
+    its answer is the one the server without speculation gives."""
+    s = Served("--model", str(tiny_folder), "--api-key", KEY, "--speculate", "lookup", "--num-draft", "4")
+    try:
+        for prompt in ("the quick brown fox the quick brown fox the quick", "hello world"):
+            ours = s.client().completions.create(model=str(tiny_folder), prompt=prompt, max_tokens=24, temperature=0)
+            plain = tiny_served.client().completions.create(model=TINY, prompt=prompt, max_tokens=24, temperature=0)
+            assert ours.choices[0].text == plain.choices[0].text
+    finally:
+        assert s.stop() == 0
+
+
+@pytest.mark.packaged_model
+def test_the_listed_model_id_is_a_model_name_everywhere(packaged):
+    listed = "qwen2.5-coder-0.5b-instruct"
+    assert run_cli("pull", "--model", listed).stdout == run_cli("pull").stdout != ""
