@@ -71,7 +71,7 @@ def normalize_call(call, param: str) -> dict:
 
 def normalize_message(m, param: str) -> dict:
     """One OpenAI message -> the template's shape; a RequestError naming the field if malformed."""
-    if not isinstance(m, dict) or m.get("role") not in ROLES:
+    if not isinstance(m, dict) or not isinstance(m.get("role"), str) or m["role"] not in ROLES:
         raise RequestError(f"each message needs a role, one of {', '.join(ROLES)}", f"{param}.role")
     role = ROLES[m["role"]]
     calls = m.get("tool_calls") if role == "assistant" else None
