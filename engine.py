@@ -160,12 +160,13 @@ class PromptCache:
     """Keys and values of prompts already prefilled, to reuse for any prompt that starts the same.
 
     Only whole prefill chunks are kept: a prompt that reuses them is then computed exactly as it
-    would be from nothing (the same chunks at the same positions). Bounded in bytes; the least
-    recently used entry goes first. Entries are shared only within a scope.
+    would be from nothing (the same chunks at the same positions). Bounded in bytes and in entries
+    (a lookup compares the prompt with each entry); the least recently used entry goes first.
+    Entries are shared only within a scope.
     """
 
-    def __init__(self, max_bytes: int):
-        self.max_bytes, self.bytes = max_bytes, 0
+    def __init__(self, max_bytes: int, max_entries: int = 64):
+        self.max_bytes, self.max_entries, self.bytes = max_bytes, max_entries, 0
         self.entries: OrderedDict[tuple[str, tuple[int, ...]], list] = OrderedDict()  # -> [(keys, values)]
         self.lock = threading.Lock()
 
@@ -199,7 +200,7 @@ class PromptCache:
                 self.drop((scope, tokens))
             self.entries[(scope, tokens)] = layers
             self.bytes += size
-            while self.bytes > self.max_bytes:
+            while self.bytes > self.max_bytes or len(self.entries) > self.max_entries:
                 self.drop(next(iter(self.entries)))
 
     def drop(self, key) -> None:

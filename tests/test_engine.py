@@ -299,3 +299,13 @@ def test_a_grammar_constrains_every_row_of_a_batch(tiny_folder):
         assert set(value) == {"a", "b"} and value["a"] in ("x", "y") and isinstance(value["b"], bool)
         assert last.finish_reason == "stop"
     assert results[3][1].finish_reason == "length"  # this model never ends an answer by itself
+
+
+def test_the_prompt_cache_holds_at_most_its_number_of_entries():
+    """A lookup compares a prompt with every entry: their number is bounded too (many short chats stay fast)."""
+    cache = E.PromptCache(max_bytes=1 << 40, max_entries=3)
+    layers = [(mx.zeros((1, 2, 8, 4)), mx.zeros((1, 2, 8, 4)))]
+    for i in range(5):
+        cache.store("", tuple(range(i * 10, i * 10 + 8)), layers, chunk=4)
+    assert len(cache.entries) == 3 and [k[1][0] for k in cache.entries] == [20, 30, 40]
+    assert cache.lookup("", tuple(range(40, 50)), 4)[0] == 8 and cache.lookup("", tuple(range(0, 9)), 4)[0] == 0
