@@ -7,23 +7,37 @@
  * this one file (blas.py does, RTLD_GLOBAL, before mlx.core) brings OpenBLAS with it.
  *
  * Two more things. MLX computes every float32 product with sgemm, decoding's single-row
- * [1, E] @ W.T included. OpenBLAS forwards such calls to gemv on ARM64 but not on x86-64,
- * where its sgemv reads the weights about 2x faster than its sgemm; so we forward them here.
- * And products of a few rows are computed row by row with the same sgemv, so that a row's
- * result does not depend on the rows beside it (see row_block).
+ * [1, E] @ W.T included, and OpenBLAS's sgemm reads the weights slowly for a few rows and rounds a
+ * row differently depending on the rows beside it. So products of a few rows against a layer's
+ * weights (a decode step, a batch's decode step, a verifier step) are computed by our own kernel
+ * below: each element one dot product in a fixed order, the weights read once for all the rows,
+ * split across a pool of threads. Other few-row layouts go row by row to sgemv; single-column
+ * products to sgemv too.
  *
- * Built once by blas.py: cc -O2 -shared -fPIC -DADAPTER_KEY=... -L<lib> -lscipy_openblas -Wl,-rpath,<lib>
+ * Built once by blas.py: cc -O2 -ffp-contract=fast -pthread -shared -fPIC -DADAPTER_KEY=... -L<lib>
+ *                        -lscipy_openblas -Wl,-rpath,<lib>
  */
 #ifndef ADAPTER_KEY
 #define ADAPTER_KEY "unkeyed"
 #endif
 
+#define _GNU_SOURCE
 #include <stddef.h>
+#include <limits.h>
+#include <linux/futex.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
 
 enum { RowMajor = 101, NoTrans = 111, Trans = 112 };
-/* Products of at most FEW_ROWS rows (a decode step of a batch, a verifier step) are computed row by
- * row with sgemv; the weights are walked in blocks of about BLOCK_BYTES, so each block is read from
- * memory once and from the cache for the other rows. (Larger batches are not row by row: sgemm.) */
+/* Products of at most FEW_ROWS rows (a decode step of a batch, a verifier step) are computed by our own
+ * kernel below, each element one dot product in a fixed order. (Larger batches: OpenBLAS's sgemm.) */
 enum { FEW_ROWS = 16, BLOCK_BYTES = 6 << 20, BLOCK_ALIGN = 64 };  /* 6 MB: measured best of 2, 6 and 16 */
 
 void scipy_cblas_sgemm(int, int, int, int, int, int, float, const float *, int, const float *, int, float,
@@ -37,9 +51,223 @@ void scipy_cblas_cgemm(int, int, int, int, int, int, const void *, const void *,
 /* blas.py checks that a cached file is this adapter, built from this source for this library. */
 const char *qwen2_scratch_blas_adapter_key(void) { return ADAPTER_KEY; }
 
-/* Columns [j0, j0 + n) of row i of C = op(A) @ op(B), by one sgemv. Each element is one dot product
- * over K whose order depends on neither M nor the block (checked bit for bit in tests/test_blas.py),
- * so a row comes out the same alone, in a batch, or in a verifier step: one request, one answer. */
+/* ---------------------------------------------------------------------------------------------
+ * C = alpha * A @ B.T + beta * C for A [M, K] (a few rows) and B [N, K] (a layer's weights).
+ *
+ * Each element C[i, j] is one dot product of A's row i and B's row j, summed in one fixed order:
+ * eight lanes over K (k, k+8, ... into lane k % 8), the lanes added in a fixed tree, then the tail.
+ * Nothing in that order depends on M, on the rows beside row i, on the thread that computes it or
+ * on the CPU (AVX2 and AVX-512 machines run the same eight-lane code), so a row comes out the same
+ * bits alone, in a batch of 16, or in a verifier step: one request, one answer. And unlike one sgemv
+ * per row, the weights are read from memory once for all the rows: a batch's step costs little more
+ * than one row's while it is bound by memory, not arithmetic.
+ * --------------------------------------------------------------------------------------------- */
+
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v8u __attribute__((vector_size(32), aligned(4), may_alias));  /* an unaligned load */
+
+struct product {
+    const float *A, *B;
+    float *C;
+    int M, N, K, lda, ldb, ldc;
+    float alpha, beta;
+};
+
+static inline __attribute__((always_inline)) float lanes_sum(v8 v) {
+    return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
+/* C[i:i+ROWS, j:j+COLS] (ROWS, COLS <= 4), ROWS x COLS dot products at once: each B load serves ROWS rows, each A load COLS
+ * columns. ROWS and COLS are constants where it is inlined, so the accumulators live in registers. */
+static inline __attribute__((always_inline)) void dots(const struct product *p, int i, int j, int ROWS, int COLS) {
+    v8 acc[4][4] = {{{0}}};
+    int K8 = p->K & ~7;
+    for (int k = 0; k < K8; k += 8) {
+        v8 b[4];
+#pragma GCC unroll 4
+        for (int c = 0; c < COLS; c++) b[c] = *(const v8u *)(p->B + (size_t)(j + c) * p->ldb + k);
+#pragma GCC unroll 4
+        for (int r = 0; r < ROWS; r++) {
+            v8 a = *(const v8u *)(p->A + (size_t)(i + r) * p->lda + k);
+#pragma GCC unroll 4
+            for (int c = 0; c < COLS; c++) acc[r][c] += a * b[c];
+        }
+    }
+    for (int r = 0; r < ROWS; r++)
+        for (int c = 0; c < COLS; c++) {
+            const float *a = p->A + (size_t)(i + r) * p->lda, *b = p->B + (size_t)(j + c) * p->ldb;
+            float s = lanes_sum(acc[r][c]);
+            for (int k = K8; k < p->K; k++) s += a[k] * b[k];
+            float *y = p->C + (size_t)(i + r) * p->ldc + j + c;
+            *y = p->beta == 0.0f ? p->alpha * s : p->alpha * s + p->beta * *y;
+        }
+}
+
+/* Columns [j0, j1) of every row: blocks of four weight rows, each read once for all of A's rows, ROWS rows
+ * at a time (as many as the registers hold: 4 x 4 accumulators in AVX-512's 32 registers, 3 x 4 in AVX2's 16;
+ * the same eight-lane arithmetic in both, so the same bits). */
+static inline __attribute__((always_inline)) void columns(const struct product *p, int j0, int j1, int ROWS) {
+    int j = j0;
+    for (; j + 4 <= j1; j += 4) {
+        int i = 0;
+        for (; i + ROWS <= p->M; i += ROWS) dots(p, i, j, ROWS, 4);
+        for (; i < p->M; i++) dots(p, i, j, 1, 4);
+    }
+    for (; j < j1; j++)
+        for (int i = 0; i < p->M; i++) dots(p, i, j, 1, 1);
+}
+
+static void columns_baseline(const struct product *p, int j0, int j1) { columns(p, j0, j1, 2); }
+
+#if defined(__x86_64__)
+__attribute__((target("avx512f,avx512vl,avx2,fma"))) static void columns_avx512(const struct product *p, int j0,
+                                                                                int j1) {
+    columns(p, j0, j1, 4);
+}
+__attribute__((target("avx2,fma"))) static void columns_avx2(const struct product *p, int j0, int j1) {
+    columns(p, j0, j1, 3);
+}
+#endif
+
+typedef void (*columns_fn)(const struct product *, int, int);
+
+/* The best kernel this CPU runs; QWEN2_SCRATCH_KERNEL=avx2 or baseline forces a lesser one (tests check that
+ * AVX-512's and AVX2's give the same bits). */
+static columns_fn choose_kernel(void) {
+#if defined(__x86_64__)
+    const char *forced = getenv("QWEN2_SCRATCH_KERNEL");
+    int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && !(forced && !strcmp(forced, "baseline"));
+    int avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                 !(forced && !strcmp(forced, "avx2"));
+    return avx512 ? columns_avx512 : avx2 ? columns_avx2 : columns_baseline;
+#else
+    return columns_baseline;
+#endif
+}
+
+static columns_fn columns_kernel;
+
+/* ---------------------------------------------------------------------------------------------
+ * A pool of threads, one per core this process may run on, that split a product's columns.
+ * Workers spin briefly for the next product (a decode step makes hundreds, microseconds apart),
+ * then sleep on a futex, so an idle server or a busy machine costs nothing.
+ * --------------------------------------------------------------------------------------------- */
+
+enum { MAX_THREADS = 64, SPIN_NS = 200000, SMALL_PRODUCT = 1 << 16 };  /* spin 0.2 ms; one thread below 64K weights */
+
+/* The product in hand, and its blocks of columns: `state` holds the product's number (high 32 bits) and the
+ * next block to take (low 32), so a worker that wakes late cannot take a block of a product that is done. */
+static struct product job;
+static int job_block, job_blocks;  /* columns in a block (a multiple of 4); blocks in the product */
+static _Atomic unsigned long long state;
+static atomic_int job_number, blocks_done, workers_asleep;
+static int workers;  /* started threads besides the caller */
+static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER, caller_lock = PTHREAD_MUTEX_INITIALIZER;
+static atomic_int pool_ready;
+
+static void futex_wait(atomic_int *at, int value) { syscall(SYS_futex, at, FUTEX_WAIT_PRIVATE, value, NULL, NULL, 0); }
+static void futex_wake(atomic_int *at) { syscall(SYS_futex, at, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0); }
+
+static void relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+static long now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1000000000L + t.tv_nsec;
+}
+
+/* Take blocks of product `number` until none is left. Any thread may compute any block (the bits do not
+ * depend on who does), so a thread that the machine does not run just now (a busy machine) holds up one
+ * block at most, never a share of the product. */
+static void take_blocks(unsigned number) {
+    for (;;) {
+        unsigned long long seen = atomic_load(&state);
+        if ((unsigned)(seen >> 32) != number || (int)(seen & 0xffffffffu) >= job_blocks) return;
+        struct product p = job;  /* read before the claim: product `number` stays in place while it has blocks */
+        int j0 = (int)(seen & 0xffffffffu) * job_block;
+        if (!atomic_compare_exchange_weak(&state, &seen, seen + 1)) continue;
+        columns_kernel(&p, j0, j0 + job_block < p.N ? j0 + job_block : p.N);
+        atomic_fetch_add(&blocks_done, 1);
+    }
+}
+
+static void *worker(void *arg) {
+    (void)arg;
+    int seen = atomic_load(&job_number);
+    for (;;) {
+        int number = atomic_load(&job_number);
+        for (long start = now_ns(); number == seen; number = atomic_load(&job_number)) {
+            if (now_ns() - start < SPIN_NS) {
+                relax();
+                continue;
+            }
+            atomic_fetch_add(&workers_asleep, 1);
+            futex_wait(&job_number, seen);
+            atomic_fetch_sub(&workers_asleep, 1);
+        }
+        seen = number;
+        take_blocks((unsigned)number);
+    }
+    return NULL;
+}
+
+static int cores(void) {
+    const char *forced = getenv("QWEN2_SCRATCH_THREADS");
+    if (forced && atoi(forced) > 0) return atoi(forced) < MAX_THREADS ? atoi(forced) : MAX_THREADS;
+    cpu_set_t set;
+    int n = sched_getaffinity(0, sizeof set, &set) == 0 ? CPU_COUNT(&set) : 1;
+    return n < 1 ? 1 : n < MAX_THREADS ? n : MAX_THREADS;
+}
+
+static void start_pool(void) {
+    pthread_mutex_lock(&pool_lock);
+    if (!atomic_load(&pool_ready)) {
+        columns_kernel = choose_kernel();
+        int wanted = cores() - 1;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setstacksize(&attr, 64 << 10);
+        for (workers = 0; workers < wanted; workers++) {
+            pthread_t t;
+            if (pthread_create(&t, &attr, worker, NULL) != 0) break;
+            pthread_detach(t);
+        }
+        pthread_attr_destroy(&attr);
+        atomic_store(&pool_ready, 1);
+    }
+    pthread_mutex_unlock(&pool_lock);
+}
+
+/* One product at a time goes to the pool (MLX calls from its one CPU stream; another caller meanwhile
+ * computes on its own thread). */
+static void few_rows_product(const struct product *p) {
+    if (!atomic_load(&pool_ready)) start_pool();
+    if (workers == 0 || (long)p->N * p->K < SMALL_PRODUCT || pthread_mutex_trylock(&caller_lock) != 0) {
+        columns_kernel(p, 0, p->N);
+        return;
+    }
+    job = *p;
+    job_block = ((p->N + 8 * (workers + 1) - 1) / (8 * (workers + 1)) + 3) & ~3;  /* 8 blocks a thread */
+    job_block = job_block < 16 ? 16 : job_block;
+    job_blocks = (p->N + job_block - 1) / job_block;
+    atomic_store(&blocks_done, 0);
+    unsigned number = (unsigned)atomic_load(&job_number) + 1;
+    atomic_store(&state, (unsigned long long)number << 32);
+    atomic_store(&job_number, (int)number);
+    if (atomic_load(&workers_asleep)) futex_wake(&job_number);
+    take_blocks(number);
+    for (int spins = 0; atomic_load(&blocks_done) < job_blocks; spins++)
+        if (spins < 1000) relax(); else sched_yield();
+    pthread_mutex_unlock(&caller_lock);
+}
+
+/* Columns [j0, j0 + n) of row i of C = op(A) @ op(B), by one sgemv: the layouts our kernel does not take
+ * (B as [K, N], attention's values; a transposed A). Each element is one dot product whose order
+ * depends on neither M nor the block. */
 static void row_block(int ta, int tb, int i, int j0, int n, int K, float alpha, const float *A, int lda,
                       const float *B, int ldb, float beta, float *C, int ldc) {
     const float *x = ta != NoTrans ? A + i : A + (size_t)i * lda;
@@ -53,11 +281,16 @@ static void row_block(int ta, int tb, int i, int j0, int n, int K, float alpha, 
 
 void cblas_sgemm(int order, int ta, int tb, int M, int N, int K, float alpha, const float *A, int lda,
                  const float *B, int ldb, float beta, float *C, int ldc) {
+    if (order == RowMajor && K > 0 && M <= FEW_ROWS && ta == NoTrans && tb != NoTrans) {
+        struct product p = {A, B, C, M, N, K, lda, ldb, ldc, alpha, beta};
+        few_rows_product(&p);
+        return;
+    }
     if (order == RowMajor && K > 0 && M <= FEW_ROWS) {
-        /* One row too goes block by block: every row is the same sgemv calls whatever M is (OpenBLAS may split
-         * one long sgemv's reduction across threads otherwise: seen on a 16-core machine) */
-        /* B as [N, K] (a layer's weights): blocks of its rows. B as [K, N] (attention's values, N small)
-         * is walked whole: sgemv over a block of its columns rounds differently from sgemv over all. */
+        /* The other layouts, row by row with sgemv; one row too goes block by block, so every row is the
+         * same sgemv calls whatever M is (OpenBLAS may split one long sgemv's reduction across threads).
+         * B as [K, N] (attention's values, N small) is walked whole: sgemv over a block of its columns
+         * rounds differently from sgemv over all. */
         int block = tb != NoTrans ? BLOCK_BYTES / (4 * K) / BLOCK_ALIGN * BLOCK_ALIGN : N;
         block = block < BLOCK_ALIGN && block < N ? BLOCK_ALIGN : block;
         for (int j0 = 0; j0 < N; j0 += block)

@@ -97,6 +97,35 @@ def test_a_row_of_a_product_is_the_same_bits_alone_and_among_others(layout):
         assert np.array_equal(together, alone[:rows]), f"{rows} rows: max diff {np.abs(together - alone[:rows]).max()}"
 
 
+ROWS_PROBE = """
+from qwen2s import qwen2_scratch
+import hashlib, mlx.core as mx, numpy as np
+out = []
+for n, k in ((5003, 901), (4864, 896)):  # threaded products; a column tail and a K tail, and none
+    W = mx.random.normal((n, k), key=mx.random.key(8)); x = mx.random.normal((16, k), key=mx.random.key(9))
+    alone = np.concatenate([np.array(x[i : i + 1] @ W.T) for i in range(16)])
+    exact = np.array(x, np.float64) @ np.array(W, np.float64).T
+    assert np.abs(alone - exact).max() < 1e-3 * np.abs(exact).max(), "wrong products"
+    for rows in (2, 3, 5, 8, 13, 16):
+        together = np.array(x[:rows] @ W.T)
+        assert np.array_equal(together, alone[:rows]), (n, k, rows, np.abs(together - alone[:rows]).max())
+    out.append(hashlib.sha256(alone.tobytes()).hexdigest())
+print(" ".join(out))
+"""
+
+
+def test_few_row_kernels_and_thread_counts_give_the_same_bits():
+    """Our few-row kernel: rows independent of each other under every kernel kind this CPU runs (AVX-512's
+    4x4 and AVX2's 3x4 blocks give the same bits: the same eight-lane sums) and whatever the thread count."""
+    runs = {}
+    for kernel, threads in (("", ""), ("avx2", ""), ("avx2", "1"), ("", "3"), ("baseline", "")):
+        done = python(ROWS_PROBE, env={"QWEN2_SCRATCH_KERNEL": kernel, "QWEN2_SCRATCH_THREADS": threads})
+        assert done.returncode == 0, (kernel, threads, done.stderr[-2000:])
+        runs[kernel, threads] = done.stdout.split()
+    assert runs["", ""] == runs["avx2", ""] == runs["avx2", "1"] == runs["", "3"]
+    assert len(runs["baseline", ""]) == 2  # no FMA there: other bits, but rows still independent
+
+
 # ---------------------------------------------------------------------------------------------
 # Older CPUs' kernels, forced; loading in-process; the fallbacks
 # ---------------------------------------------------------------------------------------------
