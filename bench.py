@@ -16,6 +16,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import mlx.core as mx
@@ -423,6 +424,9 @@ def speculative_table(r: dict) -> str:
                     if "acceptance" in row else "")
             lines.append(f"{name:<10} {c:<12} {row['decode']:6.2f} tok/s ({row['speedup']:.2f}x plain), "
                          f"{row['tokens']} tokens{spec}{'' if row['same_as_plain'] else ', OUTPUT DIFFERS'}")
+    for name, s in r.get("short_request", {}).items():
+        lines.append(f"a short request's time to first token, {name}: {s['alone']:.2f} s alone, "
+                     f"{s['while_streaming']:.2f} s while 8 stream ({s['ratio']:.2f}x)")
     lines.append(f"{r['source']} | {r['dtype']} | {r['device']} | BLAS {r['blas']} | MLX {r['mlx']} | {r['date']}")
     return "\n".join(lines)
 
@@ -460,6 +464,9 @@ def table(r: dict) -> str:
         d = r["mlx_lm_default_int4"]
         lines.append(f"mlx_lm default (int4, group 64; 32-token prompt, 16 tokens): prefill {d['prefill_32']:.2f} "
                      f"tok/s, decode {d['decode']:.2f} tok/s")
+    for name, s in r.get("short_request", {}).items():
+        lines.append(f"a short request's time to first token, {name}: {s['alone']:.2f} s alone, "
+                     f"{s['while_streaming']:.2f} s while 8 stream ({s['ratio']:.2f}x)")
     lines.append(f"{r['source']} | {r['dtype']} | {r['device']} | BLAS {r['blas']} | MLX {r['mlx']} | "
                  f"mlx_lm {r['mlx_lm']} | {r['date']}")
     return "\n".join(lines)
@@ -516,8 +523,8 @@ def mlx_lm_folder(folder, dtype: str) -> str:
     return str(out)
 
 
-def one_client(port: int, question: str, max_tokens: int) -> dict:
-    """One streamed greedy chat completion: time to first token, latency, tokens."""
+def one_client(port: int, question: str, max_tokens: int, started: threading.Event | None = None) -> dict:
+    """One streamed greedy chat completion: time to first token, latency, tokens (started is set at the first)."""
     import httpx
 
     body = {"messages": [{"role": "user", "content": question}], "temperature": 0,  # each server's own model
@@ -532,6 +539,8 @@ def one_client(port: int, question: str, max_tokens: int) -> dict:
             if data.get("choices") and data["choices"][0].get("delta", {}).get("content"):
                 first = first or time.perf_counter()
                 chunks += 1
+                if started is not None:
+                    started.set()
     tokens = usage["completion_tokens"] if usage else chunks
     return {"ttft": (first or time.perf_counter()) - tic, "latency": time.perf_counter() - tic, "tokens": tokens}
 
@@ -560,6 +569,24 @@ def burst(port: int, clients: int, max_tokens: int) -> dict:
             "latency_p50": pct("latency", 50), "latency_p95": pct("latency", 95)}
 
 
+def short_request_ttft(port: int, streams: int = 8, max_tokens: int = 48) -> dict:
+    """Time to first token of a short request alone, and while `streams` others are decoding (all started)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    question = "Say hi."
+    alone = one_client(port, question, 4)["ttft"]
+    events = [threading.Event() for _ in range(streams)]
+    with ThreadPoolExecutor(streams) as pool:
+        running = [pool.submit(one_client, port, SERVE_QUESTIONS[i % len(SERVE_QUESTIONS)], max_tokens, events[i])
+                   for i in range(streams)]
+        for event in events:
+            event.wait(600)
+        loaded = one_client(port, question, 4)["ttft"]
+        for future in running:
+            future.result()
+    return {"alone": alone, "while_streaming": loaded, "ratio": loaded / alone}
+
+
 def run_serve(model=None, dtype=None, levels=(1, 8, 32), max_tokens=48, trials=1, parallel=None, command="") -> dict:
     """Ours (`qwen2-scratch serve`) and mlx_lm.server side by side, alternating level by level and trial by trial."""
     dtype = dtype or ("bfloat16" if mx.default_device() == mx.gpu else "float32")
@@ -579,12 +606,17 @@ def run_serve(model=None, dtype=None, levels=(1, 8, 32), max_tokens=48, trials=1
         for port in ports.values():  # warm-up: traces, first touches
             burst(port, 2, 8)
         results = {name: {n: [] for n in levels} for name in ports}
+        short = {name: [] for name in ports}
         for trial in range(trials):
             for n in levels:
                 for name, port in ports.items():
                     results[name][n].append(burst(port, n, max_tokens))
                     say(f"  serve, trial {trial + 1}/{trials}, {n} clients, {name}: "
                         f"{results[name][n][-1]['tokens_per_s']:.2f} tok/s")
+            for name, port in ports.items():
+                short[name].append(short_request_ttft(port, 8, max_tokens))
+                say(f"  serve, trial {trial + 1}/{trials}, a short request while 8 stream, {name}: time to first "
+                    f"token {short[name][-1]['while_streaming']:.2f} s ({short[name][-1]['ratio']:.2f}x alone)")
     finally:
         for proc in procs.values():
             proc.terminate()
@@ -595,7 +627,8 @@ def run_serve(model=None, dtype=None, levels=(1, 8, 32), max_tokens=48, trials=1
     return {"command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "source": str(folder), "dtype": dtype,
             "device": device_name(), "blas": blas.describe(), "mlx": mx.__version__,
             "mlx_lm": package_version("mlx-lm"), "max_tokens": max_tokens, "trials": trials, "results": medians,
-            "runs": results}
+            "runs": results, "short_request": {name: {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+                                               for name, runs in short.items()}, "short_request_runs": short}
 
 
 def serve_table(r: dict) -> str:
@@ -606,5 +639,8 @@ def serve_table(r: dict) -> str:
             m = r["results"][name][n]
             lines.append(f"{n:>7} {name:<9} {m['tokens_per_s']:8.2f} {m['ttft_p50']:8.2f}s {m['ttft_p95']:8.2f}s "
                          f"{m['latency_p50']:7.2f}s {m['latency_p95']:7.2f}s")
+    for name, s in r.get("short_request", {}).items():
+        lines.append(f"a short request's time to first token, {name}: {s['alone']:.2f} s alone, "
+                     f"{s['while_streaming']:.2f} s while 8 stream ({s['ratio']:.2f}x)")
     lines.append(f"{r['source']} | {r['dtype']} | {r['device']} | BLAS {r['blas']} | MLX {r['mlx']} | {r['date']}")
     return "\n".join(lines)

@@ -23,6 +23,7 @@
 
 #define _GNU_SOURCE
 #include <stddef.h>
+#include <stdio.h>
 #include <limits.h>
 #include <linux/futex.h>
 #include <pthread.h>
@@ -47,6 +48,7 @@ void scipy_cblas_dgemm(int, int, int, int, int, int, double, const double *, int
                        double *, int);
 void scipy_cblas_cgemm(int, int, int, int, int, int, const void *, const void *, int, const void *, int,
                        const void *, void *, int);
+void scipy_openblas_set_num_threads(int);
 
 /* blas.py checks that a cached file is this adapter, built from this source for this library. */
 const char *qwen2_scratch_blas_adapter_key(void) { return ADAPTER_KEY; }
@@ -265,6 +267,39 @@ static void few_rows_product(const struct product *p) {
     pthread_mutex_unlock(&caller_lock);
 }
 
+/* OpenBLAS's threads wait for each other spinning: on a machine with more runnable threads than cores they
+ * thrash (a 0.5B model's decode fell to 0.5 tok/s under a load of 6 on 2 cores, below the one-threaded
+ * reference BLAS). So its products take as many threads as there are cores free: this process's cores minus
+ * the other runnable tasks (/proc/loadavg's running count, less our caller and awake workers), read at most
+ * every 100 ms. QWEN2_SCRATCH_THREADS, when set, is the count. */
+static int free_cores(void) {
+    static int count;
+    static long checked;
+    long now = now_ns();
+    if (count && now - checked < 100000000L) return count;
+    checked = now;
+    int all = cores(), running = 0, total = 0, ours = 1 + workers - atomic_load(&workers_asleep);
+    FILE *f = getenv("QWEN2_SCRATCH_THREADS") ? NULL : fopen("/proc/loadavg", "r");
+    if (f) {
+        if (fscanf(f, "%*f %*f %*f %d/%d", &running, &total) != 2) running = 0;
+        fclose(f);
+    }
+    int others = running > ours ? running - ours : 0;
+    count = all - others > 1 ? all - others : 1;
+    return count;
+}
+
+static int sgemm_threads;  /* OpenBLAS's thread count, as last set */
+
+int qwen2_scratch_blas_sgemm_threads(void) { return sgemm_threads; }  /* for tests */
+
+static void sgemm_on_free_cores(int order, int ta, int tb, int M, int N, int K, float alpha, const float *A, int lda,
+                                const float *B, int ldb, float beta, float *C, int ldc) {
+    int now = free_cores();
+    if (now != sgemm_threads) scipy_openblas_set_num_threads(sgemm_threads = now);
+    scipy_cblas_sgemm(order, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
 /* Columns [j0, j0 + n) of row i of C = op(A) @ op(B), by one sgemv: the layouts our kernel does not take
  * (B as [K, N], attention's values; a transposed A). Each element is one dot product whose order
  * depends on neither M nor the block. */
@@ -307,7 +342,7 @@ void cblas_sgemm(int order, int ta, int tb, int M, int N, int K, float alpha, co
             scipy_cblas_sgemv(RowMajor, NoTrans, M, K, alpha, A, lda, B, inc_x, beta, C, ldc);
         return;
     }
-    scipy_cblas_sgemm(order, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    sgemm_on_free_cores(order, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
 void cblas_dgemm(int order, int ta, int tb, int M, int N, int K, double alpha, const double *A, int lda,

@@ -421,14 +421,15 @@ class Engine:
         self.retire([r for r in self.rows if r.handle.cancelled.is_set() or self.closing], "cancelled")
         if not self.waiting and not self.rows:
             return False
-        if self.waiting and len(self.rows) < self.max_batch:
-            self.prefill_chunk(self.waiting[0])
+        budget = self.chunk  # prompt tokens a step prefills: short prompts join together, a long one a chunk a step
+        while self.waiting and len(self.rows) < self.max_batch and budget > 0:
+            budget -= self.prefill_chunk(self.waiting[0])
         if self.rows:
             self.decode()
         return True
 
-    def prefill_chunk(self, row: Row) -> None:
-        """One chunk of row's prompt into its own cache; the last chunk draws its first token and joins the batch."""
+    def prefill_chunk(self, row: Row) -> int:
+        """One chunk of row's prompt into its own cache (-> its tokens); the last draws a first token and joins."""
         tic = time.perf_counter()
         prompt = row.request.prompt
         if row.cache is None:
@@ -444,7 +445,7 @@ class Engine:
         if stop < len(prompt):
             mx.eval(row.cache)
             row.t_prefill += time.perf_counter() - tic
-            return
+            return piece.shape[1]
         first = draw(logits, row, row.window(), len(prompt))
         mx.eval(first, row.cache)
         row.t_prefill += time.perf_counter() - tic
@@ -452,6 +453,7 @@ class Engine:
         self.waiting.remove(row)
         self.join(row)
         self.emit(row, [first])
+        return piece.shape[1]
 
     def join(self, row: Row) -> None:
         """The row's cache becomes the batch's last row."""

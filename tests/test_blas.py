@@ -126,6 +126,28 @@ def test_few_row_kernels_and_thread_counts_give_the_same_bits():
     assert len(runs["baseline", ""]) == 2  # no FMA there: other bits, but rows still independent
 
 
+
+def test_openblas_takes_only_the_free_cores():
+    """On a machine with more runnable threads than cores, OpenBLAS's spinning threads thrash: a large product
+    takes one thread per free core (/proc/loadavg's runnable count), or QWEN2_SCRATCH_THREADS."""
+    code = """
+from qwen2s import qwen2_scratch, blas
+import ctypes, os, subprocess, sys, time, mlx.core as mx
+loops = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2 * os.cpu_count() + 2)]
+try:
+    time.sleep(1.0)
+    a = mx.random.normal((64, 512)); b = mx.random.normal((512, 512))
+    mx.eval(a @ b)
+finally:
+    for loop in loops:
+        loop.kill()
+print(ctypes.CDLL(str(blas.load().adapter)).qwen2_scratch_blas_sgemm_threads())
+"""
+    busy = python(code)
+    assert busy.returncode == 0 and busy.stdout.split() == ["1"], busy.stdout + busy.stderr
+    forced = python(code, env={"QWEN2_SCRATCH_THREADS": "3"})
+    assert forced.returncode == 0 and forced.stdout.split() == ["3"], forced.stdout + forced.stderr
+
 # ---------------------------------------------------------------------------------------------
 # Older CPUs' kernels, forced; loading in-process; the fallbacks
 # ---------------------------------------------------------------------------------------------

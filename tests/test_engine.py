@@ -181,6 +181,22 @@ def test_a_long_prompt_is_prefilled_between_decode_steps():
     assert len(runner.rows) == 2  # the long prompt's last chunk is in: it joined the batch
 
 
+def test_short_prompts_are_admitted_together_up_to_a_chunk_of_tokens_a_step():
+    """Five waiting short prompts (5+17+40+9+3 tokens) all join in one step; a long one still takes a chunk a step,
+    and what is left of the step's chunk of tokens after it goes to the next prompt."""
+    params, config = model()
+    runner = new_engine(params, config, max_batch=8)
+    short = [runner.submit(E.Request(p, GREEDY, 8)) for i, p in enumerate(prompts()) if i in (0, 1, 2, 4, 5)]
+    runner.step()
+    assert len(runner.rows) == 5 and all(h.queue.qsize() == 2 for h in short)  # first token, then a decode step
+    long = runner.submit(E.Request(prompts()[3], GREEDY, 8))  # 300 tokens: a whole chunk, then 44 of the next
+    later = runner.submit(E.Request(prompts()[7], GREEDY, 8))  # 12 tokens, behind it
+    runner.step()
+    assert len(runner.rows) == 5 and not later.queue.qsize()
+    runner.step()  # the long prompt's 44 tokens, then the 12
+    assert len(runner.rows) == 7 and long.queue.qsize() == later.queue.qsize() == 2
+
+
 def test_requests_submitted_from_many_threads_while_it_steps():
     """Clients submit from threads of their own while one thread steps (the server's worker runs in a
     process of its own in tests/test_server.py: MLX aborts a process whose computing thread outlives main)."""
