@@ -43,6 +43,23 @@ def test_bench_end_to_end_on_a_tiny_model(tiny_folder, tmp_path):
     assert report["mlx_lm_stock_blas"]["decode"] > 0 and report["mlx_lm_stock_blas"]["prefill_32"] > 0
 
 
+def test_bench_serve_end_to_end_on_a_tiny_model(tiny_folder, tmp_path):
+    """Both servers answer every level's burst, and a short request is timed alone and while 8 stream."""
+    out = tmp_path / "serve.json"
+    result = run_cli("bench", "--serve", "--model", str(tiny_folder), "--clients", "1,3", "--gen-tokens", "4",
+                     "--trials", "1", "--json", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    for name in ("ours", "mlx_lm"):
+        for n in ("1", "3"):
+            figures = report["results"][name][n]
+            assert figures["tokens"] == 4 * int(n) and figures["tokens_per_s"] > 0, (name, n, figures)
+            assert 0 < figures["ttft_p50"] <= figures["ttft_p95"] <= figures["latency_p95"]
+        short = report["short_request"][name]
+        assert short["alone"] > 0 and short["ratio"] == pytest.approx(short["while_streaming"] / short["alone"])
+    assert "while 8 stream" in result.stdout
+
+
 def test_bench_rejects_bad_prompt_lengths():
     result = invoke("bench", "--prompt-tokens", "12,abc")
     assert result.exit_code == 2 and "whole numbers separated by commas" in result.output
