@@ -306,18 +306,20 @@ class Engine:
 
     def __init__(self, params, config, tokenizer, kernels: str = "reference", max_batch: int = 8,
                  max_kv_size: int | None = None, prompt_cache_bytes: int = 1 << 30, proposer=None,
-                 num_draft: int = 8, chunk: int | None = None):
+                 num_draft: int = 8, chunk: int | None = None, step_rows: int | None = -1):
         self.params, self.config, self.tokenizer, self.kernels = params, config, tokenizer, kernels
         self.max_batch, self.proposer, self.num_draft = max_batch, proposer, num_draft
         self.max_kv = max_kv_size or config.max_position_embeddings
         self.eos = frozenset(tokenizer.eos_token_ids)
         self.dtype = params["model"]["norm"]["weight"].dtype
         self.chunk = chunk or q.prefill_chunk()  # prompt tokens per prefill step, cut at multiples of it
+        # decode and verifier steps padded to multiples of this many query rows (-1: the device's choice)
+        self.step_rows = q.step_rows() if step_rows == -1 else step_rows
         self.prompt_cache = PromptCache(prompt_cache_bytes)
         self.incoming: queue.SimpleQueue = queue.SimpleQueue()
         self.waiting: list[Row] = []  # admitted in order; the first is being prefilled
         self.rows: list[Row] = []  # the batch, in cache row order
-        self.cache: dict | None = None  # the batch's cache: [B, K, S, D] per layer, offsets [B]
+        self.cache: dict | None = None  # the batch's cache: [B, K, S, D] per layer, offsets [B] (+ dummy rows)
         self.wake = threading.Event()
         self.closing = False
         self.grammar_vocab: grammar.GrammarTokenizer | None = None
@@ -458,15 +460,19 @@ class Engine:
     def join(self, row: Row) -> None:
         """The row's cache becomes the batch's last row."""
         cache, row.cache = row.cache, None
-        if self.cache is None:
-            self.cache = cache
-        else:
-            capacity = max(q.cache_capacity(self.cache), q.cache_capacity(cache))
-            both = [q.reserve(c, capacity, block_size=1) for c in (self.cache, cache)]
-            self.cache = {"layers": [(mx.concatenate([a[0], b[0]]), mx.concatenate([a[1], b[1]]))
-                                     for a, b in zip(both[0]["layers"], both[1]["layers"], strict=True)],
-                          "offset": mx.concatenate([self.cache["offset"], cache["offset"]])}
+        if self.cache is not None:
+            batch = q.take_rows(self.cache, slice(0, len(self.rows)))  # without its dummy rows
+            capacity = max(q.cache_capacity(batch), q.cache_capacity(cache))
+            both = [q.reserve(c, capacity, block_size=1) for c in (batch, cache)]
+            cache = {"layers": [(mx.concatenate([a[0], b[0]]), mx.concatenate([a[1], b[1]]))
+                                for a, b in zip(both[0]["layers"], both[1]["layers"], strict=True)],
+                     "offset": mx.concatenate([batch["offset"], cache["offset"]])}
         self.rows.append(row)
+        self.cache = self.padded(cache)
+
+    def padded(self, cache: dict) -> dict:
+        """The batch's cache with the dummy rows a fixed-shape step needs after its real rows (none on the CPU)."""
+        return cache if self.step_rows is None else q.pad_rows(cache, self.rows_for(len(self.rows)))
 
     def decode(self) -> None:
         """One step for every row: a batched decode step, or a verifier step for a row alone that speculates."""
@@ -474,7 +480,8 @@ class Engine:
             return self.speculate(self.rows[0])
         tokens = mx.array([[row.tokens[-1]] for row in self.rows])  # [B, 1]
         self.cache = q.reserve(self.cache, max(row.position for row in self.rows) + 1)
-        logits, self.cache = q.compiled_decode_step(self.params, self.config, tokens, self.cache, self.kernels)
+        logits, self.cache = q.compiled_decode_step(self.params, self.config, tokens, self.cache, self.kernels,
+                                                    self.rows_for(len(self.rows)))
         drawn = [draw(logits[i : i + 1, -1], row, row.window(), len(row.tokens)) for i, row in enumerate(self.rows)]
         mx.eval(drawn, self.cache)
         for row, d in zip(list(self.rows), drawn, strict=True):
@@ -486,9 +493,10 @@ class Engine:
         proposal = self.proposer(row.tokens, k) if k > 0 and row.rest == 0 else []
         row.rest = max(row.rest - 1, 0)
         pos = row.position
-        self.cache = q.reserve(self.cache, pos + 1 + len(proposal))
+        rows = self.rows_for(1 + len(proposal))
+        self.cache = q.reserve(self.cache, pos + (rows or 1 + len(proposal)))  # a fixed-shape step: dummies too
         tokens = mx.array([[row.tokens[-1], *proposal]])  # [1, k + 1]
-        logits, self.cache = q.compiled_decode_step(self.params, self.config, tokens, self.cache, self.kernels)
+        logits, self.cache = q.compiled_decode_step(self.params, self.config, tokens, self.cache, self.kernels, rows)
         drawn = [draw(logits[:, i], row, row.window(proposal[:i]), len(row.tokens) + i)
                  for i in range(len(proposal) + 1)]
         mx.eval(drawn)
@@ -498,9 +506,14 @@ class Engine:
             row.rest = min(2 ** (row.misses - 1), speculative.BACKOFF_MAX) if row.misses else 0
             row.proposed, row.accepted, row.verify_steps = (row.proposed + len(proposal),
                                                             row.accepted + len(new) - 1, row.verify_steps + 1)
-        # the cache keeps the last token and the accepted proposals; the rest is rolled back
-        self.cache = {"layers": self.cache["layers"], "offset": mx.array([pos + len(new)], mx.int32)}
+        # the cache keeps the last token and the accepted proposals; the rest is rolled back (dummy rows stay at 0)
+        offset = [pos + len(new)] + [0] * (self.cache["offset"].shape[0] - 1)
+        self.cache = {"layers": self.cache["layers"], "offset": mx.array(offset, mx.int32)}
         self.emit(row, drawn[: len(new)])  # the kept proposals are the draws at their positions
+
+    def rows_for(self, n: int) -> int | None:
+        """Query rows of a step over n tokens: n rounded up to whole step_rows, or None (the step as it comes)."""
+        return None if self.step_rows is None else -(-n // self.step_rows) * self.step_rows
 
     # -- handing tokens out ----------------------------------------------------------------------
 
@@ -553,13 +566,10 @@ class Engine:
         if not rows:
             return
         keep = [i for i, r in enumerate(self.rows) if r not in rows]
-        if not keep:
-            self.cache = None
-        elif len(keep) < len(self.rows):
-            index = mx.array(keep)
-            self.cache = {"layers": [(k[index], v[index]) for k, v in self.cache["layers"]],
-                          "offset": self.cache["offset"][index]}
-        self.rows = [self.rows[i] for i in keep]
+        if len(keep) < len(self.rows):
+            cache = q.take_rows(self.cache, mx.array(keep)) if keep else None  # dummy rows go too
+            self.rows = [self.rows[i] for i in keep]
+            self.cache = None if cache is None else self.padded(cache)
         for row in rows:
             self.finish(row, reason)
 

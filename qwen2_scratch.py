@@ -296,10 +296,10 @@ def block(
 
 
 def hidden_states(
-    params: dict, config: Config, tokens: mx.array, cache: dict | None = None, kernels: str = "reference"
+    params: dict, config: Config, tokens: mx.array, cache: dict | None = None, kernels: str | Kernels = "reference"
 ) -> tuple[mx.array, dict | None]:
     """Token ids [B, L] -> final-normed hidden states [B, L, E], and the cache with them added."""
-    kernels = KERNELS[kernels]
+    kernels = KERNELS[kernels] if isinstance(kernels, str) else kernels
     model = params["model"]
     x = model["embed_tokens"]["weight"][tokens]  # [B, L, E]
     offset = mx.array(0) if cache is None else cache["offset"]  # [B]: each row's next position
@@ -321,7 +321,7 @@ def output_logits(params: dict, h: mx.array) -> mx.array:
 
 
 def forward(
-    params: dict, config: Config, tokens: mx.array, cache: dict | None = None, kernels: str = "reference"
+    params: dict, config: Config, tokens: mx.array, cache: dict | None = None, kernels: str | Kernels = "reference"
 ) -> tuple[mx.array, dict | None]:
     """Token ids [B, L] -> logits [B, L, V], and the cache with these L tokens added."""
     h, cache = hidden_states(params, config, tokens, cache, kernels)
@@ -349,6 +349,23 @@ def new_cache(config: Config, batch: int = 1, dtype=mx.float32) -> dict:
 
 def cache_capacity(cache: dict) -> int:
     return cache["layers"][0][0].shape[2]
+
+
+def pad_rows(cache: dict, rows: int) -> dict:
+    """[B, K, S, D] per layer -> [rows, K, S, D]: dummy rows of zeros at position 0 after the B real ones."""
+    pad = rows - cache["offset"].shape[0]
+    if pad == 0:
+        return cache
+
+    def dummies(a):  # [B, ...] -> [rows, ...]
+        return mx.concatenate([a, mx.zeros((pad, *a.shape[1:]), a.dtype)])
+
+    return {"layers": [(dummies(k), dummies(v)) for k, v in cache["layers"]], "offset": dummies(cache["offset"])}
+
+
+def take_rows(cache: dict, index) -> dict:
+    """The rows `index` (a slice or an index array) of every layer and of the offsets."""
+    return {"layers": [(k[index], v[index]) for k, v in cache["layers"]], "offset": cache["offset"][index]}
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -409,16 +426,81 @@ def prefill(params, config, tokens, cache, kernels="reference", chunk=None):
     return output_logits(params, h[:, -1]), cache
 
 
-def decode_step(params, config, tokens, cache, kernels="reference"):
+def decode_step(params, config, tokens, cache, kernels="reference", rows=None):
     """One or more tokens per sequence [B, L] -> (logits of each [B, L, V], cache).
 
     L = 1 decodes; L = k + 1 verifies k speculative proposals. Compiled below: positions are
     arrays, so it traces once per (B, L, cache capacity), never per token.
+    rows: None computes the step as it comes; a number runs it at one fixed shape, that many query
+    rows of one token each (`fixed_shape_step`), so that every step runs the same kernels (a GPU's need).
     """
+    if rows is not None:
+        return fixed_shape_step(params, config, tokens, cache, kernels, rows)
     return forward(params, config, tokens, cache, kernels)
 
 
+# On a GPU the kernel that computes a product depends on its shape: MLX's CUDA backend takes its
+# own gemv for one row and, for more, a cuBLAS algorithm chosen by the shape; attention over one
+# query or over several takes different kernels again. Each rounds differently, so a row's logits
+# would depend on how many rows stand beside it, and a verifier step's on its length. A step of one
+# fixed shape, `rows` query rows of one token each, runs the same kernels whatever it holds: in a
+# product each row is then computed alone (one algorithm, which does not look at the data), and in
+# attention each query is a row of its own. Padding rows are dummies whose results are dropped.
+# Measured on the H200 (benchmarks/README.md): the same bits alone, in a batch, and in a verifier step.
+
+
+def one_query_per_row(attention: Callable) -> Callable:
+    """Attention with each of a row's L queries as a row of its own: [B, H, L, D] -> [B, H, L, D].
+
+    Query i of row b becomes row b * L + i, over a copy of row b's keys and values, masked at its
+    own position: the arithmetic of a one-token decode step, whatever L.
+    """
+    def attend(q, k, v, scale=None, mask=None):
+        B, H, L, D = q.shape
+        if L == 1:
+            return attention(q, k, v, scale=scale, mask=mask)
+        q = q.transpose(0, 2, 1, 3).reshape(B * L, H, 1, D)  # [B*L, H, 1, D]
+        k, v = mx.repeat(k, L, axis=0), mx.repeat(v, L, axis=0)  # [B*L, K, S, D]
+        mask = mask.transpose(0, 2, 1, 3).reshape(B * L, 1, 1, -1)  # [B, 1, L, S] -> [B*L, 1, 1, S]
+        out = attention(q, k, v, scale=scale, mask=mask)  # [B*L, H, 1, D]
+        return out.reshape(B, L, H, D).transpose(0, 2, 1, 3)
+    return attend
+
+
+def fixed_shape_step(params, config, tokens, cache, kernels, rows):
+    """decode_step at one shape, `rows` query rows: -> (logits [B, L, V], cache).
+
+    Decode (L = 1): the cache holds `rows` rows (`pad_rows`), B real ones and then dummies; the
+    dummies decode token 0 and stay at position 0. Verify (B = 1, L <= rows): the cache's first row
+    takes L tokens padded with dummy tokens to `rows`, whose keys land past its offset (masked,
+    later overwritten), so its capacity must reach offset + rows; the other rows are left as they are.
+    """
+    B, L = tokens.shape
+    kern = KERNELS[kernels] if isinstance(kernels, str) else kernels
+    kern = kern._replace(attention=one_query_per_row(kern.attention))
+    if L == 1:
+        tokens = mx.concatenate([tokens, mx.zeros((rows - B, 1), tokens.dtype)])  # [rows, 1]
+        logits, new = forward(params, config, tokens, cache, kern)
+        offset = mx.concatenate([new["offset"][:B], mx.zeros((rows - B,), mx.int32)])
+        return logits[:B], {"layers": new["layers"], "offset": offset}
+    first = {"layers": [(k[:1], v[:1]) for k, v in cache["layers"]], "offset": cache["offset"][:1]}
+    tokens = mx.concatenate([tokens, mx.zeros((1, rows - L), tokens.dtype)], axis=1)  # [1, rows]
+    logits, first = forward(params, config, tokens, first, kern)
+    layers = [(mx.concatenate([k1, k[1:]]), mx.concatenate([v1, v[1:]]))
+              for (k1, v1), (k, v) in zip(first["layers"], cache["layers"], strict=True)]
+    return logits[:, :L], {"layers": layers, "offset": mx.concatenate([cache["offset"][:1] + L, cache["offset"][1:]])}
+
+
 compiled_decode_step = mx.compile(decode_step)
+
+# Query rows of a fixed-shape step (None: steps as they come). Measured on the H200 (benchmarks/README.md):
+# without it, one request's greedy tokens changed with the batch and with speculation in bfloat16.
+# The CPU needs none: its BLAS adapter computes each row of a product alone (blas_adapter.c).
+STEP_ROWS = {"cpu": None, "gpu": 16}
+
+
+def step_rows() -> int | None:
+    return STEP_ROWS["gpu" if mx.default_device() == mx.gpu else "cpu"]
 
 
 class Sampling(NamedTuple):

@@ -54,11 +54,11 @@ def test_chat_script_prints_only_answers_and_reuses_the_cache(tiny_folder):
     assert len(re.findall(STATS, result.stderr)) == 2
 
 
-def make_chat(tokenizer_dir, system=None, max_tokens=12):
+def make_chat(tokenizer_dir, system=None, max_tokens=12, chunk=None):
     """A Chat over a tiny random model (one that does end its answers)."""
     model, raw = tiny_model()
     params, config = tree_unflatten(tree_flatten(model.parameters())), q.config_from_dict(raw)
-    runner = Engine(params, config, weights.load_tokenizer(tokenizer_dir))
+    runner = Engine(params, config, weights.load_tokenizer(tokenizer_dir), chunk=chunk)
     return chat_module.Chat(runner, system, q.Sampling(temp=1.0), max_tokens)
 
 
@@ -91,12 +91,13 @@ def test_chat_history_reset_and_system(tiny_folder, tiny_tokenizer_dir):
 
 
 def test_a_turn_answers_as_a_fresh_engine_would_whatever_the_prompt_cache_holds(tiny_tokenizer_dir):
-    c = make_chat(tiny_tokenizer_dir, system="the quick brown fox " * 80)  # the history spans whole chunks
+    # the history spans whole chunks of 256 (a GPU's default chunk, 2048, is longer than it)
+    c = make_chat(tiny_tokenizer_dir, system="the quick brown fox " * 80, chunk=256)
     for line in ("hello world", "the quick brown fox", "jumps over the lazy dog"):
         ids = c.fit(line, print)
         answer = "".join(c.reply(line, ids, print))
         assert c.last.usage.cached_tokens > 0 or line == "hello world"
-        fresh = make_chat(tiny_tokenizer_dir)
+        fresh = make_chat(tiny_tokenizer_dir, chunk=256)
         request = Request(tuple(ids), c.sampling, c.max_tokens, seed=c.seed + len(c.turns) - 1)
         assert answer == "".join(e.text for e in fresh.engine.generate(request)), line
 

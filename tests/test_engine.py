@@ -12,6 +12,7 @@ import pytest
 
 from conftest import IdTokenizer, reference_model
 from qwen2s import engine as E
+from qwen2s import speculative
 
 GREEDY, SAMPLED = q.Sampling(), q.Sampling(temp=0.9, top_p=0.9, top_k=40, repetition_penalty=1.1)
 CHUNK = 256  # prefill chunk of every engine here (a GPU's default, 2048, is longer than these prompts)
@@ -66,6 +67,19 @@ def test_a_request_gives_the_same_tokens_alone_and_in_a_batch(sampling):
     # and with a smaller batch, rows joining and leaving at other moments
     together = run_together(new_engine(params, config, max_batch=3), requests)
     assert [t for t, _ in together] == expected
+
+
+def test_fixed_shape_steps_give_the_tokens_of_steps_as_they_come(on_cpu):
+    """A GPU's fixed-shape steps (16 query rows there, 4 here), with dummy rows and dummy proposals, change no
+    token: on the CPU, whose rows are computed alone either way, the same tokens bit for bit as plain steps."""
+    params, config = model()
+    requests = [E.Request(p, s, 20, seed=i) for i, p in enumerate(prompts(6)) for s in (GREEDY, SAMPLED)]
+    expected = [alone(params, config, r, step_rows=None) for r in requests]
+    assert [alone(params, config, r, step_rows=4) for r in requests] == expected
+    together = run_together(new_engine(params, config, max_batch=6, step_rows=4), requests)  # 8 rows, then 4
+    assert [t for t, _ in together] == expected
+    lookup = [alone(params, config, r, step_rows=4, proposer=speculative.Lookup(), num_draft=3) for r in requests]
+    assert lookup == expected
 
 
 def test_a_request_gives_the_same_tokens_whatever_the_prompt_cache_holds():
