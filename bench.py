@@ -10,6 +10,7 @@ from qwen2s import qwen2_scratch as q  # first: the model loads the fast BLAS be
 
 # isort: split
 import contextlib
+import ctypes
 import json
 import os
 import statistics
@@ -18,6 +19,7 @@ import sys
 import tempfile
 import threading
 import time
+from typing import NamedTuple
 
 import mlx.core as mx
 
@@ -121,23 +123,48 @@ def measure(run, prompts: dict, gen_tokens: int) -> dict:
     return out
 
 
-def read_bandwidth_gbs() -> float:
-    """The machine's read bandwidth: best of 5 numpy float32 matrix-vector products over 1 GiB."""
+class Bandwidth(NamedTuple):
+    """The machine's read bandwidth: the best reader's GB/s, each reader's, and whether others ran meanwhile."""
+
+    gbs: float
+    readers: dict
+    busy: bool
+
+
+def others_running() -> int:
+    """Runnable tasks on the machine besides this one (/proc/loadavg), 0 where that is not known."""
+    try:
+        return max(int(open("/proc/loadavg").read().split()[3].split("/")[0]) - 1, 0)
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def read_bandwidth() -> Bandwidth:
+    """Best of 5 passes of each reader over 1 GiB: on the CPU numpy's matrix-vector product (OpenBLAS's
+    threads) and plain sums with 1 to all cores' threads (our adapter's reader); on a GPU a bfloat16 sum."""
     import numpy as np
 
+    busy = others_running() > 0
     if mx.default_device() == mx.gpu:  # best of 5 sums over a 4 GiB bfloat16 array
         a = mx.ones((32768, 65536), mx.bfloat16)
         mx.eval(a)
-        best = min(timed_eval(lambda: mx.sum(a)) for _ in range(5))
-        return a.nbytes / best / 1e9
-    a = np.ones((16384, 16384), np.float32)
-    x = np.ones(16384, np.float32)
-    best = float("inf")
-    for _ in range(5):
-        tic = time.perf_counter()
-        a @ x
-        best = min(best, time.perf_counter() - tic)
-    return a.nbytes / best / 1e9
+        readers = {"mx.sum": a.nbytes / min(timed_eval(lambda: mx.sum(a)) for _ in range(5)) / 1e9}
+    else:
+        a = np.ones((16384, 16384), np.float32)
+        x = np.ones(16384, np.float32)
+        best = float("inf")
+        for _ in range(5):
+            tic = time.perf_counter()
+            a @ x
+            best = min(best, time.perf_counter() - tic)
+        readers = {"numpy sgemv": a.nbytes / best / 1e9}
+        if (state := blas.load()).kind == "openblas":
+            read = state.library.qwen2_scratch_read_seconds
+            read.restype, read.argtypes = ctypes.c_double, [ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_int]
+            for threads in range(1, (os.cpu_count() or 1) + 1):
+                readers[f"sum, {threads} threads"] = a.nbytes / read(a.ctypes.data, a.size, threads, 5) / 1e9
+    busy = busy or others_running() > 0
+    return Bandwidth(max(readers.values()), readers, busy)
 
 
 def warm_up_gpu(seconds: float = 5.0) -> None:
@@ -236,6 +263,7 @@ def run(model=None, shape=None, dtype=None, kernels=("reference", "fast"), lengt
     key = mx.random.key(0)
     prompts = {n: mx.random.randint(0, config.vocab_size, (n,), key=key).tolist() for n in lengths}
     say(f"bench: {source}, {dtype}, {mx.default_device()}, BLAS {blas.describe()}")
+    probes = [read_bandwidth()]  # apart from the trials: before them and after
     warm_up_gpu()
     for contender in runs.values():  # warm-up: compile and trace every shape the trials use
         measure(contender, prompts, min(gen_tokens, 16))
@@ -245,7 +273,9 @@ def run(model=None, shape=None, dtype=None, kernels=("reference", "fast"), lengt
             figures[name].append(measure(contender, prompts, gen_tokens))
             numbers = ", ".join(f"{k} {v:.2f}" for k, v in figures[name][-1].items())
             say(f"  trial {trial + 1}/{trials} {name}: {numbers}")
-    bandwidth = read_bandwidth_gbs()
+    probes.append(read_bandwidth())
+    bandwidth = max(p.gbs for p in probes)
+    busy = any(p.busy for p in probes) or min(p.gbs for p in probes) < 0.85 * bandwidth
     per_token = bytes_per_token(params, config)
     results = {}
     for name, rows in figures.items():
@@ -271,7 +301,8 @@ def run(model=None, shape=None, dtype=None, kernels=("reference", "fast"), lengt
         "source": source, "dtype": dtype, "device": device_name(), "blas": blas.describe(),
         "mlx": mx.__version__, "mlx_lm": package_version("mlx-lm"),
         "prompt_tokens": lengths, "gen_tokens": gen_tokens, "trials": trials,
-        "read_bandwidth_gbs": bandwidth, "bytes_per_token": per_token,
+        "read_bandwidth_gbs": bandwidth, "bandwidth_probes": [p._asdict() for p in probes], "machine_busy": busy,
+        "bytes_per_token": per_token,
         "weights_and_kv_bytes": floor, "results": results,
         "mlx_lm_default_int4": bench_int4(model, shape, dtype) if int4 else None,
         # mlx_lm as pip installs it on Linux: MLX's reference BLAS (a process without our adapter)
@@ -424,9 +455,6 @@ def speculative_table(r: dict) -> str:
                     if "acceptance" in row else "")
             lines.append(f"{name:<10} {c:<12} {row['decode']:6.2f} tok/s ({row['speedup']:.2f}x plain), "
                          f"{row['tokens']} tokens{spec}{'' if row['same_as_plain'] else ', OUTPUT DIFFERS'}")
-    for name, s in r.get("short_request", {}).items():
-        lines.append(f"a short request's time to first token, {name}: {s['alone']:.2f} s alone, "
-                     f"{s['while_streaming']:.2f} s while 8 stream ({s['ratio']:.2f}x)")
     lines.append(f"{r['source']} | {r['dtype']} | {r['device']} | BLAS {r['blas']} | MLX {r['mlx']} | {r['date']}")
     return "\n".join(lines)
 
@@ -455,7 +483,11 @@ def table(r: dict) -> str:
     width = max(len(label) for label, _ in rows) + 2
     lines = [f"{label:<{width}}" + "".join(f"{c:>16}" for c in cells) for label, cells in rows]
     lines.append(f"roofline: {r['bytes_per_token'] / 1e9:.3f} GB read per token at {r['read_bandwidth_gbs']:.1f} GB/s "
-                 f"= {r['read_bandwidth_gbs'] * 1e9 / r['bytes_per_token']:.2f} tok/s")
+                 f"= {r['read_bandwidth_gbs'] * 1e9 / r['bytes_per_token']:.2f} tok/s (the best reader of "
+                 f"{', '.join(r['bandwidth_probes'][0]['readers'])}, before and after the trials)")
+    if r["machine_busy"]:
+        lines.append("warning: the machine was busy (other tasks runnable, or the probes before and after the trials "
+                     "differ by more than 15%): these figures are not reliable")
     if r.get("mlx_lm_stock_blas"):
         d = r["mlx_lm_stock_blas"]
         lines.append(f"mlx_lm on MLX's own reference BLAS ({r['dtype']}; 32-token prompt, 16 tokens): prefill "
@@ -464,9 +496,6 @@ def table(r: dict) -> str:
         d = r["mlx_lm_default_int4"]
         lines.append(f"mlx_lm default (int4, group 64; 32-token prompt, 16 tokens): prefill {d['prefill_32']:.2f} "
                      f"tok/s, decode {d['decode']:.2f} tok/s")
-    for name, s in r.get("short_request", {}).items():
-        lines.append(f"a short request's time to first token, {name}: {s['alone']:.2f} s alone, "
-                     f"{s['while_streaming']:.2f} s while 8 stream ({s['ratio']:.2f}x)")
     lines.append(f"{r['source']} | {r['dtype']} | {r['device']} | BLAS {r['blas']} | MLX {r['mlx']} | "
                  f"mlx_lm {r['mlx_lm']} | {r['date']}")
     return "\n".join(lines)

@@ -267,6 +267,52 @@ static void few_rows_product(const struct product *p) {
     pthread_mutex_unlock(&caller_lock);
 }
 
+/* ---------------------------------------------------------------------------------------------
+ * The machine's read bandwidth, for bench's roofline: the best of `repeats` passes in which `threads`
+ * threads each sum a contiguous share of x (eight-lane loads, four accumulators), in seconds.
+ * --------------------------------------------------------------------------------------------- */
+
+struct share {
+    const float *x;
+    long n;
+    float sum;
+};
+
+static void *sum_share(void *arg) {
+    struct share *s = arg;
+    v8 acc[4] = {{0}};
+    long i = 0;
+    for (; i + 32 <= s->n; i += 32)
+        for (int a = 0; a < 4; a++) acc[a] += *(const v8u *)(s->x + i + 8 * a);
+    float sum = lanes_sum(acc[0] + acc[1] + acc[2] + acc[3]);
+    for (; i < s->n; i++) sum += s->x[i];
+    s->sum = sum;
+    return NULL;
+}
+
+double qwen2_scratch_read_seconds(const float *x, long n, int threads, int repeats) {
+    struct share shares[MAX_THREADS];
+    pthread_t ids[MAX_THREADS];
+    threads = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
+    double best = 1e30;
+    volatile float sink = 0;
+    for (int r = 0; r < repeats; r++) {
+        long start = now_ns();
+        for (int t = 0; t < threads; t++) {
+            long a = n * t / threads, b = n * (t + 1) / threads;
+            shares[t] = (struct share){x + a, b - a, 0};
+            if (t > 0 && pthread_create(&ids[t], NULL, sum_share, &shares[t]) != 0) return -1;
+        }
+        sum_share(&shares[0]);
+        for (int t = 1; t < threads; t++) pthread_join(ids[t], NULL);
+        double seconds = (now_ns() - start) * 1e-9;
+        best = seconds < best ? seconds : best;
+        for (int t = 0; t < threads; t++) sink += shares[t].sum;
+    }
+    (void)sink;
+    return best;
+}
+
 /* OpenBLAS's threads wait for each other spinning: on a machine with more runnable threads than cores they
  * thrash (a 0.5B model's decode fell to 0.5 tok/s under a load of 6 on 2 cores, below the one-threaded
  * reference BLAS). So its products take as many threads as there are cores free: this process's cores minus

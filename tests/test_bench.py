@@ -41,6 +41,12 @@ def test_bench_end_to_end_on_a_tiny_model(tiny_folder, tmp_path):
                                    for k in report["results"]], ratios
     assert report["mlx"] == mx.__version__ and report["blas"].startswith("OpenBLAS ")
     assert report["read_bandwidth_gbs"] > 0 and report["bytes_per_token"] > 0
+    probes = report["bandwidth_probes"]  # before and after the trials; the roofline's is the best reader's
+    assert len(probes) == 2 and isinstance(report["machine_busy"], bool)
+    assert report["read_bandwidth_gbs"] == max(g for p in probes for g in p["readers"].values())
+    if mx.default_device() == mx.cpu:
+        assert {"numpy sgemv", "sum, 1 threads"} <= set(probes[0]["readers"])
+    assert ("warning: the machine was busy" in result.stdout) == report["machine_busy"]
     assert "bench --model" in report["command"] and report["mlx_lm_default_int4"]["decode"] > 0
     if mx.default_device() == mx.cpu:  # MLX's reference BLAS: the CPU's only
         assert report["mlx_lm_stock_blas"]["decode"] > 0 and report["mlx_lm_stock_blas"]["prefill_32"] > 0
