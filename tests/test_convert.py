@@ -115,10 +115,10 @@ def test_tied_gguf_without_output_tensor(tmp_path, tiny_tokenizer_dir, monkeypat
 # Broken or hostile GGUF files: one-line errors, nothing half-written left behind
 # ---------------------------------------------------------------------------------------------
 
-def test_a_gguf_with_a_billion_blocks_is_refused(tmp_path, tiny_tokenizer_dir):
+def test_a_gguf_with_a_billion_blocks_is_refused(tmp_path, tiny_tokenizer_dir, tiny_folder):
     model, raw = tiny_model(tie=False)
     write_gguf(tmp_path / "huge.gguf", model, {**raw, "num_hidden_layers": 10**9}, tiny_tokenizer_dir)
-    result = run_limited("pull", "-m", str(tmp_path / "huge.gguf"))
+    result = run_limited(tiny_folder, "pull", "-m", str(tmp_path / "huge.gguf"))
     assert result.returncode == 1, result.stderr[-2000:]
     assert "num_hidden_layers is 1000000000" in result.stderr and "Traceback" not in result.stderr
 

@@ -4,11 +4,13 @@ hang, runaway memory or an exit 0 with garbage (issue 12)."""
 from qwen2s import qwen2_scratch as q  # noqa: F401  (first: the fast BLAS before MLX)
 
 # isort: split
+import functools
 import json
 import os
 import re
 import resource
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -48,17 +50,39 @@ def copy_with_config(root, folder, name, **changes):
 
 MEMORY_LIMIT = 6 << 30  # bytes of address space: far more than a tiny model needs, far less than 1e9 layers
 
+PEAK_PROBE = """
+import sys
+from qwen2s import cli
+try:
+    cli.cli(sys.argv[1:], standalone_mode=False)
+finally:
+    print(next(line for line in open("/proc/self/status") if line.startswith("VmPeak")), end="", file=sys.stderr)
+"""
 
-def run_limited(*args):
-    """The console script under an address-space limit, so that a runaway cannot hurt the machine."""
+
+@functools.cache
+def mapped_by_a_run(folder) -> int:
+    """The address space (bytes, VmPeak) of a short generation with folder's model on this machine's default
+    device. Limits are this plus what a test means to allow: MLX's CUDA backend alone maps tens of GiB (it
+    cannot even be imported under 3.8 GiB), the CPU's a few."""
+    done = subprocess.run([sys.executable, "-c", PEAK_PROBE, "generate", "-m", str(folder), "--prompt", "hi",
+                           "--max-tokens", "2"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return int(done.stderr.splitlines()[-1].split()[1]) * 1024
+
+
+def run_limited(folder, *args):
+    """The console script under an address-space limit (MEMORY_LIMIT beyond what a run of folder's model
+    maps), so that a runaway cannot hurt the machine."""
     def limit():
-        resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
+        resource.setrlimit(resource.RLIMIT_AS, (size, size))
+    size = mapped_by_a_run(folder) + MEMORY_LIMIT
     return subprocess.run([str(COMMAND), *args], capture_output=True, text=True, timeout=300, preexec_fn=limit)
 
 
 def test_a_billion_layers_is_refused_before_anything_is_built(tmp_path, tiny_folder):
     folder = copy_with_config(tmp_path, tiny_folder, "huge", num_hidden_layers=10**9)
-    result = run_limited("generate", "-m", str(folder), "--prompt", "hi", "--max-tokens", "2")
+    result = run_limited(tiny_folder, "generate", "-m", str(folder), "--prompt", "hi", "--max-tokens", "2")
     assert result.returncode == 1, result.stderr[-2000:]
     assert result.stderr.count("\n") == 1 and "num_hidden_layers is 1000000000" in result.stderr, result.stderr
 
@@ -551,7 +575,13 @@ def test_a_device_as_the_model_is_not_a_write_error():
 # Memory: what a run will allocate is checked against the limits before it allocates
 # ---------------------------------------------------------------------------------------------
 
-LIMITED = "ulimit -v 4000000; "  # 3.8 GiB of address space: the same limit on every machine
+HEADROOM = 4000000  # KiB (3.8 GiB) of address space beyond what a run of the tiny model maps on this machine
+
+
+def ulimit(tiny_folder) -> str:
+    """`ulimit -v N`: N KiB, HEADROOM more than a run of the tiny model maps here (on a GPU, MLX's CUDA
+    backend maps tens of GiB before it computes anything)."""
+    return f"ulimit -v {mapped_by_a_run(tiny_folder) // 1024 + HEADROOM}"
 
 
 def test_perplexity_context_beyond_the_positions_or_the_memory_is_refused(tmp_path, tiny_folder):
@@ -559,9 +589,11 @@ def test_perplexity_context_beyond_the_positions_or_the_memory_is_refused(tmp_pa
     text.write_text("the quick brown fox " * 5000)
     done = shell(f'"$Q" perplexity -m {tiny_folder} --file {text} --context 100000')
     one_error_line(done, "--context", "100000", "32768 positions", returncode=2)
-    done = shell(LIMITED + f'"$Q" perplexity -m {tiny_folder} --file {text} --context 32768')
-    one_error_line(done, "--context 32768 needs about", "GiB", "ulimit -v 4000000", returncode=2)
-    assert shell(LIMITED + f'"$Q" perplexity -m {tiny_folder} --file {text} --context 256').returncode == 0
+    limited = ulimit(tiny_folder)
+    done = shell(f'{limited}; "$Q" perplexity -m {tiny_folder} --file {text} --context 32768')  # 48 GiB of scores
+    one_error_line(done, "--context 32768 needs about", "GiB", limited, returncode=2)
+    done = shell(f'{limited}; "$Q" perplexity -m {tiny_folder} --file {text} --context 256')
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_weights_beyond_the_memory_are_refused_before_loading(tmp_path, tiny_folder):
@@ -573,10 +605,11 @@ def test_weights_beyond_the_memory_are_refused_before_loading(tmp_path, tiny_fol
     (folder / "config.json").unlink()
     # in range, but 64 layers of 3 x 128 x 262144 float32 MLP weights: about 24 GiB
     (folder / "config.json").write_text(json.dumps({**raw, "intermediate_size": 262144, "num_hidden_layers": 64}))
-    done = shell(LIMITED + f'"$Q" generate -m {folder} --prompt hi', timeout=60)
-    one_error_line(done, "needs about", "GiB", "ulimit -v 4000000")
-    done = shell(LIMITED + '"$Q" bench --shape qwen2-7b --no-int4 --trials 1', timeout=60)
-    one_error_line(done, "qwen2-7b", "needs about", "ulimit -v 4000000")
+    limited = ulimit(tiny_folder)
+    done = shell(f'{limited}; "$Q" generate -m {folder} --prompt hi', timeout=60)
+    one_error_line(done, "needs about", "GiB", limited)
+    done = shell(f'{limited}; "$Q" bench --shape qwen2-7b --no-int4 --trials 1', timeout=60)  # 14 GiB at bfloat16, 28 at float32
+    one_error_line(done, "qwen2-7b", "needs about", limited)
 
 
 def test_an_empty_home_does_not_write_to_the_root(monkeypatch, tmp_path):
