@@ -100,6 +100,7 @@ def test_a_row_of_a_product_is_the_same_bits_alone_and_among_others(layout):
 ROWS_PROBE = """
 from qwen2s import qwen2_scratch
 import hashlib, mlx.core as mx, numpy as np
+mx.set_default_device(mx.cpu)  # the CPU's BLAS, also on a GPU machine (a GPU's rows round by batch size)
 out = []
 for n, k in ((5003, 901), (4864, 896)):  # threaded products; a column tail and a K tail, and none
     W = mx.random.normal((n, k), key=mx.random.key(8)); x = mx.random.normal((16, k), key=mx.random.key(9))
@@ -133,6 +134,7 @@ def test_openblas_takes_only_the_free_cores():
     code = """
 from qwen2s import qwen2_scratch, blas
 import ctypes, os, subprocess, sys, time, mlx.core as mx
+mx.set_default_device(mx.cpu)  # the CPU's BLAS, also on a GPU machine
 loops = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2 * os.cpu_count() + 2)]
 try:
     time.sleep(1.0)
@@ -192,6 +194,7 @@ before = os.getpid()
 {prelude}
 from qwen2s import qwen2_scratch, blas
 import mlx.core as mx, numpy as np
+mx.set_default_device(mx.cpu)  # the CPU's BLAS, also on a GPU machine
 a = mx.random.normal((64, 48), key=mx.random.key(1)); b = mx.random.normal((48, 80), key=mx.random.key(2))
 x = mx.random.normal((1, 48), key=mx.random.key(3))
 err = max(float(np.abs(np.array(a @ b) - np.array(a) @ np.array(b)).max()),
