@@ -548,9 +548,12 @@ def test_names_defaults_tokenize_and_metrics(tiny_served):
         return float(found.group(1)) if found else 0.0
 
     before = tiny_served.get("/metrics").text
-    long = "hello world " * 150  # more than one prefill chunk: its first chunk is cached by the first request
+    # more than one prefill chunk of this device's (256 tokens on the CPU, 2048 on a GPU), as the served engine
+    # has: its first chunk is cached by the first request
+    long = "hello world " * (q.prefill_chunk() // 2)
     client.completions.create(model=TINY, prompt=long, max_tokens=1, temperature=0)
     r = client.completions.create(model=TINY, prompt=long, max_tokens=4, temperature=0)
+    assert r.usage.prompt_tokens > q.prefill_chunk()
     after = tiny_served.get("/metrics")
     assert after.headers["content-type"].startswith("text/plain")
     for name, grew in [("qwen2_scratch_prompt_tokens_total", 2 * r.usage.prompt_tokens),
