@@ -49,9 +49,11 @@ def test_mlx_folder_loads_and_matches_mlx_lm(tmp_path, tiny_tokenizer_dir, tie, 
 def test_per_layer_quantization_overrides(tmp_path, tiny_tokenizer_dir):
     model, raw = tiny_model(False)
     # as mlx_lm writes mixed-precision checkpoints: one layer's own entry in config.json
-    nn.quantize(model, group_size=64, bits=4,
-                class_predicate=lambda p, m: isinstance(m, nn.Linear | nn.Embedding) and p != "lm_head")
-    nn.quantize(model, group_size=32, bits=8, class_predicate=lambda p, m: p == "lm_head")
+    with mx.stream(mx.cpu):  # as tiny_model quantizes
+        nn.quantize(model, group_size=64, bits=4,
+                    class_predicate=lambda p, m: isinstance(m, nn.Linear | nn.Embedding) and p != "lm_head")
+        nn.quantize(model, group_size=32, bits=8, class_predicate=lambda p, m: p == "lm_head")
+        mx.eval(model.parameters())
     raw["quantization"] = {"group_size": 64, "bits": 4, "lm_head": {"group_size": 32, "bits": 8}}
     folder = write_checkpoint(tmp_path / "m", model, raw, tiny_tokenizer_dir)
     params, config, _ = weights.load(str(folder), "float32")
