@@ -153,6 +153,13 @@ class Terminal:
                     self.seen += os.read(self.master, 4096).decode(errors="replace")
                 except OSError:
                     pass
+        while select.select([self.master], [], [], 0)[0]:  # what it wrote last, for the failure message
+            try:
+                if not (data := os.read(self.master, 4096)):
+                    break
+            except OSError:  # the child closed the terminal: nothing more
+                break
+            self.seen += data.decode(errors="replace")
         os.close(self.master)
         return self.proc.returncode
 
@@ -193,7 +200,8 @@ def ctrl_c_session(folder, rng, max_tokens, rounds):
     else:
         time.sleep(rng.choice(MOMENTS[:4]))
         term.proc.send_signal(signal.SIGINT)  # at the prompt: leave
-    assert term.close(timeout=20) == 0, term.seen[-500:]
+    code = term.close(timeout=20)
+    assert code == 0, f"exit code {code}:\n{term.seen[-1000:]}"
     assert "Traceback" not in term.seen
 
 
