@@ -186,7 +186,8 @@ def describe() -> str:
     if state.kind != "openblas":
         return {"accelerate": "Accelerate (macOS)"}.get(state.kind, f"MLX's reference BLAS ({state.why})")
     get_config, get_core = state.library.scipy_openblas_get_config, state.library.scipy_openblas_get_corename
-    get_config.restype = get_core.restype = ctypes.c_char_p
+    kernel = state.library.qwen2_scratch_blas_kernel
+    get_config.restype = get_core.restype = kernel.restype = ctypes.c_char_p
     return (f"{get_config().decode().strip()} (core: {get_core().decode()}; "
-            f"{LIBRARY} {importlib.metadata.version(LIBRARY)}, single-row products on sgemv)")
+            f"{LIBRARY} {importlib.metadata.version(LIBRARY)}; 1-16 rows on our kernel, {kernel().decode()})")
 

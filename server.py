@@ -24,7 +24,6 @@ import math
 import re
 import socket
 import sys
-import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -311,7 +310,7 @@ class Engine:
                  "top_logprobs": [self.token_logprob(t, lp) for t, lp in event.top_logprobs]}
         return Piece(event.text, (entry,))
 
-    async def generate(self, ids: list[int], options: Options, cancelled: threading.Event, scope: str = ""):
+    async def generate(self, ids: list[int], options: Options, cancelled: asyncio.Event, scope: str = ""):
         """Yield the Pieces of one generation, then its result dict."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
@@ -323,7 +322,9 @@ class Engine:
                                              lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
         except ValueError as e:
             raise ApiError(400, str(e)) from None
-        watch = asyncio.ensure_future(asyncio.to_thread(cancelled.wait))  # the client left: free its row
+        # the client left: free its row (an asyncio event: a thread a request waiting on it would exhaust the
+        # default executor's few threads, and requests beyond them would wait for others to end)
+        watch = asyncio.ensure_future(cancelled.wait())
         try:
             while True:
                 getting = asyncio.ensure_future(events.get())
@@ -570,7 +571,7 @@ def sse(data) -> str:
 class EventStream(StreamingResponse):
     """Server-sent events whose generation stops when the response ends, the client gone or not."""
 
-    def __init__(self, events, cancelled: threading.Event):
+    def __init__(self, events, cancelled: asyncio.Event):
         super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         self.cancelled = cancelled
 
@@ -581,7 +582,7 @@ class EventStream(StreamingResponse):
             self.cancelled.set()
 
 
-async def cancel_on_disconnect(request, cancelled: threading.Event) -> None:
+async def cancel_on_disconnect(request, cancelled: asyncio.Event) -> None:
     """Set cancelled when the client goes away (the body is read: the next message is the disconnect)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
@@ -591,7 +592,7 @@ async def cancel_on_disconnect(request, cancelled: threading.Event) -> None:
 async def respond(request, ctx: Context, ids, options: Options, chunks, final):
     """Stream or collect one generation; chunks(piece, finish) -> the JSON chunks of one piece (or of the
     finish, with finish set), final(piece, result) the whole answer's."""
-    cancelled = threading.Event()
+    cancelled = asyncio.Event()  # set on the event loop only
     pieces = ctx.engine.generate(ids, options, cancelled)
     metrics = ctx.metrics
 

@@ -125,6 +125,8 @@ def test_few_row_kernels_and_thread_counts_give_the_same_bits():
         runs[kernel, threads] = done.stdout.split()
     assert runs["", ""] == runs["avx2", ""] == runs["avx2", "1"] == runs["", "3"]
     assert len(runs["baseline", ""]) == 2  # no FMA there: other bits, but rows still independent
+    version = run_cli("--version", env={"QWEN2_SCRATCH_KERNEL": "baseline", "QWEN2_SCRATCH_THREADS": "3"})
+    assert "1-16 rows on our kernel, baseline 2x4, 3 threads)" in version.stdout, version.stdout + version.stderr
 
 
 

@@ -687,6 +687,36 @@ def test_tool_calls_forced_streamed_and_sent_back(tiny_served):
     assert error_of(both, 400)["param"] == "tool_choice"
 
 
+def test_a_request_starts_while_ten_others_stream(tiny_folder):
+    """Every running request decodes at once (up to --parallel 16): a request that comes while ten others stream
+    starts before any of them ends, however few threads the machine has (a thread per request waiting for its
+    client to leave once filled the event loop's few worker threads, and later requests waited for others to end)."""
+    s = Served("--model", str(tiny_folder), "--api-key", KEY)
+    try:
+        first, last = {}, {}
+
+        def one(i, max_tokens=4000):
+            stream = s.client().chat.completions.create(model=str(tiny_folder), messages=MESSAGES, logprobs=True,
+                                                        max_tokens=max_tokens, stream=True, temperature=0)
+            for _chunk in stream:  # a chunk a token (the tiny model's text is held back as incomplete UTF-8)
+                first.setdefault(i, time.monotonic())
+            last[i] = time.monotonic()
+
+        threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(10)]
+        for t in threads:
+            t.start()
+        end = time.monotonic() + TIMEOUT
+        while len(first) < 10 and time.monotonic() < end and not last:
+            time.sleep(0.01)
+        assert len(first) == 10 and not last, "the ten did not all start before one ended"
+        one(10, max_tokens=2)
+        for t in threads:
+            t.join(TIMEOUT)
+        assert len(last) == 11 and last[10] < min(last[i] for i in range(10)), "it waited for the others to end"
+    finally:
+        assert s.stop() == 0, s.stderr
+
+
 def test_ctrl_c_during_a_streamed_answer_stops_the_server_cleanly(tiny_folder):
     """Ctrl-C while a stream is running: exit code 0, no abort ("terminate called ...", exit -6), no traceback."""
     s = Served("--model", str(tiny_folder), "--api-key", KEY)
