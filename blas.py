@@ -189,5 +189,5 @@ def describe() -> str:
     kernel = state.library.qwen2_scratch_blas_kernel
     get_config.restype = get_core.restype = kernel.restype = ctypes.c_char_p
     return (f"{get_config().decode().strip()} (core: {get_core().decode()}; "
-            f"{LIBRARY} {importlib.metadata.version(LIBRARY)}; 1-16 rows on our kernel, {kernel().decode()})")
+            f"{LIBRARY} {importlib.metadata.version(LIBRARY)}; 1-64 rows on our kernel, {kernel().decode()})")
 

@@ -424,7 +424,7 @@ def pull_command(model):
               help="Instead: our server against mlx_lm.server (same weights and BLAS), with --clients clients at once "
                    "each asking for --gen-tokens greedy tokens; aggregate tok/s, time to first token and latency.")
 @click.option("--clients", default="1,8,32", show_default=True, help="With --serve: client counts, comma-separated.")
-@click.option("--parallel", type=click.IntRange(1, 16), default=None, help="With --serve: our server's --parallel.")
+@click.option("--parallel", type=click.IntRange(1, 64), default=None, help="With --serve: our server's --parallel.")
 def bench_command(model, dtype, kernels, shape, prompt_tokens, gen_tokens, trials, int4, json_path, both_kernels,
                   speculative, num_drafts, serve, clients, parallel):
     """Benchmark ours against mlx_lm on the same weights, dtype and BLAS, in one process.
@@ -514,9 +514,9 @@ def read_chat_template(path: str | None) -> str | None:
                                                             "/health.")
 @click.option("--max-kv-size", type=Count(min=2), default=None,
               help="Most tokens of context [default: the model's max_position_embeddings].")
-@click.option("--parallel", type=click.IntRange(1, 16), default=None,
+@click.option("--parallel", type=click.IntRange(1, 64), default=None,
               help="Most requests decoding together in one batch; more wait in arrival order "
-                   "[default: 16].")
+                   "[default: 32 on the CPU; 16, the most, on a GPU].")
 @click.option("--served-model-name", default=None, metavar="NAMES",
               help="The model's ids, comma-separated: /v1/models lists them, requests may name any, responses "
                    "carry the first [default: --model, else the packaged model's name].")
@@ -564,7 +564,11 @@ def serve_command(model, dtype, kernels, host, port, api_key, max_kv_size, paral
     settings = server.Settings(
         names=names, defaults=server.Defaults(defaults, config.vocab_size, max_tokens), api_key=api_key,
         bind=host, hosts=comma_list(allowed_hosts), origins=comma_list(allowed_origins), body_seconds=read_timeout)
-    parallel = parallel or 16  # the most rows the CPU's row-exact kernel takes; a step of 16 costs ~3x one
+    gpu = mx.default_device() == mx.gpu
+    if gpu and parallel and parallel > 16:  # a GPU steps 16 rows; 32 would be another shape, other bits
+        raise click.UsageError(f"--parallel is at most 16 on a GPU (got {parallel}): a step of more rows takes other "
+                               "kernels, and a request's answer would depend on the batch")
+    parallel = parallel or (16 if gpu else 32)  # the CPU's row-exact kernel takes up to 64 rows
     o = {"speculate": speculate, "draft_model": draft_model, "num_draft": num_draft}
     proposer = proposer_from(o, chosen_speculation(o), dtype, kernels, config, tokenizer)  # for a request alone
     backend = server.Engine(params, config, tokenizer, names[0], defaults, kernels, max_kv_size, parallel, proposer,
