@@ -1,4 +1,4 @@
-"""Time one compiled decode step for batches of 1 to 16 rows on a model (default: the packaged one).
+"""Time one compiled decode step for batches of 1 to 64 rows on a model (default: the packaged one).
 
     python tools/batch_steps.py [--model M] [--dtype float32] [--steps 5]
 
@@ -24,7 +24,7 @@ def main():
     parser.add_argument("--steps", type=int, default=5)
     a = parser.parse_args()
     params, config = weights.load_params(weights.resolve(a.model), weights.DTYPES[a.dtype or weights.default_dtype()])
-    for rows in (1, 2, 4, 8, 16):
+    for rows in (1, 2, 4, 8, 16, 32, 64):
         cache = q.reserve(q.new_cache(config, rows, params["model"]["norm"]["weight"].dtype), 512)
         cache = {"layers": cache["layers"], "offset": mx.array([100 + 7 * i for i in range(rows)], mx.int32)}
         tokens = mx.full((rows, 1), 5, mx.int32)
