@@ -253,6 +253,11 @@ def package_version(name: str) -> str:
     return importlib.metadata.version(name)
 
 
+def spread(values: list[float]) -> float:
+    """(max - min) / median of one figure over the trials: how far a single trial's number can be trusted."""
+    return (max(values) - min(values)) / statistics.median(values)
+
+
 def run(model=None, shape=None, dtype=None, kernels=("reference", "fast"), lengths=(128, 512), gen_tokens=128,
         trials=3, int4=True, command="") -> dict:
     """Time ours (each of kernels) and mlx_lm, alternately, and measure memory and the roofline: the report."""
@@ -303,7 +308,8 @@ def run(model=None, shape=None, dtype=None, kernels=("reference", "fast"), lengt
         "prompt_tokens": lengths, "gen_tokens": gen_tokens, "trials": trials,
         "read_bandwidth_gbs": bandwidth, "bandwidth_probes": [p._asdict() for p in probes], "machine_busy": busy,
         "bytes_per_token": per_token,
-        "weights_and_kv_bytes": floor, "results": results,
+        "weights_and_kv_bytes": floor, "results": results, "trials_by_contender": figures,
+        "spreads": {name: {k: spread([r[k] for r in rows]) for k in rows[0]} for name, rows in figures.items()},
         "mlx_lm_default_int4": bench_int4(model, shape, dtype) if int4 else None,
         # mlx_lm as pip installs it on Linux: MLX's reference BLAS (a process without our adapter)
         "mlx_lm_stock_blas": probe("mlx_lm", model, shape, dtype, 32, 16, {"QWEN2_SCRATCH_BLAS": "reference"})
@@ -482,6 +488,9 @@ def table(r: dict) -> str:
     rows.append(("  x (weights + KV)", [fmt(r["results"][k]["peak_vs_weights_and_kv"]) for k in names]))
     width = max(len(label) for label, _ in rows) + 2
     lines = [f"{label:<{width}}" + "".join(f"{c:>16}" for c in cells) for label, cells in rows]
+    lines.append("spread over the trials ((max - min) / median): " + "; ".join(
+        f"{name}: " + ", ".join(f"{k.replace('_', ' ')} {100 * v:.0f}%" for k, v in s.items())
+        for name, s in r["spreads"].items()))
     lines.append(f"roofline: {r['bytes_per_token'] / 1e9:.3f} GB read per token at {r['read_bandwidth_gbs']:.1f} GB/s "
                  f"= {r['read_bandwidth_gbs'] * 1e9 / r['bytes_per_token']:.2f} tok/s (the best reader of "
                  f"{', '.join(r['bandwidth_probes'][0]['readers'])}, before and after the trials)")

@@ -407,7 +407,7 @@ def pull_command(model):
 @click.option("--gen-tokens", type=Count(min=2), default=128, show_default=True,
               help="Tokens decoded after the shortest prompt.")
 @click.option("--trials", type=Count(min=1), default=3, show_default=True,
-              help="Trials; each figure is the median.")
+              help="Trials; each figure is the median, and the table gives each one's spread (max - min) / median.")
 @click.option("--int4/--no-int4", default=True, show_default=True,
               help="Also time what mlx_lm gives by default: the int4 (group 64) model, and (CPU) mlx_lm "
                    "on MLX's own reference BLAS; one short run each.")

@@ -41,6 +41,11 @@ def test_bench_end_to_end_on_a_tiny_model(tiny_folder, tmp_path):
                                    for k in report["results"]], ratios
     assert report["mlx"] == mx.__version__ and report["blas"].startswith("OpenBLAS ")
     assert report["read_bandwidth_gbs"] > 0 and report["bytes_per_token"] > 0
+    for name, trials in report["trials_by_contender"].items():  # each spread is (max - min) / median of its trials
+        decode = [t["decode"] for t in trials]
+        assert len(trials) == 2 and report["spreads"][name]["decode"] == pytest.approx(
+            (max(decode) - min(decode)) / report["results"][name]["decode"])
+    assert "spread over the trials" in result.stdout
     probes = report["bandwidth_probes"]  # before and after the trials; the roofline's is the best reader's
     assert len(probes) == 2 and isinstance(report["machine_busy"], bool)
     assert report["read_bandwidth_gbs"] == max(g for p in probes for g in p["readers"].values())
