@@ -11,8 +11,9 @@
  * row differently depending on the rows beside it. So products of a few rows against a layer's
  * weights (a decode step, a batch's decode step, a verifier step) are computed by our own kernel
  * below: each element one dot product in a fixed order, the weights read once for all the rows,
- * split across a pool of threads. Other few-row layouts go row by row to sgemv; single-column
- * products to sgemv too.
+ * split across a pool of threads. Attention's products (queries against keys, probabilities times values)
+ * take our kernels too, for any number of rows, so that a query's result does not depend on how many were
+ * computed with it. Other few-row layouts go row by row to sgemv; single-column products to sgemv too.
  *
  * Built once by blas.py: cc -O2 -ffp-contract=fast -pthread -shared -fPIC -DADAPTER_KEY=... -L<lib>
  *                        -lscipy_openblas -Wl,-rpath,<lib>
@@ -40,8 +41,10 @@ enum { RowMajor = 101, NoTrans = 111, Trans = 112 };
 /* Products of at most KERNEL_ROWS rows against a layer's weights (a decode step of a batch, a verifier step, a short
  * prompt) are computed by our own kernel below, each element one dot product in a fixed order: as fast as OpenBLAS's
  * sgemm up to 64 rows, and 1.4-1.6x faster at 24-32 (measured). Other layouts of at most FEW_ROWS rows go row by
- * row to sgemv; larger products to OpenBLAS's sgemm. */
-enum { KERNEL_ROWS = 64, FEW_ROWS = 16, BLOCK_BYTES = 6 << 20, BLOCK_ALIGN = 64 };  /* 6 MB: best of 2, 6, 16 */
+ * row to sgemv; larger products to OpenBLAS's sgemm. Products over at most SCORE_DEPTH (attention's queries
+ * against its keys, K a head's dimension) take our kernel for any M: a query's scores are then the same bits
+ * whatever the rows beside it, in a decode step or a prefill. */
+enum { KERNEL_ROWS = 64, SCORE_DEPTH = 256, FEW_ROWS = 16, BLOCK_BYTES = 6 << 20, BLOCK_ALIGN = 64 };  /* 6 MB: best of 2, 6, 16 */
 
 void scipy_cblas_sgemm(int, int, int, int, int, int, float, const float *, int, const float *, int, float,
                        float *, int);
@@ -140,6 +143,13 @@ __attribute__((target("avx2,fma"))) static void columns_avx2(const struct produc
 #endif
 
 typedef void (*columns_fn)(const struct product *, int, int);
+typedef void (*values_fn)(const struct product *, float *);
+static void values_baseline(const struct product *p, float *acc);
+#if defined(__x86_64__)
+static void values_avx512(const struct product *p, float *acc);
+static void values_avx2(const struct product *p, float *acc);
+#endif
+static values_fn values_kernel;
 
 static const char *kernel_name = "none yet";
 
@@ -152,14 +162,81 @@ static columns_fn choose_kernel(void) {
     int avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
                  !(forced && !strcmp(forced, "avx2"));
     kernel_name = avx512 ? "avx512 4x4" : avx2 ? "avx2 3x4" : "baseline 2x4";
+    values_kernel = avx512 ? values_avx512 : avx2 ? values_avx2 : values_baseline;
     return avx512 ? columns_avx512 : avx2 ? columns_avx2 : columns_baseline;
 #else
     kernel_name = "baseline 2x4";
+    values_kernel = values_baseline;
     return columns_baseline;
 #endif
 }
 
 static columns_fn columns_kernel;
+
+/* ---------------------------------------------------------------------------------------------
+ * C = alpha * A @ B + beta * C for A [M, K] and B [K, N] with few columns (attention's probabilities
+ * times its values: K the keys, N the head's dimension).
+ *
+ * Each element C[i, j] is one sum over k in increasing order, one fused multiply-add a step, whatever
+ * M, the rows beside row i, the blocking or the CPU (AVX2 and AVX-512 both FMA): a query's output is the same bits in a decode step,
+ * a verifier step or a prefill of any length, and keys past the query's position (probability 0 against
+ * values 0) change nothing. B is read once for a block of rows, VALUE_KEYS keys at a time (kept in the
+ * cache while every block of rows passes over them); the partial sums wait in `acc` between passes.
+ * --------------------------------------------------------------------------------------------- */
+
+enum { VALUE_COLUMNS = 256, VALUE_KEYS = 256 };  /* the layout's largest N (a head's dimension); keys a pass */
+
+/* Rows [i, i + ROWS) by columns [j, j + 8 * VECS): acc[r][c] += sum over k in [k0, k1) of A[i + r, k] * B[k, c]. */
+static inline __attribute__((always_inline)) void value_sums(const struct product *p, float *acc, int i, int j,
+                                                             int k0, int k1, int ROWS, int VECS) {
+    v8 s[4][8];
+    for (int r = 0; r < ROWS; r++)
+        for (int c = 0; c < VECS; c++) s[r][c] = *(const v8u *)(acc + (size_t)(i + r) * p->N + j + 8 * c);
+    for (int k = k0; k < k1; k++) {
+        v8 a[4];
+        for (int r = 0; r < ROWS; r++) a[r] = (v8){0} + p->A[(size_t)(i + r) * p->lda + k];
+        const float *b = p->B + (size_t)k * p->ldb + j;
+#pragma GCC unroll 8
+        for (int c = 0; c < VECS; c++) {
+            v8 bc = *(const v8u *)(b + 8 * c);
+#pragma GCC unroll 4
+            for (int r = 0; r < ROWS; r++) s[r][c] += a[r] * bc;  /* one FMA (-ffp-contract=fast) */
+        }
+    }
+    for (int r = 0; r < ROWS; r++)
+        for (int c = 0; c < VECS; c++) *(v8u *)(acc + (size_t)(i + r) * p->N + j + 8 * c) = s[r][c];
+}
+
+/* Every row over columns [j, j + 8 * VECS), ROWS rows at a time (the accumulators in registers), then the rest one by one. */
+static inline __attribute__((always_inline)) void value_rows(const struct product *p, float *acc, int j, int k0,
+                                                             int k1, int ROWS, int VECS) {
+    int i = 0;
+    for (; i + ROWS <= p->M; i += ROWS) value_sums(p, acc, i, j, k0, k1, ROWS, VECS);
+    for (; i < p->M; i++) value_sums(p, acc, i, j, k0, k1, 1, VECS);
+}
+
+/* acc [M, N] = A @ B, VALUE_KEYS keys a pass: blocks of 4 rows x 32 columns in AVX-512's 32 registers, 3 x 16 in
+ * AVX2's 16, 2 x 16 in the baseline's; N a multiple of 8. */
+static inline __attribute__((always_inline)) void value_product(const struct product *p, float *acc, int ROWS,
+                                                                int VECS) {
+    for (int k0 = 0; k0 < p->K; k0 += VALUE_KEYS) {
+        int k1 = p->K - k0 < VALUE_KEYS ? p->K : k0 + VALUE_KEYS;
+        int j = 0;
+        for (; j + 8 * VECS <= p->N; j += 8 * VECS) value_rows(p, acc, j, k0, k1, ROWS, VECS);
+        for (; j < p->N; j += 8) value_rows(p, acc, j, k0, k1, ROWS, 1);
+    }
+}
+
+static void values_baseline(const struct product *p, float *acc) { value_product(p, acc, 2, 2); }
+#if defined(__x86_64__)
+__attribute__((target("avx512f,avx512vl,avx2,fma"))) static void values_avx512(const struct product *p, float *acc) {
+    value_product(p, acc, 4, 4);
+}
+__attribute__((target("avx2,fma"))) static void values_avx2(const struct product *p, float *acc) {
+    value_product(p, acc, 3, 2);
+}
+#endif
+
 
 /* ---------------------------------------------------------------------------------------------
  * A pool of threads, one per core this process may run on, that split a product's columns.
@@ -380,11 +457,30 @@ static void row_block(int ta, int tb, int i, int j0, int n, int K, float alpha, 
         scipy_cblas_sgemv(RowMajor, Trans, K, n, alpha, B + j0, ldb, x, inc_x, beta, y, 1);
 }
 
+/* C = alpha * A @ B + beta * C through the value kernel (N a multiple of 8, at most VALUE_COLUMNS). */
+static void values(const struct product *p) {
+    if (!atomic_load(&pool_ready)) start_pool();
+    float *acc = calloc((size_t)p->M * p->N, sizeof *acc);
+    if (!acc) abort();
+    values_kernel(p, acc);
+    for (int i = 0; i < p->M; i++) {
+        float *y = p->C + (size_t)i * p->ldc;
+        const float *s = acc + (size_t)i * p->N;
+        for (int j = 0; j < p->N; j++) y[j] = p->beta == 0.0f ? p->alpha * s[j] : p->alpha * s[j] + p->beta * y[j];
+    }
+    free(acc);
+}
+
 void cblas_sgemm(int order, int ta, int tb, int M, int N, int K, float alpha, const float *A, int lda,
                  const float *B, int ldb, float beta, float *C, int ldc) {
-    if (order == RowMajor && K > 0 && M <= KERNEL_ROWS && ta == NoTrans && tb != NoTrans) {
+    if (order == RowMajor && K > 0 && (M <= KERNEL_ROWS || K <= SCORE_DEPTH) && ta == NoTrans && tb != NoTrans) {
         struct product p = {A, B, C, M, N, K, lda, ldb, ldc, alpha, beta};
         few_rows_product(&p);
+        return;
+    }
+    if (order == RowMajor && K > 0 && ta == NoTrans && tb == NoTrans && N % 8 == 0 && N <= VALUE_COLUMNS) {
+        struct product p = {A, B, C, M, N, K, lda, ldb, ldc, alpha, beta};
+        values(&p);
         return;
     }
     if (order == RowMajor && K > 0 && M <= FEW_ROWS) {

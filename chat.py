@@ -1,9 +1,10 @@
 """The chat session: the history, its templating, reuse of the KV cache, the slash commands.
 
-`Chat` holds a conversation (complete turns only) and the KV cache of the tokens it last ran
-through the model; each turn re-templates the whole history and reuses the cached keys and
-values of the prefix it shares with the turn before. `repl` is the loop a terminal or a pipe
-talks to.
+`Chat` holds a conversation (complete turns only); each turn re-templates the whole history, and
+the engine's prompt cache gives back the keys and values of the prefix it shares with the turn
+before. The last answer goes back to the model as the very tokens it drew (`Transcript`), not its
+text encoded again, so that the cache holds the whole history and a turn prefills only its new
+tokens. `repl` is the loop a terminal or a pipe talks to.
 """
 
 from qwen2s import qwen2_scratch as q  # first: the model loads the fast BLAS before MLX
@@ -16,6 +17,7 @@ import sys
 import termios
 import threading
 import time
+from typing import NamedTuple
 
 from qwen2s import prompts
 from qwen2s.engine import Engine, Event, Request, stats_line
@@ -33,6 +35,14 @@ Ctrl-C during an answer stops it; the cut answer and its question are dropped fr
 which keeps every complete turn before it."""
 
 
+class Transcript(NamedTuple):
+    """The last turn as the model saw it: the prompt's ids and the answer's drawn ids (but an end-of-sequence
+    token), and the rendered text they stand for (the prompt's text and those ids decoded)."""
+
+    ids: tuple[int, ...]
+    text: str
+
+
 class Chat:
     """A conversation: the turns so far, answered through the engine (whose prompt cache keeps the
     keys and values of the turns before, so a turn prefills little more than its new tokens)."""
@@ -43,14 +53,22 @@ class Chat:
         self.max_kv = engine.max_kv
         self.turns: list[tuple[str, str]] = []  # (user, assistant), complete turns only
         self.last: Event | None = None  # the last answer's final event: usage and stats
+        self.transcript: Transcript | None = None  # the last complete turn's ids, when they are the history's
+        self.text = ""  # the rendered text of the prompt last built
 
     def prompt_ids(self, user: str) -> list[int]:
-        """The whole history re-templated: one system message, the turns in order, the new message."""
+        """The whole history re-templated: one system message, the turns in order, the new message. Where
+        the rendered text begins with the last turn's transcript (the template did not rewrite it, no turn was
+        dropped), the transcript's ids stand for that part and only the rest is encoded."""
         messages = [{"role": "system", "content": self.system}] if self.system is not None else []
         for u, a in self.turns:
             messages += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
         messages.append({"role": "user", "content": user})
-        return prompts.encode_chat(self.tokenizer, messages)
+        self.text = text = prompts.render_chat(self.tokenizer, messages)
+        last = self.transcript
+        if last is not None and self.turns and text.startswith(last.text) and len(text) > len(last.text):
+            return [*last.ids, *prompts.encode_rendered(self.tokenizer, text[len(last.text):])]
+        return prompts.encode_rendered(self.tokenizer, text)
 
     def fit(self, user: str, notice) -> list[int] | None:
         """The prompt ids; when they overflow the cache, without the oldest turns, dropped until the prompt
@@ -89,10 +107,10 @@ class Chat:
         if command == "/help":
             return CHAT_HELP
         if command in ("/reset", "/clear"):
-            self.turns = []
+            self.turns, self.transcript = [], None
             return "notice: the conversation was forgotten"
         if command == "/system":
-            self.system, self.turns = (rest.strip() or None), []
+            self.system, self.turns, self.transcript = (rest.strip() or None), [], None
             return "notice: new system message; the conversation was forgotten"
         return f"unknown command {command}: /help lists the commands"
 
@@ -106,14 +124,19 @@ class Chat:
     def reply(self, user: str, ids: list[int], notice):
         """Yield the answer's text segments; the turn joins the history only once it completes."""
         request = Request(tuple(ids), self.sampling, self.max_tokens, seed=self.seed + len(self.turns))
-        answer = []
+        text, answer, drawn = self.text, [], []
         for event in self.engine.generate(request):
+            if event.token is not None:
+                drawn.append(event.token)
             if event.text:
                 answer.append(event.text)
                 yield event.text
             if event.finish_reason:
                 self.last = event
         self.turns.append((user, "".join(answer)))
+        if drawn and drawn[-1] in self.engine.eos:  # never run through the model: the template writes its own end
+            drawn.pop()
+        self.transcript = Transcript((*ids, *drawn), text + self.tokenizer.decode(drawn, skip_special_tokens=False))
         if self.last.finish_reason == "context":
             notice(f"notice: the answer stopped at --max-kv-size {self.max_kv}")
 

@@ -159,8 +159,9 @@ class StopMatcher:
 class PromptCache:
     """Keys and values of prompts already prefilled, to reuse for any prompt that starts the same.
 
-    Only whole prefill chunks are kept: a prompt that reuses them is then computed exactly as it
-    would be from nothing (the same chunks at the same positions). Bounded in bytes and in entries
+    Prefixes are kept and reused in whole granules: one token where rows are exact (any prefix is
+    computed as it would be from nothing), else whole prefill chunks (the same chunks at the same
+    positions). Bounded in bytes and in entries
     (a lookup compares the prompt with each entry); the least recently used entry goes first.
     Entries are shared only within a scope.
     """
@@ -170,26 +171,27 @@ class PromptCache:
         self.entries: OrderedDict[tuple[str, tuple[int, ...]], list] = OrderedDict()  # -> [(keys, values)]
         self.lock = threading.Lock()
 
-    def lookup(self, scope: str, prompt: tuple[int, ...], chunk: int) -> tuple[int, list | None]:
-        """How many leading tokens of prompt can be reused (whole chunks, at least one token left), and their layers."""
+    def lookup(self, scope: str, prompt: tuple[int, ...], granule: int) -> tuple[int, list | None]:
+        """How many leading tokens of prompt to reuse (whole granules, one token left at least), and their layers."""
         with self.lock:
             best, best_key = 0, None
             for key in self.entries:
                 if key[0] == scope and (n := q.common_prefix(key[1], prompt)) > best:
                     best, best_key = n, key
-            reuse = min(best, len(prompt) - 1) // chunk * chunk
+            reuse = min(best, len(prompt) - 1) // granule * granule
             if reuse == 0:
                 return 0, None
             self.entries.move_to_end(best_key)
             return reuse, [(k[:, :, :reuse], v[:, :, :reuse]) for k, v in self.entries[best_key]]
 
-    def store(self, scope: str, prompt: tuple[int, ...], layers: list, chunk: int) -> None:
-        """Keep the whole chunks of prompt's keys and values ([1, K, >= n, D] per layer)."""
-        n = len(prompt) // chunk * chunk
+    def store(self, scope: str, prompt: tuple[int, ...], layers: list, granule: int) -> None:
+        """Keep the whole granules of prompt's keys and values ([1, K, >= n, D] per layer), in arrays of their own."""
+        n = len(prompt) // granule * granule
         if n == 0:
             return
         tokens = tuple(prompt[:n])
-        layers = [(k[:, :, :n], v[:, :, :n]) for k, v in layers]
+        layers = [(mx.contiguous(k[:, :, :n]), mx.contiguous(v[:, :, :n])) for k, v in layers]
+        mx.eval(layers)  # copies now: the arrays they came from (a batch's cache) are not held
         size = sum(k.nbytes + v.nbytes for k, v in layers)
         if size > self.max_bytes:
             return
@@ -313,6 +315,8 @@ class Engine:
         self.eos = frozenset(tokenizer.eos_token_ids)
         self.dtype = params["model"]["norm"]["weight"].dtype
         self.chunk = chunk or q.prefill_chunk()  # prompt tokens per prefill step, cut at multiples of it
+        # the prompt cache's unit: any token where rows are exact (then finished rows are kept too), else whole chunks
+        self.granule = 1 if q.rows_exact(self.dtype, kernels, self.chunk) else self.chunk
         # decode and verifier steps padded to multiples of this many query rows (-1: the device's choice)
         self.step_rows = q.step_rows() if step_rows == -1 else step_rows
         self.prompt_cache = PromptCache(prompt_cache_bytes)
@@ -435,7 +439,7 @@ class Engine:
         tic = time.perf_counter()
         prompt = row.request.prompt
         if row.cache is None:
-            reuse, layers = self.prompt_cache.lookup(row.request.cache_scope, prompt, self.chunk)
+            reuse, layers = self.prompt_cache.lookup(row.request.cache_scope, prompt, self.granule)
             row.cache = q.new_cache(self.config, 1, self.dtype)
             if layers is not None:
                 row.cache = {"layers": layers, "offset": mx.array([reuse], mx.int32)}
@@ -451,7 +455,7 @@ class Engine:
         first = draw(logits, row, row.window(), len(prompt))
         mx.eval(first, row.cache)
         row.t_prefill += time.perf_counter() - tic
-        self.prompt_cache.store(row.request.cache_scope, prompt, row.cache["layers"], self.chunk)
+        self.prompt_cache.store(row.request.cache_scope, prompt, row.cache["layers"], self.granule)
         self.waiting.remove(row)
         self.join(row)
         self.emit(row, [first])
@@ -566,6 +570,11 @@ class Engine:
         if not rows:
             return
         keep = [i for i, r in enumerate(self.rows) if r not in rows]
+        if self.granule == 1:  # its keys and values are those a prefill of its tokens would make: keep them
+            for i, row in enumerate(self.rows):
+                if row in rows:
+                    self.prompt_cache.store(row.request.cache_scope, tuple(row.tokens[: row.position]),
+                                            q.take_rows(self.cache, slice(i, i + 1))["layers"], 1)
         if len(keep) < len(self.rows):
             cache = q.take_rows(self.cache, mx.array(keep)) if keep else None  # dummy rows go too
             self.rows = [self.rows[i] for i in keep]

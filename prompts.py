@@ -23,7 +23,8 @@ from typing import NamedTuple
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-__all__ = ["PromptError", "encode_chat", "encode_text", "RENDER_SECONDS", "RENDER_CHARS"]
+__all__ = ["PromptError", "encode_chat", "render_chat", "encode_rendered", "encode_text",
+           "RENDER_SECONDS", "RENDER_CHARS"]
 
 RENDER_SECONDS = 2.0  # the real templates render a long chat in milliseconds
 RENDER_CHARS = 16 * 2**20  # the most characters a template may make, or hand between its parts
@@ -244,14 +245,25 @@ def encode_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = T
     """The chat template applied to the messages (and the tools, as OpenAI's function definitions) and
     encoded: exactly apply_chat_template's ids for ordinary text, but a control token's string in a
     message or a tool is text. PromptError if it cannot be."""
+    return encode_rendered(tokenizer, render_chat(tokenizer, messages, add_generation_prompt, tools))
+
+
+def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = True,
+                tools: list[dict] | None = None) -> str:
+    """The chat template applied to the messages, as text whose control tokens are marked (see encode_rendered)."""
     if not getattr(tokenizer, "chat_template", None):
         raise PromptError("this model has no chat template")
     try:
         template = compiled(tokenizer.chat_template)
     except jinja2.TemplateError as e:
         raise PromptError(f"the model's chat template does not compile: {one_line(e)}") from None
-    text = render(template.template, template_context(tokenizer, template.literal_text, messages,
+    return render(template.template, template_context(tokenizer, template.literal_text, messages,
                                                       add_generation_prompt, tools))
+
+
+def encode_rendered(tokenizer, text: str) -> list[int]:
+    """The ids of render_chat's text (or of a piece of it that starts at a control token): the template's
+    control tokens as tokens, the messages' text as text."""
     try:
         with ENCODE_LOCK:
             return hf_chat().encode_marked_chat(hf_tokenizer(tokenizer), text)

@@ -111,27 +111,28 @@ def scaled_dot_product_attention(
 ) -> mx.array:
     """softmax(q @ k.T * scale + mask) @ v, grouped: [B, H, L, D], [B, K, S, D] -> [B, H, L, D].
 
-    Each of the K key/value heads serves G = H // K query heads by broadcasting (no repeat).
+    Each of the K key/value heads serves G = H // K query heads: their G * L queries are the rows of
+    one product against its keys and one against its values (each read once, not G times).
     mask: None, "causal", a boolean array (True = attend) or an additive array,
     broadcastable to [B, H, L, S].
     """
     B, H, L, D = q.shape
     K, S = k.shape[1], k.shape[2]
+    G = H // K
     scale = D**-0.5 if scale is None else scale
-    q = q.reshape(B, K, H // K, L, D)  # [B, K, G, L, D]
-    k, v = k[:, :, None], v[:, :, None]  # [B, K, 1, S, D]
-    scores = (q * scale) @ k.swapaxes(-1, -2)  # [B, K, G, L, S]
+    q = q.reshape(B, K, G * L, D)  # [B, K, G*L, D]
+    scores = ((q * scale) @ k.swapaxes(-1, -2)).reshape(B, K, G, L, S)  # [B, K, G, L, S]
     scores = scores.astype(mx.float32)  # softmax in float32, as mx.fast does
     if isinstance(mask, str):
         mask = causal_mask(L, S)
     if mask is not None:
         if mask.ndim == 4:  # [B or 1, H or 1, L, S] -> [B or 1, K or 1, G or 1, L, S]
-            mask = mask.reshape(mask.shape[0], -1, 1 if mask.shape[1] == 1 else H // K, L, S)
+            mask = mask.reshape(mask.shape[0], -1, 1 if mask.shape[1] == 1 else G, L, S)
         if mask.dtype == mx.bool_:
             scores = mx.where(mask, scores, -mx.inf)
         else:
             scores = scores + mask
-    out = softmax(scores).astype(v.dtype) @ v  # [B, K, G, L, D]
+    out = softmax(scores).astype(v.dtype).reshape(B, K, G * L, S) @ v  # [B, K, G*L, D]
     return out.reshape(B, H, L, D)
 
 
@@ -369,13 +370,19 @@ def take_rows(cache: dict, index) -> dict:
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
-    """How many leading token ids a and b share: the cached positions a new prompt can reuse."""
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
+    """How many leading token ids a and b share: the cached positions a new prompt can reuse.
+
+    A binary search over slices, which Python compares in C: a prompt cache of long conversations
+    looks up tens of thousands of tokens per entry."""
+    a, b = list(a), list(b)
+    low, high = 0, min(len(a), len(b))
+    while low < high:  # a[:low] == b[:low], and they differ somewhere before high + 1 (or high is the end)
+        middle = (low + high + 1) // 2
+        if a[low:middle] == b[low:middle]:
+            low = middle
+        else:
+            high = middle - 1
+    return low
 
 
 def reserve(cache: dict, length: int, block_size: int | None = None) -> dict:
@@ -397,13 +404,26 @@ def reserve(cache: dict, length: int, block_size: int | None = None) -> dict:
 # Days 6 and 7: prefill, one compiled decode step, sampling
 # ---------------------------------------------------------------------------------------------
 
-# Prompt tokens per forward call, measured: on the 2-core CPU 256 beats 512 (less of the softmax
-# is spent on masked scores); a GPU wants long chunks, as mlx_lm's 2048.
-PREFILL_CHUNK = {"cpu": 256, "gpu": 2048}
+# Prompt tokens per forward call. On the CPU the most rows our BLAS kernel takes (rows_exact); a GPU
+# wants long chunks, as mlx_lm's 2048.
+EXACT_ROWS = 64  # KERNEL_ROWS in blas_adapter.c
+PREFILL_CHUNK = {"cpu": EXACT_ROWS, "gpu": 2048}
 
 
 def prefill_chunk() -> int:
     return PREFILL_CHUNK["gpu" if mx.default_device() == mx.gpu else "cpu"]
+
+
+def rows_exact(dtype, kernels="reference", chunk: int = EXACT_ROWS) -> bool:
+    """Whether each row of a step comes out the same bits whatever the rows beside it and however the
+    prompt was cut: on the CPU in float32 with our functions and our BLAS adapter, whose kernels
+    compute every product of up to 64 rows against the weights, and attention's scores and values
+    for any number of queries, one row at a time in a fixed order (blas_adapter.c); the norms, RoPE
+    and the softmax are row by row (the softmax over whole cache blocks either way). A prompt then
+    leaves the same keys and values in the cache prefilled in chunks of at most EXACT_ROWS tokens, in
+    any pieces, or token by token by decode steps."""
+    return (mx.default_device() == mx.cpu and dtype == mx.float32 and kernels == "reference"
+            and chunk <= EXACT_ROWS and blas.load().kind == "openblas")
 
 
 def prefill(params, config, tokens, cache, kernels="reference", chunk=None):
@@ -417,8 +437,8 @@ def prefill(params, config, tokens, cache, kernels="reference", chunk=None):
     end = first + tokens.shape[1]
     while start < end:
         stop = min((start // chunk + 1) * chunk, end)
-        # grown to the exact length, so that the prompt attends to no empty slot
-        cache = reserve(cache, stop, block_size=1)
+        # grown in whole blocks, as for decoding: a query's softmax runs over as many slots either way
+        cache = reserve(cache, stop)
         h, cache = hidden_states(params, config, tokens[:, start - first : stop - first], cache, kernels)
         if stop < end:
             mx.eval(cache)  # only the cache: no logits for the prompt's inner tokens

@@ -204,8 +204,41 @@ def test_prefill_in_chunks_equals_one_call():
     tokens = mx.random.randint(0, 300, (1, 23), key=mx.random.key(7))
     full, _ = q.forward(params, config, tokens)
     last, cache = q.prefill(params, config, tokens, q.new_cache(config), chunk=5)
-    assert cache["offset"].item() == 23 and q.cache_capacity(cache) == 23
+    assert cache["offset"].item() == 23 and q.cache_capacity(cache) == q.CACHE_BLOCK  # whole blocks, as decoding's
     assert_close(last, full[:, -1], 0, LOGITS_ATOL_F32, "chunked prefill")
+
+
+def test_a_prompt_leaves_the_same_bits_prefilled_in_any_pieces_or_decoded_token_by_token(on_cpu):
+    """One request, one answer, at its root: on the CPU in float32 (q.rows_exact) every row is computed alone, so
+    a prompt's keys, values and last logits are the same bits cut into chunks of 64, split anywhere (a prompt cache
+    holding any prefix), or run token by token through the compiled decode step (an answer's tokens), and in a
+    cache of any capacity. The model is wide enough (hidden 384) that its products take the few-row kernel."""
+    _, params, config, _ = reference_model(hidden_size=384, intermediate_size=768, num_attention_heads=6,
+                                           num_key_value_heads=2, vocab_size=300)
+    assert q.rows_exact(mx.float32)
+    tokens = [(7 * i) % 290 + 3 for i in range(150)]
+
+    def prefill(pieces, cache=None):
+        cache = cache or q.new_cache(config)
+        for piece in pieces:
+            logits, cache = q.prefill(params, config, mx.array([piece]), cache, chunk=q.EXACT_ROWS)
+        return logits, cache
+
+    def same(a, b):
+        (la, ca), (lb, cb) = a, b
+        n = len(tokens)
+        return np.array_equal(np.array(la), np.array(lb)) and all(
+            np.array_equal(np.array(x[:, :, :n]), np.array(y[:, :, :n]))
+            for kx, ky in zip(ca["layers"], cb["layers"], strict=True) for x, y in zip(kx, ky, strict=True))
+
+    whole = prefill([tokens])
+    for cut in (1, 37, 64, 65, 130, 149):
+        assert same(prefill([tokens[:cut], tokens[cut:]]), whole), f"split at {cut}"
+    _, cache = prefill([tokens[:140]])
+    cache = q.reserve(cache, 1000)  # a larger cache than the prefill's, as a batch's
+    for t in tokens[140:]:
+        logits, cache = q.compiled_decode_step(params, config, mx.array([[t]]), cache)
+    assert same((logits[:, -1], cache), whole), "token by token"
 
 
 def test_compiled_step_equals_eager_step():
@@ -233,7 +266,8 @@ def test_decoding_three_blocks_traces_once_per_block(monkeypatch):
 
     monkeypatch.setattr(q, "hidden_states", counting)
     block = 32
-    _, cache = q.prefill(params, config, mx.array([[1, 2, 3]]), q.new_cache(config))
+    cache = q.reserve(q.new_cache(config), 3, block_size=block)
+    _, cache = q.forward(params, config, mx.array([[1, 2, 3]]), cache)
     traces.clear()
     token = mx.array([[4]])
     for pos in range(3, 3 * block):

@@ -111,20 +111,35 @@ for n, k in ((5003, 901), (4864, 896)):  # threaded products; a column tail and 
         together = np.array(x[:rows] @ W.T)
         assert np.array_equal(together, alone[:rows]), (n, k, rows, np.abs(together - alone[:rows]).max())
     out.append(hashlib.sha256(alone.tobytes()).hexdigest())
+# attention: a query's scores against 3000 keys, and probabilities times values, for any number of queries; keys
+# past the end (probability 0 against values 0, a cache's unfilled slots) change no bit
+keys, values = (mx.random.normal((3000, 64), key=mx.random.key(s)) for s in (10, 11))
+q = mx.random.normal((448, 64), key=mx.random.key(12))
+p = mx.softmax(mx.random.normal((448, 3000), key=mx.random.key(13)), axis=-1)
+scores = np.concatenate([np.array(q[i : i + 1] @ keys.T) for i in range(448)])
+mixed = np.concatenate([np.array(p[i : i + 1] @ values) for i in range(448)])
+assert np.abs(mixed - np.array(p, np.float64) @ np.array(values, np.float64)).max() < 1e-5, "wrong values"
+for rows in (2, 7, 63, 64, 65, 448):
+    assert np.array_equal(np.array(q[:rows] @ keys.T), scores[:rows]), ("scores", rows)
+    assert np.array_equal(np.array(p[:rows] @ values), mixed[:rows]), ("values", rows)
+padded = mx.concatenate([values, mx.zeros((256, 64))])
+assert np.array_equal(np.array(mx.pad(p[:7], ((0, 0), (0, 256))) @ padded), mixed[:7]), "unfilled slots"
+out.append(hashlib.sha256(scores.tobytes() + mixed.tobytes()).hexdigest())
 print(" ".join(out))
 """
 
 
 def test_few_row_kernels_and_thread_counts_give_the_same_bits():
-    """Our few-row kernel: rows independent of each other under every kernel kind this CPU runs (AVX-512's
-    4x4 and AVX2's 3x4 blocks give the same bits: the same eight-lane sums) and whatever the thread count."""
+    """Our few-row kernel and attention's: rows independent of each other under every kernel kind this CPU runs
+    (AVX-512's 4x4 and AVX2's 3x4 blocks give the same bits: the same eight-lane sums; the values' sums run key
+    by key, one FMA each, in both) and whatever the thread count."""
     runs = {}
     for kernel, threads in (("", ""), ("avx2", ""), ("avx2", "1"), ("", "3"), ("baseline", "")):
         done = python(ROWS_PROBE, env={"QWEN2_SCRATCH_KERNEL": kernel, "QWEN2_SCRATCH_THREADS": threads})
         assert done.returncode == 0, (kernel, threads, done.stderr[-2000:])
         runs[kernel, threads] = done.stdout.split()
     assert runs["", ""] == runs["avx2", ""] == runs["avx2", "1"] == runs["", "3"]
-    assert len(runs["baseline", ""]) == 2  # no FMA there: other bits, but rows still independent
+    assert len(runs["baseline", ""]) == 3  # no FMA there: other bits, but rows still independent
     version = run_cli("--version", env={"QWEN2_SCRATCH_KERNEL": "baseline", "QWEN2_SCRATCH_THREADS": "3"})
     assert "1-64 rows on our kernel, baseline 2x4, 3 threads)" in version.stdout, version.stdout + version.stderr
 

@@ -36,7 +36,7 @@ def prefills(stderr):
 
 
 def test_chat_script_prints_only_answers_and_reuses_the_cache(tiny_folder):
-    system = "the lazy dog " * 100  # more than one prefill chunk: the second turn reuses the first's whole chunks
+    system = "the lazy dog " * 100  # several prefill chunks: the second turn reuses all of the first turn
     result = chat("hello world", "the quick brown fox", model=tiny_folder,
                   args=["--max-tokens", "12", "--temp", "0", "--system", system])
     assert result.returncode == 0, result.stderr
@@ -45,12 +45,9 @@ def test_chat_script_prints_only_answers_and_reuses_the_cache(tiny_folder):
     assert "hello world" not in result.stdout  # the input is never echoed
     first, second = prefills(result.stderr)
     tokenizer = weights.load_tokenizer(tiny_folder)
-    full = tokenizer.apply_chat_template(
-        [{"role": "system", "content": system}, {"role": "user", "content": "hello world"},
-         {"role": "assistant", "content": answers[0]}, {"role": "user", "content": "the quick brown fox"}],
-        add_generation_prompt=True)
-    chunk = q.prefill_chunk()
-    assert second == len(full) - first // chunk * chunk, "the second turn prefills what the cache's whole chunks lack"
+    new = tokenizer.encode("<|im_end|>\n<|im_start|>user\nthe quick brown fox<|im_end|>\n<|im_start|>assistant\n")
+    # the first answer's last token (drawn, not yet run through the model) and the new turn: nothing else
+    assert first > 300 and second == 1 + len(new), "the second turn prefills only its new tokens"
     assert len(re.findall(STATS, result.stderr)) == 2
 
 
@@ -90,14 +87,21 @@ def test_chat_history_reset_and_system(tiny_folder, tiny_tokenizer_dir):
     assert "unknown command /nope" in result.stderr and result.stdout.count("\n\n") == 1
 
 
-def test_a_turn_answers_as_a_fresh_engine_would_whatever_the_prompt_cache_holds(tiny_tokenizer_dir):
-    # the history spans whole chunks of 256 (a GPU's default chunk, 2048, is longer than it)
-    c = make_chat(tiny_tokenizer_dir, system="the quick brown fox " * 80, chunk=256)
+@pytest.mark.parametrize("chunk", [q.EXACT_ROWS, 256], ids=["rows exact", "whole chunks"])
+def test_a_turn_answers_as_a_fresh_engine_would_whatever_the_prompt_cache_holds(tiny_tokenizer_dir, chunk):
+    """Chunks of 64 on the CPU: rows exact, the whole history comes from the cache and each turn goes on from the
+    very tokens of the answer before. Chunks of 256 (as a GPU's): the cache gives back whole chunks only."""
+    c = make_chat(tiny_tokenizer_dir, system="the quick brown fox " * 80, chunk=chunk)
+    before, ended = None, None
     for line in ("hello world", "the quick brown fox", "jumps over the lazy dog"):
         ids = c.fit(line, print)
         answer = "".join(c.reply(line, ids, print))
-        assert c.last.usage.cached_tokens > 0 or line == "hello world"
-        fresh = make_chat(tiny_tokenizer_dir, chunk=256)
+        if before is not None:
+            assert tuple(ids[: len(before)]) == before, "the turn goes on from the last prompt and answer's tokens"
+            in_cache = len(before) - (ended != "stop")  # an answer's last token is drawn, not run (but an end dropped)
+            assert c.last.usage.cached_tokens == (in_cache if chunk == q.EXACT_ROWS else in_cache // chunk * chunk)
+        before, ended = c.transcript.ids, c.last.finish_reason
+        fresh = make_chat(tiny_tokenizer_dir, chunk=chunk)
         request = Request(tuple(ids), c.sampling, c.max_tokens, seed=c.seed + len(c.turns) - 1)
         assert answer == "".join(e.text for e in fresh.engine.generate(request)), line
 

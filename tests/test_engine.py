@@ -98,6 +98,25 @@ def test_a_request_gives_the_same_tokens_whatever_the_prompt_cache_holds():
                                                                                   E.Request(extended, GREEDY, 8))
 
 
+def test_where_rows_are_exact_the_prompt_cache_reuses_any_prefix_and_a_finished_answer(on_cpu):
+    """On the CPU in float32 with chunks of 64 (q.rows_exact) the cache keeps a finished row's keys and values,
+    its answer's included: a prompt that goes on from an answer (a chat's next turn) prefills only its new tokens,
+    one that shares any prefix reuses all of it, and each gives the tokens a fresh engine gives."""
+    params, config = model()
+    runner = E.Engine(params, config, IdTokenizer(), chunk=q.EXACT_ROWS)
+    assert runner.granule == 1
+    first_prompt = prompts()[3]  # 300 tokens
+    answer = tokens_of(runner.generate(E.Request(first_prompt, GREEDY, 12)))
+    follow = first_prompt + tuple(answer) + (9, 8, 7)
+    branch = first_prompt[:123] + (4, 5)
+    for request, cached in ((E.Request(follow, SAMPLED, 10, seed=2), len(first_prompt) + len(answer) - 1),
+                            (E.Request(branch, GREEDY, 10), 123)):
+        events = list(runner.generate(request))
+        assert events[-1].usage.cached_tokens == cached
+        assert tokens_of(events) == tokens_of(E.Engine(params, config, IdTokenizer(), chunk=q.EXACT_ROWS)
+                                              .generate(request))
+
+
 def test_the_same_seed_gives_the_same_draws_and_another_seed_others():
     params, config = model()
     p = prompts()[1]
@@ -336,6 +355,6 @@ def test_the_prompt_cache_holds_at_most_its_number_of_entries():
     cache = E.PromptCache(max_bytes=1 << 40, max_entries=3)
     layers = [(mx.zeros((1, 2, 8, 4)), mx.zeros((1, 2, 8, 4)))]
     for i in range(5):
-        cache.store("", tuple(range(i * 10, i * 10 + 8)), layers, chunk=4)
+        cache.store("", tuple(range(i * 10, i * 10 + 8)), layers, granule=4)
     assert len(cache.entries) == 3 and [k[1][0] for k in cache.entries] == [20, 30, 40]
     assert cache.lookup("", tuple(range(40, 50)), 4)[0] == 8 and cache.lookup("", tuple(range(0, 9)), 4)[0] == 0
