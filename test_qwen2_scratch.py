@@ -41,6 +41,17 @@ def test_softmax(dtype):
         assert_close(q.softmax(x, axis), mx.softmax(x, axis=axis), *TOL[dtype], f"softmax axis {axis}")
 
 
+def test_exp_of_nonpositive_is_exp_to_float32_precision():
+    """The softmax's exp (a polynomial: MLX's CPU exp is scalar): within 2e-7 relative of exp down to 1e-37, exactly
+    1 at 0, 0 at -inf and at the bottom of float32's range."""
+    x = mx.concatenate([mx.array([0.0, -1e-8, -88.0, -200.0, -mx.inf]),
+                        -mx.random.uniform(0, 87, (20000,), key=mx.random.key(3))])
+    ours, exact = np.array(q.exp_of_nonpositive(x), np.float64), np.exp(np.array(x, np.float64))
+    big = exact > 1e-37
+    assert np.all(np.abs(ours - exact)[big] <= 2e-7 * exact[big]) and np.all(np.abs(ours - exact)[~big] < 1e-37)
+    assert ours[0] == 1.0 and ours[3] == ours[4] == 0.0
+
+
 def test_softmax_is_stable_for_large_inputs():
     x = mx.array([[1000.0, 1001.0, 999.0]])
     assert_close(q.softmax(x), mx.softmax(x, axis=-1), *TOL[mx.float32], "softmax of large values")

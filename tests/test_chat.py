@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+import mlx.core as mx
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
@@ -46,8 +47,11 @@ def test_chat_script_prints_only_answers_and_reuses_the_cache(tiny_folder):
     first, second = prefills(result.stderr)
     tokenizer = weights.load_tokenizer(tiny_folder)
     new = tokenizer.encode("<|im_end|>\n<|im_start|>user\nthe quick brown fox<|im_end|>\n<|im_start|>assistant\n")
-    # the first answer's last token (drawn, not yet run through the model) and the new turn: nothing else
-    assert first > 300 and second == 1 + len(new), "the second turn prefills only its new tokens"
+    # the second prompt: the first, its 12 drawn tokens, the new turn; the cache holds all but the last drawn token
+    # on the CPU (rows exact: only the new turn is prefilled), whole chunks of them on a GPU
+    chunk = q.prefill_chunk()
+    cached = first + 11 if q.rows_exact(mx.float32, "reference", chunk) else (first + 11) // chunk * chunk
+    assert first > 300 and second == first + 12 + len(new) - cached, "the second turn reuses what the cache can hold"
     assert len(re.findall(STATS, result.stderr)) == 2
 
 
@@ -89,8 +93,8 @@ def test_chat_history_reset_and_system(tiny_folder, tiny_tokenizer_dir):
 
 @pytest.mark.parametrize("chunk", [q.EXACT_ROWS, 256], ids=["rows exact", "whole chunks"])
 def test_a_turn_answers_as_a_fresh_engine_would_whatever_the_prompt_cache_holds(tiny_tokenizer_dir, chunk):
-    """Chunks of 64 on the CPU: rows exact, the whole history comes from the cache and each turn goes on from the
-    very tokens of the answer before. Chunks of 256 (as a GPU's): the cache gives back whole chunks only."""
+    """Chunks of 64 on the CPU: rows exact, the whole history comes from the cache. Chunks of 256, or a GPU: the
+    cache gives back whole chunks only. Either way each turn goes on from the very tokens of the answer before."""
     c = make_chat(tiny_tokenizer_dir, system="the quick brown fox " * 80, chunk=chunk)
     before, ended = None, None
     for line in ("hello world", "the quick brown fox", "jumps over the lazy dog"):
@@ -99,7 +103,7 @@ def test_a_turn_answers_as_a_fresh_engine_would_whatever_the_prompt_cache_holds(
         if before is not None:
             assert tuple(ids[: len(before)]) == before, "the turn goes on from the last prompt and answer's tokens"
             in_cache = len(before) - (ended != "stop")  # an answer's last token is drawn, not run (but an end dropped)
-            assert c.last.usage.cached_tokens == (in_cache if chunk == q.EXACT_ROWS else in_cache // chunk * chunk)
+            assert c.last.usage.cached_tokens == in_cache // c.engine.granule * c.engine.granule
         before, ended = c.transcript.ids, c.last.finish_reason
         fresh = make_chat(tiny_tokenizer_dir, chunk=chunk)
         request = Request(tuple(ids), c.sampling, c.max_tokens, seed=c.seed + len(c.turns) - 1)
