@@ -444,9 +444,11 @@ class Engine:
             if layers is not None:
                 row.cache = {"layers": layers, "offset": mx.array([reuse], mx.int32)}
             row.reused = row.prefilled = reuse
-        stop = min((row.prefilled // self.chunk + 1) * self.chunk, len(prompt))
+        aligned = self.granule != 1  # where rows are exact, a chunk may start anywhere (a chat turn: one chunk)
+        stop = min((row.prefilled // self.chunk + 1) * self.chunk if aligned else row.prefilled + self.chunk,
+                   len(prompt))
         piece = mx.array(prompt[row.prefilled : stop])[None]
-        logits, row.cache = q.prefill(self.params, self.config, piece, row.cache, self.kernels, self.chunk)
+        logits, row.cache = q.prefill(self.params, self.config, piece, row.cache, self.kernels, self.chunk, aligned)
         row.prefilled = stop
         if stop < len(prompt):
             mx.eval(row.cache)

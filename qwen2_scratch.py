@@ -441,17 +441,18 @@ def rows_exact(dtype, kernels="reference", chunk: int = EXACT_ROWS) -> bool:
             and chunk <= EXACT_ROWS and blas.load().kind == "openblas")
 
 
-def prefill(params, config, tokens, cache, kernels="reference", chunk=None):
+def prefill(params, config, tokens, cache, kernels="reference", chunk=None, aligned=True):
     """Run the prompt [B, L] into the cache in chunks -> (logits of its last token [B, V], cache).
 
-    Chunks start at multiples of `chunk` from position 0 (the first one may be shorter when the
-    cache holds a prefix): a prompt is cut the same way whatever the cache holds.
+    aligned: chunks start at multiples of `chunk` from position 0 (the first one may be shorter when
+    the cache holds a prefix), so a prompt is cut the same way whatever the cache holds; where rows
+    are exact (rows_exact) any cut gives the same bits, and chunks may start where the cache ends.
     """
     chunk = chunk or prefill_chunk()
     first = start = int(cache["offset"].max().item())
     end = first + tokens.shape[1]
     while start < end:
-        stop = min((start // chunk + 1) * chunk, end)
+        stop = min((start // chunk + 1) * chunk if aligned else start + chunk, end)
         # grown in whole blocks, as for decoding: a query's softmax runs over as many slots either way
         cache = reserve(cache, stop)
         h, cache = hidden_states(params, config, tokens[:, start - first : stop - first], cache, kernels)
