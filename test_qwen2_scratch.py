@@ -229,10 +229,10 @@ def test_a_prompt_leaves_the_same_bits_prefilled_in_any_pieces_or_decoded_token_
     assert q.rows_exact(mx.float32)
     tokens = [(7 * i) % 290 + 3 for i in range(150)]
 
-    def prefill(pieces, cache=None):
+    def prefill(pieces, cache=None, aligned=True):
         cache = cache or q.new_cache(config)
         for piece in pieces:
-            logits, cache = q.prefill(params, config, mx.array([piece]), cache, chunk=q.EXACT_ROWS)
+            logits, cache = q.prefill(params, config, mx.array([piece]), cache, chunk=q.EXACT_ROWS, aligned=aligned)
         return logits, cache
 
     def same(a, b):
@@ -245,6 +245,7 @@ def test_a_prompt_leaves_the_same_bits_prefilled_in_any_pieces_or_decoded_token_
     whole = prefill([tokens])
     for cut in (1, 37, 64, 65, 130, 149):
         assert same(prefill([tokens[:cut], tokens[cut:]]), whole), f"split at {cut}"
+    assert same(prefill([tokens[:37], tokens[37:]], aligned=False), whole), "chunks from where the cache ends"
     _, cache = prefill([tokens[:140]])
     cache = q.reserve(cache, 1000)  # a larger cache than the prefill's, as a batch's
     for t in tokens[140:]:
