@@ -1,9 +1,9 @@
-"""Time the parts of one layer's attention for one query over a long cache (the tiny test model's shape).
+"""Time the parts of one layer's attention over a long cache: the tiny test model's shape, or the packaged one's.
 
-    python tools/attention_parts.py [--slots 30208]
+    python tools/attention_parts.py [--slots 30208] [--queries 1] [--packaged-shape]
 
-Each figure: the mean of 100 compiled calls after 5 warm-up calls, in ms. 1 row, 2 key heads of 2 query heads, head
-dimension 32: what each decode step of a long chat spends per layer.
+Each figure: the mean of 100 compiled calls after 5 warm-up calls, in ms. 2 key heads of 2 query heads, head
+dimension 32 (--packaged-shape: of 7, dimension 64); --queries 1 is a decode step, more a prefill chunk.
 """
 
 from qwen2s import qwen2_scratch as q  # first: the fast BLAS before MLX
@@ -28,17 +28,20 @@ def timed(fn, *args, n=100) -> float:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slots", type=int, default=30208)
-    S = parser.parse_args().slots
-    B, K, G, D = 1, 2, 2, 32
-    x, k, v = mx.random.normal((B, K, G, D)), mx.random.normal((B, K, S, D)), mx.random.normal((B, K, S, D))
-    s = mx.random.normal((B, K, G, 1, S))
-    p = mx.softmax(s, axis=-1).reshape(B, K, G, S)
-    mask = q.causal_mask(1, S, mx.array([S - 100], mx.int32))
+    parser.add_argument("--queries", type=int, default=1)
+    parser.add_argument("--packaged-shape", action="store_true")
+    args = parser.parse_args()
+    S, L = args.slots, args.queries
+    B, K, G, D = (1, 2, 7, 64) if args.packaged_shape else (1, 2, 2, 32)
+    x, k, v = mx.random.normal((B, K, G * L, D)), mx.random.normal((B, K, S, D)), mx.random.normal((B, K, S, D))
+    s = mx.random.normal((B, K, G, L, S))
+    p = mx.softmax(s, axis=-1).reshape(B, K, G * L, S)
+    mask = q.causal_mask(L, S, mx.array([S - 100 - L], mx.int32))
     mx.eval(x, k, v, s, p, mask)
     print(f"scores {timed(lambda a, b: a @ b.swapaxes(-1, -2), x, k):.3f} ms")
     print(f"values {timed(lambda a, b: a @ b, p, v):.3f} ms")
     print(f"softmax {timed(q.softmax, s):.3f} ms")
-    attention = lambda a, b, c, m: q.scaled_dot_product_attention(a.reshape(B, K * G, 1, D), b, c, mask=m)  # noqa: E731
+    attention = lambda a, b, c, m: q.scaled_dot_product_attention(a.reshape(B, K * G, L, D), b, c, mask=m)  # noqa: E731
     print(f"whole attention {timed(attention, x, k, v, mask):.3f} ms")
 
 
