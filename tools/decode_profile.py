@@ -20,9 +20,11 @@ from qwen2s import qwen2_scratch as q  # first: the fast BLAS before MLX
 
 # isort: split
 import argparse
+import ctypes
 import json
 import statistics
 import time
+from collections.abc import Callable
 from typing import NamedTuple
 
 import mlx.core as mx
@@ -31,10 +33,11 @@ from qwen2s import bench, weights
 
 
 class Part(NamedTuple):
-    """One part of a decode step: a compiled function of (params, inputs), and the weight bytes it reads."""
+    """One part of a decode step: prepare(*inputs) sets it up and returns what computes it (the timed call),
+    and the weight bytes it reads."""
 
     name: str
-    run: object
+    prepare: Callable[..., Callable[[], object]]
     inputs: tuple
     weight_bytes: int
 
@@ -120,6 +123,32 @@ def step_and_sampler(params, config, tokens, cache, key, kernels="reference"):
     return [*sampler(logits[:, -1], key), cache]
 
 
+def adapter_products(params) -> Callable[[], None]:
+    """The step's products (each layer's q, k, v, o, gate, up, down, then the lm_head) straight on the BLAS
+    adapter's cblas_sgemm through ctypes, one row each, on MLX's own weight buffers: our kernel and its threads
+    without MLX (and with ctypes' calls, about a microsecond each)."""
+    import numpy as np
+
+    sgemm = q.blas.load().library.cblas_sgemm
+    sgemm.restype = None
+    sgemm.argtypes = [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
+                                           ctypes.c_int, ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
+    names = [("self_attn", n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")] + [
+        ("mlp", n) for n in ("gate_proj", "up_proj", "down_proj")]
+    ws = [np.asarray(layer[g][n]["weight"]) for layer in params["model"]["layers"] for g, n in names]
+    ws.append(np.asarray((params["lm_head"] if "lm_head" in params else params["model"]["embed_tokens"])["weight"]))
+    calls = []
+    for w in ws:  # C [1, N] = A [1, K] @ W [N, K].T, as MLX calls it for x @ w.T
+        a, c = np.ones(w.shape[1], np.float32), np.zeros(w.shape[0], np.float32)
+        calls.append((101, 111, 112, 1, w.shape[0], w.shape[1], 1.0, a.ctypes.data, w.shape[1], w.ctypes.data,
+                      w.shape[1], 0.0, c.ctypes.data, w.shape[0], a, c))  # a, c kept alive with the call
+
+    def run():
+        for call in calls:
+            sgemm(*call[:14])
+    return run
+
+
 # ---- the alternatives: the same products, fused ----------------------------------------------
 
 
@@ -147,11 +176,19 @@ def fused_weights(params) -> dict:
 # ---- timing -----------------------------------------------------------------------------------
 
 
+def graph(f) -> Callable[..., Callable[[], object]]:
+    """A part MLX computes: f's lazy graph is built before the clock starts, then evaluated."""
+    def prepare(*inputs):
+        out = f(*inputs)
+        return lambda: mx.eval(out)
+    return prepare
+
+
 def timed(part: Part) -> float:
-    """Seconds to evaluate one part, its graph built (lazily) before the clock starts."""
-    out = part.run(*part.inputs)
+    """Seconds one part takes, set up (an MLX graph built) before the clock starts."""
+    compute = part.prepare(*part.inputs)
     tic = time.perf_counter()
-    mx.eval(out)
+    compute()
     return time.perf_counter() - tic
 
 
@@ -202,37 +239,41 @@ def parts_of(params, config, i: dict) -> list[Part]:
     norms = [layer[n]["weight"] for layer in params["model"]["layers"]
              for n in ("input_layernorm", "post_attention_layernorm")] + [params["model"]["norm"]["weight"]]
     return [
-        Part("attention projections (q, k, v, o)", mx.compile(attention_projections), (params, i["x"]),
+        Part("attention projections (q, k, v, o)", graph(mx.compile(attention_projections)), (params, i["x"]),
              layer_bytes(params, "self_attn", ("q_proj", "k_proj", "v_proj", "o_proj"))),
-        Part("MLP projections (gate, up, down)", mx.compile(mlp_projections), (params, i["x"], i["h"]),
+        Part("MLP projections (gate, up, down)", graph(mx.compile(mlp_projections)), (params, i["x"], i["h"]),
              layer_bytes(params, "mlp", ("gate_proj", "up_proj", "down_proj"))),
-        Part("attention over the cache", mx.compile(lambda p, *a: attention(p, config, *a)),
+        Part("attention over the cache", graph(mx.compile(lambda p, *a: attention(p, config, *a))),
              (params, i["queries"], i["keys"], i["values"], i["cache"]), nbytes(*(a for kv in i["cache"]["layers"]
                                                                                  for a in kv))),
-        Part("norms, RoPE, element-wise", mx.compile(lambda p, *a: elementwise(p, config, *a)),
+        Part("norms, RoPE, element-wise", graph(mx.compile(lambda p, *a: elementwise(p, config, *a))),
              (params, i["tokens"], i["x"], i["qkv"], i["gate"], i["up"], i["cache"]["offset"]), nbytes(*norms)),
-        Part("lm_head", mx.compile(lm_head), (params, i["x"]), head["weight"].nbytes),
-        Part("sampler (greedy draw)", sampler, (i["logits"], i["key"]), 0),
+        Part("lm_head", graph(mx.compile(lm_head)), (params, i["x"]), head["weight"].nbytes),
+        Part("sampler (greedy draw)", graph(sampler), (i["logits"], i["key"]), 0),
     ]
 
 
 def whole_of(params, config, i: dict) -> Part:
     cache = {"layers": i["cache"]["layers"], "offset": i["cache"]["offset"]}
-    return Part("whole step + sampler", lambda *a: step_and_sampler(params, config, *a),
+    return Part("whole step + sampler", graph(lambda *a: step_and_sampler(params, config, *a)),
                 (i["tokens"], cache, i["key"]), bench.bytes_per_token(params, config))
 
 
 def alternatives_of(params, config, i: dict, parts: list[Part]) -> list[Part]:
     fused = fused_weights(params)
     cache = {"layers": i["cache"]["layers"], "offset": i["cache"]["offset"]}
-    return [Part("fused q|k|v, then o", mx.compile(fused_qkv), (fused, i["x"]), parts[0].weight_bytes),
-            Part("fused gate|up, then down", mx.compile(fused_gate_up), (fused, i["x"], i["h"]), parts[1].weight_bytes),
+    products = parts[0].weight_bytes + parts[1].weight_bytes + parts[4].weight_bytes
+    return [Part("the products alone (adapter, no MLX)", lambda run: run, (adapter_products(params),), products),
+            Part("fused q|k|v, then o", graph(mx.compile(fused_qkv)), (fused, i["x"]), parts[0].weight_bytes),
+            Part("fused gate|up, then down", graph(mx.compile(fused_gate_up)), (fused, i["x"], i["h"]),
+                 parts[1].weight_bytes),
             Part("attention over the cache, mx.fast sdpa",
-                 mx.compile(lambda p, *a: attention(p, config, *a, attend=q.fast_attention)),
+                 graph(mx.compile(lambda p, *a: attention(p, config, *a, attend=q.fast_attention))),
                  parts[2].inputs, parts[2].weight_bytes),
-            Part("sampler, argmax only", argmax_only, parts[5].inputs, 0),
-            Part("whole step + sampler, mx.fast kernels", lambda *a: step_and_sampler(params, config, *a, "fast"),
-                 (i["tokens"], cache, i["key"]), bench.bytes_per_token(params, config))]
+            Part("sampler, argmax only", graph(argmax_only), parts[5].inputs, 0),
+            Part("whole step + sampler, mx.fast kernels",
+                 graph(lambda *a: step_and_sampler(params, config, *a, "fast")), (i["tokens"], cache, i["key"]),
+                 bench.bytes_per_token(params, config))]
 
 
 HEADER = f"{'part':<38}{'ms':>8}{'spread':>8}{'MB read':>9}{'GB/s':>7}{'% best':>7}{'at llama':>9}{'gap ms':>8}"
