@@ -1,4 +1,5 @@
-"""The benchmark: ours and mlx_lm side by side, on the same weights, dtype and BLAS, in one process.
+"""The benchmark: ours and mlx_lm side by side, on the same weights, dtype and BLAS, in one process;
+llama.cpp's llama-bench on the same model's F32 GGUF beside them, where `make llama-cpp` built it.
 
 Contenders run alternately, trial by trial, after one warm-up run of each; each figure is the
 median. Peak memory is measured for each contender in a subprocess of its own. The roofline is
@@ -11,6 +12,7 @@ from qwen2s import qwen2_scratch as q  # first: the model loads the fast BLAS be
 # isort: split
 import contextlib
 import ctypes
+import functools
 import json
 import os
 import statistics
@@ -19,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import NamedTuple
 
 import mlx.core as mx
@@ -234,6 +237,76 @@ def run_probe(contender, model, shape, dtype, prompt_tokens, gen_tokens):
                       "decode": (n - 1) / rest}))
 
 
+# ---------------------------------------------------------------------------------------------
+# llama.cpp as a contender: its llama-bench on the packaged model's F32 GGUF, where `make llama-cpp` built them
+# ---------------------------------------------------------------------------------------------
+
+LLAMA_CPP_VERSION = "0.3.36"  # llama-cpp-python's sdist that `make llama-cpp` builds (the Makefile's LLAMA_CPP_VERSION)
+LLAMA_CPP = "llama.cpp F32"  # its name among the contenders
+
+
+class LlamaCpp(NamedTuple):
+    """llama.cpp's llama-bench and the GGUF file it times."""
+
+    binary: str
+    gguf: str
+
+
+def llama_cpp_dir() -> Path:
+    """Where `make llama-cpp` builds llama.cpp and writes the packaged model's F32 and Q8_0 GGUF files."""
+    return weights.cache_root() / f"llama.cpp-{LLAMA_CPP_VERSION}"
+
+
+def find_llama_cpp(binary: str | None, model: str | None, shape: str | None) -> LlamaCpp | str:
+    """llama-bench (binary, else `make llama-cpp`'s build) and the packaged model's F32 GGUF, or the one line the
+    report gives instead: why llama.cpp is not timed, and how to get it."""
+    if shape or model not in (None, "", weights.PACKAGED_NAME):
+        return "llama.cpp: not timed (only the packaged model has a GGUF for it here)"
+    try:
+        folder = llama_cpp_dir()
+    except weights.ModelError as e:
+        return f"llama.cpp: not timed ({e})"
+    found = LlamaCpp(binary or str(folder / "build" / "bin" / "llama-bench"), str(folder / "packaged-F32.gguf"))
+    missing = [path for path in found if not os.path.isfile(path)]
+    if missing:
+        return f"llama.cpp: not timed ({' and '.join(missing)} not found; build them once with: make llama-cpp)"
+    return found
+
+
+def llama_bench_figures(output: str) -> dict:
+    """llama-bench's JSON output (-o json) -> {"prefill_N": tok/s, ..., "decode": tok/s}, our figures' names."""
+    figures = {}
+    for test in json.loads(output):
+        name = "decode" if test["n_gen"] > 0 else f"prefill_{test['n_prompt']}"
+        figures[name] = test["avg_ts"]
+    return figures
+
+
+def run_llama_bench(llama: LlamaCpp, lengths, gen_tokens: int) -> str:
+    """One run of each test (-r 1; llama-bench warms up first), on this process's cores: its JSON output."""
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    argv = [llama.binary, "-m", llama.gguf, "-t", str(threads), "-p", ",".join(map(str, lengths)),
+            "-n", str(gen_tokens), "-r", "1", "-o", "json"]
+    done = subprocess.run(argv, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise BenchError(f"llama-bench failed (exit code {done.returncode}): {done.stderr.strip()[-300:]}")
+    return done.stdout
+
+
+def llama_cpp_facts(llama: LlamaCpp) -> dict:
+    """What the report says of the llama.cpp that ran: its files and build (llama-bench --version)."""
+    done = subprocess.run([llama.binary, "--version"], capture_output=True, text=True)
+    version = (done.stdout + done.stderr).strip().splitlines()
+    ours = llama.binary == str(llama_cpp_dir() / "build" / "bin" / "llama-bench")
+    return {"llama_bench": llama.binary, "gguf": llama.gguf, "version": version[0] if version else "unknown",
+            "built_by": f"make llama-cpp: llama-cpp-python {LLAMA_CPP_VERSION}'s sdist" if ours else None}
+
+
+def measure_llama_cpp(llama: LlamaCpp, lengths):
+    """llama.cpp as a contender: gen_tokens -> its figures, as `measure` gives ours."""
+    return lambda gen_tokens: llama_bench_figures(run_llama_bench(llama, lengths, gen_tokens))
+
+
 def bench_int4(model, shape, dtype) -> dict:
     """What a user gets from mlx_lm by default: the int4 (group 64) model, 32-token prompt, 16 tokens."""
     from mlx_lm.utils import quantize_model
@@ -258,24 +331,36 @@ def spread(values: list[float]) -> float:
     return (max(values) - min(values)) / statistics.median(values)
 
 
+def versus(results: dict, base: str, suffix: str, figures) -> dict:
+    """Each contender's figures over contender base's: {name: {f"{figure}_vs_{suffix}": its / base's}}."""
+    return {name: {f"{f}_vs_{suffix}": r[f] / results[base][f] for f in figures} for name, r in results.items()}
+
+
 def run(model=None, shape=None, dtype=None, kernels=("reference", "fast"), lengths=(128, 512), gen_tokens=128,
-        trials=3, int4=True, command="") -> dict:
-    """Time ours (each of kernels) and mlx_lm, alternately, and measure memory and the roofline: the report."""
+        trials=3, int4=True, command="", llama_bench=None) -> dict:
+    """Time ours (each of kernels), mlx_lm and, where it is built, llama.cpp, alternately, and measure memory and
+    the roofline: the report. llama_bench: llama-bench's path [default: `make llama-cpp`'s build]."""
     dtype = dtype or ("bfloat16" if mx.default_device() == mx.gpu else "float32")
     lengths = sorted(set(lengths))
     params, config, reference, source = bench_weights(model, shape, dtype)
     runs = {f"ours-{k}": run_ours(params, config, k) for k in kernels} | {"mlx_lm": run_mlx_lm(reference)}
     key = mx.random.key(0)
     prompts = {n: mx.random.randint(0, config.vocab_size, (n,), key=key).tolist() for n in lengths}
+    llama = find_llama_cpp(llama_bench, model, shape)
+    timers = {name: functools.partial(measure, contender, prompts) for name, contender in runs.items()}
+    if isinstance(llama, LlamaCpp):  # the same prompt lengths and tokens, one llama-bench run a trial
+        timers[LLAMA_CPP] = measure_llama_cpp(llama, lengths)
+    else:
+        say(llama)
     say(f"bench: {source}, {dtype}, {mx.default_device()}, BLAS {blas.describe()}")
     probes = [read_bandwidth()]  # apart from the trials: before them and after
     warm_up_gpu()
-    for contender in runs.values():  # warm-up: compile and trace every shape the trials use
-        measure(contender, prompts, min(gen_tokens, 16))
-    figures = {name: [] for name in runs}
+    for timer in timers.values():  # warm-up: compile and trace every shape the trials use
+        timer(min(gen_tokens, 16))
+    figures = {name: [] for name in timers}
     for trial in range(trials):
-        for name, contender in runs.items():
-            figures[name].append(measure(contender, prompts, gen_tokens))
+        for name, timer in timers.items():
+            figures[name].append(timer(gen_tokens))
             numbers = ", ".join(f"{k} {v:.2f}" for k, v in figures[name][-1].items())
             say(f"  trial {trial + 1}/{trials} {name}: {numbers}")
     probes.append(read_bandwidth())
@@ -287,17 +372,17 @@ def run(model=None, shape=None, dtype=None, kernels=("reference", "fast"), lengt
         med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
         med["roofline"] = per_token * med["decode"] / (bandwidth * 1e9)
         results[name] = med
-    for name in results:
-        results[name]["decode_vs_mlx_lm"] = results[name]["decode"] / results["mlx_lm"]["decode"]
-        for n in lengths:
-            results[name][f"prefill_{n}_vs_mlx_lm"] = results[name][f"prefill_{n}"] / results["mlx_lm"][f"prefill_{n}"]
+    compared = ["decode", *(f"prefill_{n}" for n in lengths)]
+    vs_mlx_lm = versus(results, "mlx_lm", "mlx_lm", compared)
+    vs_llama_cpp = versus(results, LLAMA_CPP, "llama_cpp", compared) if LLAMA_CPP in results else {}
+    results = {name: med | vs_mlx_lm[name] | vs_llama_cpp.get(name, {}) for name, med in results.items()}
     del params, reference, runs
     mx.clear_cache()
     itemsize = mx.array(0, getattr(mx, dtype)).itemsize
     weights_bytes = per_token if config.tie_word_embeddings else per_token + (
         config.vocab_size - 1) * config.hidden_size * itemsize
     floor = weights_bytes + kv_cache_bytes(config, lengths[-1] + 16, itemsize)
-    for name in results:
+    for name in [n for n in results if n != LLAMA_CPP]:  # llama.cpp's own memory is not measured
         peak = probe(name, model, shape, dtype, lengths[-1], 16)["peak_gb"]
         results[name]["peak_gb"] = peak
         results[name]["peak_vs_weights_and_kv"] = peak * 1e9 / floor
@@ -314,6 +399,8 @@ def run(model=None, shape=None, dtype=None, kernels=("reference", "fast"), lengt
         # mlx_lm as pip installs it on Linux: MLX's reference BLAS (a process without our adapter)
         "mlx_lm_stock_blas": probe("mlx_lm", model, shape, dtype, 32, 16, {"QWEN2_SCRATCH_BLAS": "reference"})
         if int4 and mx.default_device() == mx.cpu else None,
+        "llama_cpp": llama_cpp_facts(llama) if isinstance(llama, LlamaCpp) else None,
+        "llama_cpp_missing": None if isinstance(llama, LlamaCpp) else llama,
     }
 
 
@@ -477,15 +564,19 @@ def device_name() -> str:
 def table(r: dict) -> str:
     names = list(r["results"])
     rows = [("", names)]
-    fmt = lambda v: f"{v:.2f}"  # noqa: E731
-    for n in r["prompt_tokens"]:
-        rows.append((f"prefill {n} tok/s", [fmt(r["results"][k][f"prefill_{n}"]) for k in names]))
-        rows.append(("  x mlx_lm", [fmt(r["results"][k][f"prefill_{n}_vs_mlx_lm"]) for k in names]))
-    rows.append((f"decode tok/s ({r['gen_tokens']} tokens)", [fmt(r["results"][k]["decode"]) for k in names]))
-    rows.append(("  x mlx_lm", [fmt(r["results"][k]["decode_vs_mlx_lm"]) for k in names]))
+
+    def row(figure):  # "-" where a contender has no such figure (llama.cpp's memory)
+        return [f"{r['results'][k][figure]:.2f}" if figure in r["results"][k] else "-" for k in names]
+
+    for figure, label in [*((f"prefill_{n}", f"prefill {n} tok/s") for n in r["prompt_tokens"]),
+                          ("decode", f"decode tok/s ({r['gen_tokens']} tokens)")]:
+        rows.append((label, row(figure)))
+        rows.append(("  x mlx_lm", row(f"{figure}_vs_mlx_lm")))
+        if r.get("llama_cpp"):
+            rows.append((f"  x {LLAMA_CPP}", row(f"{figure}_vs_llama_cpp")))
     rows.append(("  % of roofline", [f"{100 * r['results'][k]['roofline']:.0f}%" for k in names]))
-    rows.append(("peak memory GB", [fmt(r["results"][k]["peak_gb"]) for k in names]))
-    rows.append(("  x (weights + KV)", [fmt(r["results"][k]["peak_vs_weights_and_kv"]) for k in names]))
+    rows.append(("peak memory GB", row("peak_gb")))
+    rows.append(("  x (weights + KV)", row("peak_vs_weights_and_kv")))
     width = max(len(label) for label, _ in rows) + 2
     lines = [f"{label:<{width}}" + "".join(f"{c:>16}" for c in cells) for label, cells in rows]
     lines.append("spread over the trials ((max - min) / median): " + "; ".join(
@@ -497,6 +588,11 @@ def table(r: dict) -> str:
     if r["machine_busy"]:
         lines.append("warning: the machine was busy (other tasks runnable, or the probes before and after the trials "
                      "differ by more than 15%): these figures are not reliable")
+    if r.get("llama_cpp"):
+        lines.append(f"{LLAMA_CPP}: {r['llama_cpp']['version']}, llama-bench -r 1 a trial on {r['llama_cpp']['gguf']} "
+                     "(its decode starts from an empty cache, ours after the shortest prompt)")
+    if r.get("llama_cpp_missing"):
+        lines.append(r["llama_cpp_missing"])
     if r.get("mlx_lm_stock_blas"):
         d = r["mlx_lm_stock_blas"]
         lines.append(f"mlx_lm on MLX's own reference BLAS ({r['dtype']}; 32-token prompt, 16 tokens): prefill "

@@ -425,14 +425,18 @@ def pull_command(model):
                    "each asking for --gen-tokens greedy tokens; aggregate tok/s, time to first token and latency.")
 @click.option("--clients", default="1,8,32", show_default=True, help="With --serve: client counts, comma-separated.")
 @click.option("--parallel", type=click.IntRange(1, 64), default=None, help="With --serve: our server's --parallel.")
+@click.option("--llama-bench", "llama_bench", type=click.Path(exists=True, dir_okay=False), default=None,
+              metavar="PATH", help="llama.cpp's llama-bench, timed on the packaged model's F32 GGUF as one more "
+                                   "contender [default: the one `make llama-cpp` builds, where it did].")
 def bench_command(model, dtype, kernels, shape, prompt_tokens, gen_tokens, trials, int4, json_path, both_kernels,
-                  speculative, num_drafts, serve, clients, parallel):
+                  speculative, num_drafts, serve, clients, parallel, llama_bench):
     """Benchmark ours against mlx_lm on the same weights, dtype and BLAS, in one process.
 
     Contenders run alternately, trial by trial, after one warm-up run of each; each figure is
     the median. Peak memory is measured for each contender in a subprocess of its own. The
     roofline is bytes read per decoded token x decode tok/s / the machine's read bandwidth,
-    measured in the same run.
+    measured in the same run. On the packaged model, llama.cpp (llama-bench on its F32 GGUF)
+    runs as one more contender where `make llama-cpp` built it.
 
     \b
     Examples:
@@ -453,7 +457,7 @@ def bench_command(model, dtype, kernels, shape, prompt_tokens, gen_tokens, trial
             report = bench.run_speculative(model, shape, dtype, kernels, ks, trials, command=" ".join(sys.orig_argv))
         else:
             report = bench.run(model, shape, dtype, ["reference", "fast"] if both_kernels else [kernels], lengths,
-                               gen_tokens, trials, int4, command=" ".join(sys.orig_argv))
+                               gen_tokens, trials, int4, command=" ".join(sys.orig_argv), llama_bench=llama_bench)
     except (weights.ModelError, bench.BenchError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(bench.serve_table(report) if serve else bench.speculative_table(report) if speculative
