@@ -276,7 +276,8 @@ def draw(logits: mx.array, row: Row, window: list[int], position: int) -> Draw:
     this position."""
     request = row.request
     s = request.sampling
-    logprobs = q.log_softmax(logits)  # [1, V]: what the events report
+    logits32 = logits.astype(mx.float32)  # what the events report, before biases and penalties
+    norm = q.logsumexp(logits32)  # [1, 1]: a token's log-probability is its logit less this
     if request.logit_bias:
         ids, bias = zip(*request.logit_bias, strict=True)
         logits = logits.at[:, mx.array(ids)].add(mx.array(bias, logits.dtype))
@@ -289,9 +290,9 @@ def draw(logits: mx.array, row: Row, window: list[int], position: int) -> Draw:
     token = q.compiled_sample(logits, s, q.sampling_key(row.seed, position))
     top = None
     if request.top_logprobs:
-        ids = mx.argsort(-logprobs[0])[: request.top_logprobs]
-        top = (ids, logprobs[0, ids])
-    return Draw(token, mx.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0], top)
+        ids = mx.argsort(-logits32[0])[: request.top_logprobs]
+        top = (ids, logits32[0, ids] - norm[0])
+    return Draw(token, mx.take_along_axis(logits32, token[:, None], axis=-1)[:, 0] - norm[:, 0], top)
 
 
 # ---------------------------------------------------------------------------------------------

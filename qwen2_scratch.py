@@ -604,7 +604,15 @@ GREEDY_BELOW = 1e-5  # a temperature this small draws the argmax anyway (1 / tem
 def log_softmax(logits: mx.array) -> mx.array:
     """[..., V] -> log-probabilities [..., V], in float32."""
     logits = logits.astype(mx.float32)
-    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    return logits - logsumexp(logits)
+
+
+def logsumexp(x: mx.array) -> mx.array:
+    """log(sum(exp(x))) over the last axis, stable: [..., V] -> [..., 1], in float32 (by exp_of_nonpositive:
+    mx.logsumexp's exp took 2 ms of a CPU decode step over the packaged model's 151,936 logits)."""
+    x = x.astype(mx.float32)
+    m = mx.max(x, axis=-1, keepdims=True)
+    return m + mx.log(mx.sum(exp_of_nonpositive(x - m), axis=-1, keepdims=True))
 
 
 def tempered_logprobs(logits: mx.array, s: Sampling) -> mx.array:

@@ -107,10 +107,10 @@ def lm_head(params, h):
 
 
 def sampler(logits, key):
-    """The engine's greedy draw (engine.draw): log-probabilities, the sampler, the drawn token's log-probability."""
-    logprobs = q.log_softmax(logits)
+    """The engine's greedy draw (engine.draw): the sampler, the drawn token's log-probability."""
+    logits = logits.astype(mx.float32)
     token = q.compiled_sample(logits, q.Sampling(temp=0.0), key)
-    return [token, mx.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0]]
+    return [token, mx.take_along_axis(logits, token[:, None], axis=-1)[:, 0] - q.logsumexp(logits)[:, 0]]
 
 
 def argmax_only(logits, key):
