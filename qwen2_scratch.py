@@ -95,7 +95,9 @@ def exp_of_nonpositive(x: mx.array) -> mx.array:
 def exp_parts_of(x: mx.array) -> tuple[mx.array, mx.array]:
     """x (float32, <= 0) -> (exp(r), the bits of the float 2^n): exp_of_nonpositive's arithmetic."""
     x = mx.maximum(x, -88.0)  # exp(-88) is 6e-39: below it, 0
-    n = mx.floor(x * 1.4426950408889634 + 0.5)  # round(x / ln 2)
+    # round(x / ln 2): past 1.5 * 2^23 a float's step is 1, so the addition rounds (no floor, which the CPU's
+    # kernels, built for any x86-64, call one element at a time; MLX compiles without fast math: kept as written)
+    n = (x * 1.4426950408889634 + 12582912.0) - 12582912.0
     r = x - n * 0.693359375 + n * 2.12194440e-4  # x - n ln 2, ln 2 in two parts
     p = 1.9875691500e-4
     for c in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):

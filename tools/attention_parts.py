@@ -1,8 +1,9 @@
 """Time the parts of one layer's attention over a long cache: the tiny test model's shape, or the packaged one's.
 
-    python tools/attention_parts.py [--slots 30208] [--queries 1] [--packaged-shape]
+    python tools/attention_parts.py [--slots 30208] [--queries 1] [--packaged-shape] [--eager]
 
-Each figure: the mean of 100 compiled calls after 5 warm-up calls, in ms. 2 key heads of 2 query heads, head
+Each figure: the mean of 100 compiled calls after 5 warm-up calls, in ms (--eager: not compiled, as a prefill
+chunk runs). 2 key heads of 2 query heads, head
 dimension 32 (--packaged-shape: of 7, dimension 64); --queries 1 is a decode step, more a prefill chunk.
 """
 
@@ -10,13 +11,14 @@ from qwen2s import qwen2_scratch as q  # first: the fast BLAS before MLX
 
 # isort: split
 import argparse
+import functools
 import time
 
 import mlx.core as mx
 
 
-def timed(fn, *args, n=100) -> float:
-    f = mx.compile(fn)
+def timed(fn, *args, n=100, eager=False) -> float:
+    f = fn if eager else mx.compile(fn)
     for _ in range(5):
         mx.eval(f(*args))
     start = time.perf_counter()
@@ -30,7 +32,9 @@ def main():
     parser.add_argument("--slots", type=int, default=30208)
     parser.add_argument("--queries", type=int, default=1)
     parser.add_argument("--packaged-shape", action="store_true")
+    parser.add_argument("--eager", action="store_true", help="Time the calls uncompiled, as a prefill runs them.")
     args = parser.parse_args()
+    measure = functools.partial(timed, eager=args.eager)
     S, L = args.slots, args.queries
     B, K, G, D = (1, 2, 7, 64) if args.packaged_shape else (1, 2, 2, 32)
     x, k, v = mx.random.normal((B, K, G * L, D)), mx.random.normal((B, K, S, D)), mx.random.normal((B, K, S, D))
@@ -38,11 +42,11 @@ def main():
     p = mx.softmax(s, axis=-1).reshape(B, K, G * L, S)
     mask = q.causal_mask(L, S, mx.array([S - 100 - L], mx.int32))
     mx.eval(x, k, v, s, p, mask)
-    print(f"scores {timed(lambda a, b: a @ b.swapaxes(-1, -2), x, k):.3f} ms")
-    print(f"values {timed(lambda a, b: a @ b, p, v):.3f} ms")
-    print(f"softmax {timed(q.softmax, s):.3f} ms")
+    print(f"scores {measure(lambda a, b: a @ b.swapaxes(-1, -2), x, k):.3f} ms")
+    print(f"values {measure(lambda a, b: a @ b, p, v):.3f} ms")
+    print(f"softmax {measure(q.softmax, s):.3f} ms")
     attention = lambda a, b, c, m: q.scaled_dot_product_attention(a.reshape(B, K * G, L, D), b, c, mask=m)  # noqa: E731
-    print(f"whole attention {timed(attention, x, k, v, mask):.3f} ms")
+    print(f"whole attention {measure(attention, x, k, v, mask):.3f} ms")
 
 
 if __name__ == "__main__":
