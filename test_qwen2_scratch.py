@@ -50,6 +50,8 @@ def test_exp_of_nonpositive_is_exp_to_float32_precision():
     big = exact > 1e-37
     assert np.all(np.abs(ours - exact)[big] <= 2e-7 * exact[big]) and np.all(np.abs(ours - exact)[~big] < 1e-37)
     assert ours[0] == 1.0 and ours[3] == ours[4] == 0.0
+    again = q.exp_of_nonpositive(x.reshape(5, 1, -1))  # compiled shapeless: any shape, the same kernel
+    assert again.shape == (5, 1, 4001) and np.array_equal(np.array(again).ravel(), np.array(q.exp_of_nonpositive(x)))
 
 
 def test_softmax_is_stable_for_large_inputs():
