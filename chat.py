@@ -10,6 +10,7 @@ tokens. `repl` is the loop a terminal or a pipe talks to.
 from qwen2s import qwen2_scratch as q  # first: the model loads the fast BLAS before MLX
 
 # isort: split
+import _thread
 import contextlib
 import queue
 import signal
@@ -23,7 +24,7 @@ from qwen2s import prompts
 from qwen2s.engine import Engine, Event, Request, stats_line
 from qwen2s.say import say
 
-__all__ = ["Chat", "repl"]
+__all__ = ["Chat", "repl", "ctrl_c_through_python"]
 
 CHAT_HELP = """Commands:
   /reset, /clear  forget the conversation (the system message stays)
@@ -173,6 +174,39 @@ class CtrlC:
             yield
         finally:
             self.raising = False
+
+
+@contextlib.contextmanager
+def ctrl_c_through_python():
+    """SIGINT blocked in every thread, and handed to Python's handler in the main thread by a thread that waits for it.
+
+    While it compiles a kernel, NVRTC (MLX's CUDA kernels, cuDNN's attention: on a GPU, each new shape) puts in
+    a SIGINT handler of its own that calls exit(4): a Ctrl-C landing then ended the chat silently with code 4,
+    or hung it in exit() if it landed inside malloc. A blocked signal waits instead, and sigwait takes it without
+    running any handler; interrupt_main then runs Python's (CtrlC's) in the main thread, as the signal would
+    have, once the call into MLX returns. The threads started before this block (OpenBLAS's, as cli imports its
+    libraries) started with SIGINT blocked; those started within inherit the block. On leaving, the waiting
+    thread ends and this thread's mask is put back (the chat also runs inside the tests' process).
+    """
+    unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    leaving = threading.Event()
+
+    def forward():
+        while True:
+            signal.sigwait({signal.SIGINT})
+            if leaving.is_set():
+                return
+            _thread.interrupt_main(signal.SIGINT)
+
+    waiter = threading.Thread(target=forward, name="ctrl-c", daemon=True)
+    waiter.start()
+    try:
+        yield
+    finally:
+        leaving.set()
+        signal.pthread_kill(waiter.ident, signal.SIGINT)  # wakes its sigwait, to this thread alone
+        waiter.join()
+        signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
 
 
 def prompt(text: str) -> str:

@@ -5,6 +5,14 @@ and the benchmark. Bad input is a one-line error with exit code 1 (usage errors 
 outside the chat ends any command with exit code 130; a closed pipe ends it quietly.
 """
 
+import signal
+
+# The threads the libraries start as they load (OpenBLAS's, numpy's OpenBLAS's) inherit this thread's signal
+# mask: they start with SIGINT blocked, so that the chat can keep every Ctrl-C away from a native library's
+# handler (chat.ctrl_c_through_python). This thread's own mask is put back once they are loaded.
+UNBLOCKED = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
+# isort: split
 from qwen2s import qwen2_scratch as q  # first: the model loads the fast BLAS before MLX
 
 # isort: split
@@ -18,6 +26,8 @@ import jinja2
 import mlx.core as mx
 
 from qwen2s import bench, blas, chat, engine, prompts, server, speculative, weights
+
+signal.pthread_sigmask(signal.SIG_SETMASK, UNBLOCKED)
 
 
 def default_kernels() -> str:
@@ -316,16 +326,17 @@ def chat_command(model, dtype, kernels, system, quiet, **o):
       qwen2-scratch chat
       printf 'My name is Ada.\\nWhat is my name?\\n' | qwen2-scratch chat --temp 0
     """
-    speculate = chosen_speculation(o)
-    params, config, tokenizer = load_model(model, dtype)
-    runner = engine_for(params, config, tokenizer, kernels, o, speculate, dtype, max_batch=1)
-    session = chat.Chat(runner, system, sampling_from(o, model, QWEN_CHAT), o["max_tokens"], o["seed"])
-    templated(tokenizer, [{"role": "system", "content": system or ""}, {"role": "user", "content": "hi"}])
-    sys.stdin.reconfigure(errors="surrogateescape")  # a line that is not UTF-8 is refused, not fatal
-    try:
-        chat.repl(session, interactive=sys.stdin.isatty(), quiet=quiet)
-    except BrokenPipeError:
-        quiet_broken_pipe()
+    with chat.ctrl_c_through_python():  # from the load on: the threads MLX starts inherit the block
+        speculate = chosen_speculation(o)
+        params, config, tokenizer = load_model(model, dtype)
+        runner = engine_for(params, config, tokenizer, kernels, o, speculate, dtype, max_batch=1)
+        session = chat.Chat(runner, system, sampling_from(o, model, QWEN_CHAT), o["max_tokens"], o["seed"])
+        templated(tokenizer, [{"role": "system", "content": system or ""}, {"role": "user", "content": "hi"}])
+        sys.stdin.reconfigure(errors="surrogateescape")  # a line that is not UTF-8 is refused, not fatal
+        try:
+            chat.repl(session, interactive=sys.stdin.isatty(), quiet=quiet)
+        except BrokenPipeError:
+            quiet_broken_pipe()
 
 
 @cli.command("perplexity")
