@@ -16,6 +16,7 @@ UNBLOCKED = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
 from qwen2s import qwen2_scratch as q  # first: the model loads the fast BLAS before MLX
 
 # isort: split
+import functools
 import json
 import math
 import os
@@ -250,6 +251,16 @@ def cli():
     """Qwen2 from scratch in pure MLX: chat, generate, perplexity, pull, bench."""
 
 
+def ctrl_c_through_python(command):
+    """Run a command with SIGINT taken by a thread of ours and handed to Python (chat.ctrl_c_through_python):
+    on a GPU NVRTC's own handler, in place while it compiles a kernel, would end the process with code 4."""
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        with chat.ctrl_c_through_python():
+            return command(*args, **kwargs)
+    return run
+
+
 @cli.command("generate")
 @model_options
 @click.option("--prompt", "-p", default=None, help="The prompt; - reads it from stdin.")
@@ -261,6 +272,7 @@ def cli():
 @click.option("--quiet", "-q", is_flag=True, help="No stats line on stderr.")
 @sampling_options(GREEDY, max_tokens=256)
 @speculation_options
+@ctrl_c_through_python
 def generate_command(model, dtype, kernels, prompt, prompt_file, system, raw, quiet, **o):
     """Generate text for one prompt: the text on stdout, one stats line on stderr.
 
@@ -311,6 +323,7 @@ def generate_command(model, dtype, kernels, prompt, prompt_file, system, raw, qu
 @click.option("--quiet", "-q", is_flag=True, help="No stats line after each answer.")
 @sampling_options(QWEN_CHAT, max_tokens=512)
 @speculation_options
+@ctrl_c_through_python  # from the load on: the threads MLX starts inherit the block
 def chat_command(model, dtype, kernels, system, quiet, **o):
     """Chat with the model: answers stream as they are generated, and the history is kept.
 
@@ -326,17 +339,16 @@ def chat_command(model, dtype, kernels, system, quiet, **o):
       qwen2-scratch chat
       printf 'My name is Ada.\\nWhat is my name?\\n' | qwen2-scratch chat --temp 0
     """
-    with chat.ctrl_c_through_python():  # from the load on: the threads MLX starts inherit the block
-        speculate = chosen_speculation(o)
-        params, config, tokenizer = load_model(model, dtype)
-        runner = engine_for(params, config, tokenizer, kernels, o, speculate, dtype, max_batch=1)
-        session = chat.Chat(runner, system, sampling_from(o, model, QWEN_CHAT), o["max_tokens"], o["seed"])
-        templated(tokenizer, [{"role": "system", "content": system or ""}, {"role": "user", "content": "hi"}])
-        sys.stdin.reconfigure(errors="surrogateescape")  # a line that is not UTF-8 is refused, not fatal
-        try:
-            chat.repl(session, interactive=sys.stdin.isatty(), quiet=quiet)
-        except BrokenPipeError:
-            quiet_broken_pipe()
+    speculate = chosen_speculation(o)
+    params, config, tokenizer = load_model(model, dtype)
+    runner = engine_for(params, config, tokenizer, kernels, o, speculate, dtype, max_batch=1)
+    session = chat.Chat(runner, system, sampling_from(o, model, QWEN_CHAT), o["max_tokens"], o["seed"])
+    templated(tokenizer, [{"role": "system", "content": system or ""}, {"role": "user", "content": "hi"}])
+    sys.stdin.reconfigure(errors="surrogateescape")  # a line that is not UTF-8 is refused, not fatal
+    try:
+        chat.repl(session, interactive=sys.stdin.isatty(), quiet=quiet)
+    except BrokenPipeError:
+        quiet_broken_pipe()
 
 
 @cli.command("perplexity")
@@ -345,6 +357,7 @@ def chat_command(model, dtype, kernels, system, quiet, **o):
 @click.option("--context", type=Count(min=2), default=1024, show_default=True,
               help="Tokens per window; the file is split into consecutive windows of this many.")
 @click.option("--json", "as_json", is_flag=True, help='Print only {"tokens", "nll", "perplexity"} as JSON.')
+@ctrl_c_through_python
 def perplexity_command(model, dtype, kernels, path, context, as_json):
     """Perplexity of a text file: mean negative log-likelihood per token, in nats, and its exp.
 

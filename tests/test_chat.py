@@ -290,6 +290,19 @@ def test_ctrl_c_while_a_native_library_holds_sigint_stops_the_answer(tiny_folder
     assert "Traceback" not in term.seen
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's struct sigaction")
+def test_ctrl_c_while_a_native_library_holds_sigint_ends_generate_with_130(tiny_folder):
+    """generate as the chat: a Ctrl-C while NVRTC's handler is in place ends it as any Ctrl-C does (exit 130)."""
+    script = NATIVE_HANDLER.replace("cli.main()", "answering.append('generating')  # every step\ncli.main()")
+    proc = subprocess.Popen([sys.executable, "-c", script, "generate", "--model", str(tiny_folder), "--prompt",
+                             "hello world", "--max-tokens", "100000"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stderr.readline() == "compiling\n"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
+
+
 def test_three_fast_ctrl_c_during_an_answer_keep_the_chat(tiny_folder):
     term = Terminal("--model", str(tiny_folder), "--max-tokens", "100000", "--temp", "0")
     term.read_until(r"> $")
