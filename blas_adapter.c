@@ -121,11 +121,15 @@ static inline __attribute__((always_inline)) void dots(const struct product *p, 
  * the same eight-lane arithmetic in both, so the same bits). */
 static inline __attribute__((always_inline)) void columns(const struct product *p, int j0, int j1, int ROWS) {
     int j = j0;
+    if (p->M == 1) {  /* one row (a decode step): the weight rows one after another, the order memory holds them
+                       * in, which the hardware's prefetcher streams best (the same sums: each is its own chain) */
+        for (; j < j1; j++) dots(p, 0, j, 1, 1, 0);
+        return;
+    }
     for (; j + 4 <= j1; j += 4) {
         int i = 0;
         for (; i + ROWS <= p->M; i += ROWS) dots(p, i, j, ROWS, 4, i == 0);
-        /* one row alone (a decode step) streams faster without the prefetch: the hardware's own keeps up */
-        for (; i < p->M; i++) dots(p, i, j, 1, 4, i == 0 && p->M > 1);
+        for (; i < p->M; i++) dots(p, i, j, 1, 4, i == 0);
     }
     for (; j < j1; j++)
         for (int i = 0; i < p->M; i++) dots(p, i, j, 1, 1, 0);
