@@ -88,7 +88,7 @@ def build(source: Path, lib_dir: Path, out: Path, key: str) -> str | None:
         os.close(fd)
     except OSError as e:
         return f"cannot write the cache folder {out.parent} ({e.strerror or e})"
-    command = [compiler, "-O2", "-ffp-contract=fast", "-Wno-psabi", "-pthread", "-shared", "-fPIC",
+    command = [compiler, "-O2", "-ffp-contract=off", "-Wno-psabi", "-pthread", "-shared", "-fPIC",
                f'-DADAPTER_KEY="{key}"', "-o", tmp, str(source), f"-L{lib_dir}", "-lscipy_openblas",
                f"-Wl,-rpath,{lib_dir}"]
     try:

@@ -15,7 +15,7 @@
  * take our kernels too, for any number of rows, so that a query's result does not depend on how many were
  * computed with it. Other few-row layouts go row by row to sgemv; single-column products to sgemv too.
  *
- * Built once by blas.py: cc -O2 -ffp-contract=fast -pthread -shared -fPIC -DADAPTER_KEY=... -L<lib>
+ * Built once by blas.py: cc -O2 -ffp-contract=off -pthread -shared -fPIC -DADAPTER_KEY=... -L<lib>
  *                        -lscipy_openblas -Wl,-rpath,<lib>
  */
 #ifndef ADAPTER_KEY
@@ -73,6 +73,23 @@ const char *qwen2_scratch_blas_adapter_key(void) { return ADAPTER_KEY; }
 typedef float v8 __attribute__((vector_size(32)));
 typedef float v8u __attribute__((vector_size(32), aligned(4), may_alias));  /* an unaligned load */
 
+/* acc + a * b, rounded once (FUSED: an FMA instruction, in the kernels built for FMA) or twice (the baseline's).
+ * Written out, not left to the compiler's contraction (built with -ffp-contract=off): left to it, GCC 13.3 (the
+ * H200's host) gave a row alone and the same row among others different bits, GCC 12.2 the same; contraction is
+ * the compiler's only freedom in these loops, and nothing binds it to use it alike in every inlined copy. FUSED
+ * is a constant where this is inlined. */
+static inline __attribute__((always_inline)) v8 madd(v8 acc, v8 a, v8 b, int FUSED) {
+    if (!FUSED) return acc + a * b;
+    v8 r;
+#pragma GCC unroll 8
+    for (int l = 0; l < 8; l++) r[l] = __builtin_fmaf(a[l], b[l], acc[l]);  /* one vfmadd...ps, vectorized */
+    return r;
+}
+
+static inline __attribute__((always_inline)) float madd1(float acc, float a, float b, int FUSED) {
+    return FUSED ? __builtin_fmaf(a, b, acc) : acc + a * b;
+}
+
 struct product {
     const float *A, *B;
     float *C;
@@ -88,7 +105,7 @@ static inline __attribute__((always_inline)) float lanes_sum(v8 v) {
  * columns. ROWS and COLS are constants where it is inlined, so the accumulators live in registers. With `ahead` (the
  * first rows of a block) it also prefetches the next block's weight rows from memory: 15-18% faster for 4-16 rows. */
 static inline __attribute__((always_inline)) void dots(const struct product *p, int i, int j, int ROWS, int COLS,
-                                                       int ahead) {
+                                                       int ahead, int FUSED) {
     v8 acc[4][4] = {{{0}}};
     int K8 = p->K & ~7;
     const float *next = p->B + (size_t)(j + COLS) * p->ldb;  /* the next block's weight rows */
@@ -103,14 +120,14 @@ static inline __attribute__((always_inline)) void dots(const struct product *p, 
         for (int r = 0; r < ROWS; r++) {
             v8 a = *(const v8u *)(p->A + (size_t)(i + r) * p->lda + k);
 #pragma GCC unroll 4
-            for (int c = 0; c < COLS; c++) acc[r][c] += a * b[c];
+            for (int c = 0; c < COLS; c++) acc[r][c] = madd(acc[r][c], a, b[c], FUSED);
         }
     }
     for (int r = 0; r < ROWS; r++)
         for (int c = 0; c < COLS; c++) {
             const float *a = p->A + (size_t)(i + r) * p->lda, *b = p->B + (size_t)(j + c) * p->ldb;
             float s = lanes_sum(acc[r][c]);
-            for (int k = K8; k < p->K; k++) s += a[k] * b[k];
+            for (int k = K8; k < p->K; k++) s = madd1(s, a[k], b[k], FUSED);
             float *y = p->C + (size_t)(i + r) * p->ldc + j + c;
             *y = p->beta == 0.0f ? p->alpha * s : p->alpha * s + p->beta * *y;
         }
@@ -119,31 +136,32 @@ static inline __attribute__((always_inline)) void dots(const struct product *p, 
 /* Columns [j0, j1) of every row: blocks of four weight rows, each read once for all of A's rows, ROWS rows
  * at a time (as many as the registers hold: 4 x 4 accumulators in AVX-512's 32 registers, 3 x 4 in AVX2's 16;
  * the same eight-lane arithmetic in both, so the same bits). */
-static inline __attribute__((always_inline)) void columns(const struct product *p, int j0, int j1, int ROWS) {
+static inline __attribute__((always_inline)) void columns(const struct product *p, int j0, int j1, int ROWS,
+                                                          int FUSED) {
     int j = j0;
     if (p->M == 1) {  /* one row (a decode step): the weight rows one after another, the order memory holds them
                        * in, which the hardware's prefetcher streams best (the same sums: each is its own chain) */
-        for (; j < j1; j++) dots(p, 0, j, 1, 1, 0);
+        for (; j < j1; j++) dots(p, 0, j, 1, 1, 0, FUSED);
         return;
     }
     for (; j + 4 <= j1; j += 4) {
         int i = 0;
-        for (; i + ROWS <= p->M; i += ROWS) dots(p, i, j, ROWS, 4, i == 0);
-        for (; i < p->M; i++) dots(p, i, j, 1, 4, i == 0);
+        for (; i + ROWS <= p->M; i += ROWS) dots(p, i, j, ROWS, 4, i == 0, FUSED);
+        for (; i < p->M; i++) dots(p, i, j, 1, 4, i == 0, FUSED);
     }
     for (; j < j1; j++)
-        for (int i = 0; i < p->M; i++) dots(p, i, j, 1, 1, 0);
+        for (int i = 0; i < p->M; i++) dots(p, i, j, 1, 1, 0, FUSED);
 }
 
-static void columns_baseline(const struct product *p, int j0, int j1) { columns(p, j0, j1, 2); }
+static void columns_baseline(const struct product *p, int j0, int j1) { columns(p, j0, j1, 2, 0); }
 
 #if defined(__x86_64__)
 __attribute__((target("avx512f,avx512vl,avx2,fma"))) static void columns_avx512(const struct product *p, int j0,
                                                                                 int j1) {
-    columns(p, j0, j1, 4);
+    columns(p, j0, j1, 4, 1);
 }
 __attribute__((target("avx2,fma"))) static void columns_avx2(const struct product *p, int j0, int j1) {
-    columns(p, j0, j1, 3);
+    columns(p, j0, j1, 3, 1);
 }
 #endif
 
@@ -193,7 +211,7 @@ enum { VALUE_COLUMNS = 256, VALUE_KEYS = 256 };  /* the layout's largest N (a he
 
 /* Rows [i, i + ROWS) by columns [j, j + 8 * VECS): acc[r][c] += sum over k in [k0, k1) of A[i + r, k] * B[k, c]. */
 static inline __attribute__((always_inline)) void value_sums(const struct product *p, float *acc, int i, int j,
-                                                             int k0, int k1, int ROWS, int VECS) {
+                                                             int k0, int k1, int ROWS, int VECS, int FUSED) {
     v8 s[4][8];
     for (int r = 0; r < ROWS; r++)
         for (int c = 0; c < VECS; c++) s[r][c] = *(const v8u *)(acc + (size_t)(i + r) * p->N + j + 8 * c);
@@ -205,7 +223,7 @@ static inline __attribute__((always_inline)) void value_sums(const struct produc
         for (int c = 0; c < VECS; c++) {
             v8 bc = *(const v8u *)(b + 8 * c);
 #pragma GCC unroll 4
-            for (int r = 0; r < ROWS; r++) s[r][c] += a[r] * bc;  /* one FMA (-ffp-contract=fast) */
+            for (int r = 0; r < ROWS; r++) s[r][c] = madd(s[r][c], a[r], bc, FUSED);
         }
     }
     for (int r = 0; r < ROWS; r++)
@@ -214,31 +232,31 @@ static inline __attribute__((always_inline)) void value_sums(const struct produc
 
 /* Every row over columns [j, j + 8 * VECS), ROWS rows at a time (the accumulators in registers), then the rest one by one. */
 static inline __attribute__((always_inline)) void value_rows(const struct product *p, float *acc, int j, int k0,
-                                                             int k1, int ROWS, int VECS) {
+                                                             int k1, int ROWS, int VECS, int FUSED) {
     int i = 0;
-    for (; i + ROWS <= p->M; i += ROWS) value_sums(p, acc, i, j, k0, k1, ROWS, VECS);
-    for (; i < p->M; i++) value_sums(p, acc, i, j, k0, k1, 1, VECS);
+    for (; i + ROWS <= p->M; i += ROWS) value_sums(p, acc, i, j, k0, k1, ROWS, VECS, FUSED);
+    for (; i < p->M; i++) value_sums(p, acc, i, j, k0, k1, 1, VECS, FUSED);
 }
 
 /* acc [M, N] = A @ B, VALUE_KEYS keys a pass: blocks of 4 rows x 32 columns in AVX-512's 32 registers, 3 x 16 in
  * AVX2's 16, 2 x 16 in the baseline's; N a multiple of 8. */
 static inline __attribute__((always_inline)) void value_product(const struct product *p, float *acc, int ROWS,
-                                                                int VECS) {
+                                                                int VECS, int FUSED) {
     for (int k0 = 0; k0 < p->K; k0 += VALUE_KEYS) {
         int k1 = p->K - k0 < VALUE_KEYS ? p->K : k0 + VALUE_KEYS;
         int j = 0;
-        for (; j + 8 * VECS <= p->N; j += 8 * VECS) value_rows(p, acc, j, k0, k1, ROWS, VECS);
-        for (; j < p->N; j += 8) value_rows(p, acc, j, k0, k1, ROWS, 1);
+        for (; j + 8 * VECS <= p->N; j += 8 * VECS) value_rows(p, acc, j, k0, k1, ROWS, VECS, FUSED);
+        for (; j < p->N; j += 8) value_rows(p, acc, j, k0, k1, ROWS, 1, FUSED);
     }
 }
 
-static void values_baseline(const struct product *p, float *acc) { value_product(p, acc, 2, 2); }
+static void values_baseline(const struct product *p, float *acc) { value_product(p, acc, 2, 2, 0); }
 #if defined(__x86_64__)
 __attribute__((target("avx512f,avx512vl,avx2,fma"))) static void values_avx512(const struct product *p, float *acc) {
-    value_product(p, acc, 4, 4);
+    value_product(p, acc, 4, 4, 1);
 }
 __attribute__((target("avx2,fma"))) static void values_avx2(const struct product *p, float *acc) {
-    value_product(p, acc, 3, 2);
+    value_product(p, acc, 3, 2, 1);
 }
 #endif
 
