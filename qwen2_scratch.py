@@ -271,12 +271,16 @@ def self_attention(
     offset: mx.array | int = 0,
     mask: mx.array | str | None = "causal",
     kernels: Kernels = KERNELS["reference"],
+    filled: int | None = None,
 ) -> tuple[mx.array, tuple | None]:
     """Grouped-query attention: [B, L, E] -> [B, L, E], and the layer's updated (keys, values).
 
     kv is this layer's cache, ([B, K, S, D], [B, K, S, D]) preallocated to capacity S, of which
     the first offset[b] positions of row b hold earlier tokens; None attends to x alone.
     mask: "causal" (the model's), None (every key; the course's full attention) or an array.
+    filled: when every row's keys end at the same known position (a prefill of one row), how many
+    there are with these: attention reads only those, under the "causal" mask string (aligned
+    bottom-right), which mx.fast's kernel applies without a mask array of [L, S] scores.
     """
     B, L, _ = x.shape
     H, K, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
@@ -289,7 +293,9 @@ def self_attention(
     if kv is not None:
         kv = (write_cache(kv[0], k, offset), write_cache(kv[1], v, offset))  # [B, K, S, D] each
         k, v = kv
-        if isinstance(mask, str):  # each row's own positions; hides the unfilled slots too
+        if filled is not None and isinstance(mask, str):
+            k, v = k[:, :, :filled], v[:, :, :filled]  # [B, K, filled, D]
+        elif isinstance(mask, str):  # each row's own positions; hides the unfilled slots too
             mask = causal_mask(L, k.shape[2], offset)  # [B, 1, L, S]
     elif isinstance(mask, str) and L == 1:
         mask = None  # one query sees every key
@@ -311,12 +317,13 @@ def block(
     offset: mx.array | int = 0,
     mask: mx.array | str | None = "causal",
     kernels: Kernels = KERNELS["reference"],
+    filled: int | None = None,
 ) -> tuple[mx.array, tuple | None]:
     """Pre-norm transformer block: [B, L, E] -> [B, L, E], and the layer's updated cache."""
     eps = config.rms_norm_eps
     a, kv = self_attention(
         kernels.norm(x, layer["input_layernorm"]["weight"], eps), **layer["self_attn"],
-        config=config, kv=kv, offset=offset, mask=mask, kernels=kernels,
+        config=config, kv=kv, offset=offset, mask=mask, kernels=kernels, filled=filled,
     )
     h = x + a
     out = h + mlp(kernels.norm(h, layer["post_attention_layernorm"]["weight"], eps), **layer["mlp"])
@@ -324,9 +331,11 @@ def block(
 
 
 def hidden_states(
-    params: dict, config: Config, tokens: mx.array, cache: dict | None = None, kernels: str | Kernels = "reference"
+    params: dict, config: Config, tokens: mx.array, cache: dict | None = None, kernels: str | Kernels = "reference",
+    filled: int | None = None,
 ) -> tuple[mx.array, dict | None]:
-    """Token ids [B, L] -> final-normed hidden states [B, L, E], and the cache with them added."""
+    """Token ids [B, L] -> final-normed hidden states [B, L, E], and the cache with them added (filled: see
+    self_attention)."""
     kernels = KERNELS[kernels] if isinstance(kernels, str) else kernels
     model = params["model"]
     x = model["embed_tokens"]["weight"][tokens]  # [B, L, E]
@@ -334,7 +343,7 @@ def hidden_states(
     new_kv = []
     for i, layer in enumerate(model["layers"]):
         kv = None if cache is None else cache["layers"][i]
-        x, kv = block(x, layer, config, kv, offset, kernels=kernels)
+        x, kv = block(x, layer, config, kv, offset, kernels=kernels, filled=filled)
         new_kv.append(kv)
     x = kernels.norm(x, model["norm"]["weight"], config.rms_norm_eps)
     if cache is not None:
@@ -459,6 +468,8 @@ def prefill(params, config, tokens, cache, kernels="reference", chunk=None, alig
     aligned: chunks start at multiples of `chunk` from position 0 (the first one may be shorter when
     the cache holds a prefix), so a prompt is cut the same way whatever the cache holds; where rows
     are exact (rows_exact) any cut gives the same bits, and chunks may start where the cache ends.
+    Aligned chunks of one row attend over the keys filled so far only (`filled`), a length fixed by
+    the chunk's place; unaligned ones over the whole capacity, as a decode step does (the same bits).
     """
     chunk = chunk or prefill_chunk()
     first = start = int(cache["offset"].max().item())
@@ -467,7 +478,8 @@ def prefill(params, config, tokens, cache, kernels="reference", chunk=None, alig
         stop = min((start // chunk + 1) * chunk if aligned else start + chunk, end)
         # grown in whole blocks, as for decoding: a query's softmax runs over as many slots either way
         cache = reserve(cache, stop)
-        h, cache = hidden_states(params, config, tokens[:, start - first : stop - first], cache, kernels)
+        filled = stop if aligned and tokens.shape[0] == 1 else None
+        h, cache = hidden_states(params, config, tokens[:, start - first : stop - first], cache, kernels, filled)
         if stop < end:
             mx.eval(cache)  # only the cache: no logits for the prompt's inner tokens
         start = stop

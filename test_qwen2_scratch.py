@@ -212,13 +212,17 @@ def test_cached_decoding_equals_full_forward(kernels):
     assert_close(mx.concatenate(steps, axis=1), full, 0, LOGITS_ATOL_F32, "prompt then token by token")
 
 
-def test_prefill_in_chunks_equals_one_call():
+@pytest.mark.parametrize("kernels", ["reference", "fast"])
+@pytest.mark.parametrize("aligned", [True, False])
+def test_prefill_in_chunks_equals_one_call(kernels, aligned):
+    """Aligned chunks attend over the filled keys only, under the "causal" string (which must align the mask
+    bottom-right: a chunk's queries come after the keys before it); unaligned ones over the whole capacity."""
     _, params, config, _ = reference_model()
     tokens = mx.random.randint(0, 300, (1, 23), key=mx.random.key(7))
-    full, _ = q.forward(params, config, tokens)
-    last, cache = q.prefill(params, config, tokens, q.new_cache(config), chunk=5)
+    full, _ = q.forward(params, config, tokens, kernels=kernels)
+    last, cache = q.prefill(params, config, tokens, q.new_cache(config), kernels, chunk=5, aligned=aligned)
     assert cache["offset"].item() == 23 and q.cache_capacity(cache) == q.CACHE_BLOCK  # whole blocks, as decoding's
-    assert_close(last, full[:, -1], 0, LOGITS_ATOL_F32, "chunked prefill")
+    assert_close(last, full[:, -1], 0, LOGITS_ATOL_F32, f"chunked prefill, {kernels} kernels")
 
 
 def test_a_prompt_leaves_the_same_bits_prefilled_in_any_pieces_or_decoded_token_by_token(on_cpu):
