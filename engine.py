@@ -256,11 +256,15 @@ class Row:
         """Where the next token's keys and values go: every token but the last drawn is in the cache."""
         return len(self.tokens) - 1
 
+    @property
+    def penalized(self) -> bool:
+        """Whether a penalty on recent tokens is on (then each draw needs the tokens before it)."""
+        s = self.request.sampling
+        return s.repetition_penalty != 1 or bool(s.presence_penalty) or bool(s.frequency_penalty)
+
     def window(self, extra: list[int] = ()) -> list[int]:
         """The recent tokens the penalties look at (none when no penalty is on)."""
-        s = self.request.sampling
-        penalized = s.repetition_penalty != 1 or s.presence_penalty or s.frequency_penalty
-        return (self.tokens + list(extra))[-s.repetition_context :] if penalized else []
+        return (self.tokens + list(extra))[-self.request.sampling.repetition_context :] if self.penalized else []
 
 
 class Draw(NamedTuple):
@@ -295,6 +299,33 @@ def draw(logits: mx.array, row: Row, window: list[int], position: int) -> Draw:
     return Draw(token, mx.take_along_axis(logits32, token[:, None], axis=-1)[:, 0] - norm[:, 0], top)
 
 
+def plainly_greedy(row: Row) -> bool:
+    """Whether the row draws the argmax of the model's own logits (nothing added, no top log-probabilities)."""
+    r = row.request
+    return (r.sampling.temp < q.GREEDY_BELOW and not r.logit_bias and not row.penalized and row.grammar is None
+            and not r.top_logprobs)
+
+
+def greedy_draws(logits: mx.array) -> tuple[mx.array, mx.array]:
+    """Plainly greedy rows drawn together, in one graph: [B, V] -> tokens [B] and their log-probabilities [B]
+    (each row's argmax, as `draw` takes it, whatever the rows beside it)."""
+    logits32 = logits.astype(mx.float32)
+    token = mx.argmax(logits32, axis=-1)  # [B]
+    return token, mx.take_along_axis(logits32, token[:, None], axis=-1)[:, 0] - q.logsumexp(logits32)[:, 0]
+
+
+def draw_rows(logits: mx.array, rows: list[Row], ahead: list[int]) -> list[Draw]:
+    """Each row's draw from a step's logits [B, V] (a row `ahead` of its tokens by a draw not yet handed out):
+    the plainly greedy rows in one graph, the others one by one (their own settings and random keys)."""
+    greedy = [i for i, row in enumerate(rows) if plainly_greedy(row)]
+    drawn = {}
+    if greedy:
+        tokens, logprobs = greedy_draws(logits if len(greedy) == len(rows) else logits[mx.array(greedy)])
+        drawn = {i: Draw(tokens[j : j + 1], logprobs[j : j + 1], None) for j, i in enumerate(greedy)}
+    return [drawn[i] if i in drawn else draw(logits[i : i + 1], row, row.window(), len(row.tokens) + ahead[i])
+            for i, row in enumerate(rows)]
+
+
 # ---------------------------------------------------------------------------------------------
 # The engine
 # ---------------------------------------------------------------------------------------------
@@ -325,6 +356,7 @@ class Engine:
         self.waiting: list[Row] = []  # admitted in order; the first is being prefilled
         self.rows: list[Row] = []  # the batch, in cache row order
         self.cache: dict | None = None  # the batch's cache: [B, K, S, D] per layer, offsets [B] (+ dummy rows)
+        self.pending: dict[Row, Draw] = {}  # the draws of the step sent off last, not yet handed out
         self.wake = threading.Event()
         self.closing = False
         self.grammar_vocab: grammar.GrammarTokenizer | None = None
@@ -377,7 +409,7 @@ class Engine:
 
     def reset(self) -> None:
         """Cancel every request and empty the batch (after a step was interrupted halfway)."""
-        rows, self.rows, self.cache = self.rows + self.waiting, [], None
+        rows, self.rows, self.cache, self.pending = self.rows + self.waiting, [], None, {}
         self.waiting = []
         while not self.incoming.empty():
             rows.append(Row(self.incoming.get(), self.tokenizer, self.eos, 0))  # only to finish it
@@ -482,17 +514,50 @@ class Engine:
         return cache if self.step_rows is None else q.pad_rows(cache, self.rows_for(len(self.rows)))
 
     def decode(self) -> None:
-        """One step for every row: a batched decode step, or a verifier step for a row alone that speculates."""
+        """One step for every row: a batched decode step, or a verifier step for a row alone that speculates.
+
+        Pipelined: the step is sent off (mx.async_eval) before the previous step's tokens are handed out, so
+        that the device computes while Python detokenizes and builds the next graph (as mlx_lm does). A row's
+        next input is then its last draw, still an array. Where the next step needs the last token's value
+        (speculation's proposals, a grammar's mask, the penalties' window) or a row's last draw ends it by
+        length, the earlier draws are handed out first (`drain`) and the step waits for itself.
+        """
         if len(self.rows) == 1 and not self.waiting and self.proposer is not None and self.rows[0].grammar is None:
-            return self.speculate(self.rows[0])
-        tokens = mx.array([[row.tokens[-1]] for row in self.rows])  # [B, 1]
-        self.cache = q.reserve(self.cache, max(row.position for row in self.rows) + 1)
+            self.drain()
+            return self.speculate(self.rows[0]) if self.rows else None
+        waits = any(row.grammar is not None or row.penalized for row in self.rows)
+        if waits or any(self.ended_by_next(row) for row in self.pending):
+            self.drain()
+            if not self.rows:
+                return
+        ahead = [int(row in self.pending) for row in self.rows]  # a draw not yet handed out: one token further
+        last = [self.pending[row].token if row in self.pending else mx.array([row.tokens[-1]]) for row in self.rows]
+        tokens = mx.concatenate(last)[:, None]  # [B, 1]
+        self.cache = q.reserve(self.cache, max(row.position + a for row, a in zip(self.rows, ahead, strict=True)) + 1)
         logits, self.cache = q.compiled_decode_step(self.params, self.config, tokens, self.cache, self.kernels,
                                                     self.rows_for(len(self.rows)))
-        drawn = [draw(logits[i : i + 1, -1], row, row.window(), len(row.tokens)) for i, row in enumerate(self.rows)]
-        mx.eval(drawn, self.cache)
-        for row, d in zip(list(self.rows), drawn, strict=True):
-            self.emit(row, [d])
+        drawn = draw_rows(logits[:, -1], self.rows, ahead)
+        if waits:
+            mx.eval(drawn, self.cache)
+            for row, d in zip(list(self.rows), drawn, strict=True):
+                self.emit(row, [d])
+            return
+        mx.async_eval(drawn, self.cache)
+        earlier, self.pending = self.pending, dict(zip(self.rows, drawn, strict=True))
+        for row, d in earlier.items():
+            if row in self.rows:
+                self.emit(row, [d])  # may retire it: its draw just sent off is then dropped
+
+    def ended_by_next(self, row: Row) -> bool:
+        """Whether the row's next token ends it whatever it is (max_tokens, or the context)."""
+        return row.generated + 1 >= row.request.max_tokens or row.position + 1 >= self.max_kv
+
+    def drain(self) -> None:
+        """Hand out the draws of the step sent off last (waiting for it)."""
+        earlier, self.pending = self.pending, {}
+        for row, d in earlier.items():
+            if row in self.rows:
+                self.emit(row, [d])
 
     def speculate(self, row: Row) -> None:
         """Verify k proposals in one step; keep those equal to the row's own draws, and the first draw that differs."""
@@ -573,6 +638,8 @@ class Engine:
         if not rows:
             return
         keep = [i for i, r in enumerate(self.rows) if r not in rows]
+        for row in rows:
+            self.pending.pop(row, None)  # a draw sent off after its last: dropped
         if self.granule == 1:  # its keys and values are those a prefill of its tokens would make: keep them
             for i, row in enumerate(self.rows):
                 if row in rows:

@@ -205,7 +205,7 @@ def test_a_long_prompt_is_prefilled_between_decode_steps():
     runner = new_engine(params, config)
     short = runner.submit(E.Request(prompts()[0], GREEDY, 40))
     runner.step()
-    assert short.queue.qsize() == 2  # its prompt fits one chunk: its first token, then a decode step
+    assert short.queue.qsize() == 1  # its prompt fits one chunk: its first token (a decode step is sent off)
     runner.submit(E.Request(prompts()[6], GREEDY, 5))
     for step in range(3):
         before = short.queue.qsize()
@@ -221,13 +221,13 @@ def test_short_prompts_are_admitted_together_up_to_a_chunk_of_tokens_a_step():
     runner = new_engine(params, config, max_batch=8)
     short = [runner.submit(E.Request(p, GREEDY, 8)) for i, p in enumerate(prompts()) if i in (0, 1, 2, 4, 5)]
     runner.step()
-    assert len(runner.rows) == 5 and all(h.queue.qsize() == 2 for h in short)  # first token, then a decode step
+    assert len(runner.rows) == 5 and all(h.queue.qsize() == 1 for h in short)  # first token (a decode step sent off)
     long = runner.submit(E.Request(prompts()[3], GREEDY, 8))  # 300 tokens: a whole chunk, then 44 of the next
     later = runner.submit(E.Request(prompts()[7], GREEDY, 8))  # 12 tokens, behind it
     runner.step()
     assert len(runner.rows) == 5 and not later.queue.qsize()
     runner.step()  # the long prompt's 44 tokens, then the 12
-    assert len(runner.rows) == 7 and long.queue.qsize() == later.queue.qsize() == 2
+    assert len(runner.rows) == 7 and long.queue.qsize() == later.queue.qsize() == 1
 
 
 def test_requests_submitted_from_many_threads_while_it_steps():
@@ -358,3 +358,35 @@ def test_the_prompt_cache_holds_at_most_its_number_of_entries():
         cache.store("", tuple(range(i * 10, i * 10 + 8)), layers, granule=4)
     assert len(cache.entries) == 3 and [k[1][0] for k in cache.entries] == [20, 30, 40]
     assert cache.lookup("", tuple(range(40, 50)), 4)[0] == 8 and cache.lookup("", tuple(range(0, 9)), 4)[0] == 0
+
+
+def test_pipelined_and_waiting_steps_and_batched_greedy_draws_agree():
+    """Plain rows run pipelined (a step is sent off before the last one's tokens are handed out) and are drawn
+    greedily in one graph; a penalized row makes the whole batch wait for each step and draw row by row (the
+    penalty needs the last token), as a top_logprobs request is drawn by `draw`. The same tokens either way, and
+    the same log-probabilities."""
+    params, config = model()
+    plain = E.Request(prompts()[1], GREEDY, 20, seed=1)
+    listed = plain._replace(top_logprobs=2)
+    penalized = E.Request(prompts()[2], GREEDY._replace(repetition_penalty=1.3), 20, seed=2)
+    events = list(new_engine(params, config).generate(plain))
+    alone_listed = list(new_engine(params, config).generate(listed))
+    assert tokens_of(events) == tokens_of(alone_listed)
+    assert [e.logprob for e in events] == pytest.approx([e.logprob for e in alone_listed], abs=1e-5)
+    together = run_together(new_engine(params, config, max_batch=3), [plain, penalized, listed])
+    assert [t for t, _ in together] == [tokens_of(events), alone(params, config, penalized), tokens_of(events)]
+
+
+def test_a_row_that_ends_while_its_next_step_is_sent_off_leaves_the_others_exact():
+    """A stop string ends one row at a token handed out after the next step was sent off with it: that step's draw
+    for it is dropped, its cache row goes, and the other rows' tokens stay those they have alone."""
+    params, config = model()
+    first = E.Request(prompts()[0], GREEDY, 30, seed=0)
+    text = "".join(e.text for e in new_engine(params, config).generate(first))
+    stopped = first._replace(stops=(text[8:11],))
+    others = [E.Request(p, GREEDY, 30, seed=i) for i, p in enumerate(prompts()[1:4], 1)]
+    expected = [alone(params, config, r) for r in [stopped, *others]]
+    assert len(expected[0]) < 30
+    together = run_together(new_engine(params, config, max_batch=4), [stopped, *others])
+    assert [t for t, _ in together] == expected
+    assert together[0][1].finish_reason == "stop"
