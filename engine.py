@@ -564,10 +564,13 @@ class Engine:
         k = min(self.num_draft, row.request.max_tokens - row.generated - 1, self.max_kv - row.position - 1)
         proposal = self.proposer(row.tokens, k) if k > 0 and row.rest == 0 else []
         row.rest = max(row.rest - 1, 0)
+        # a short proposal is padded with dummies, whose draws are not looked at, to num_draft: every verifier step
+        # then has one shape, traced once (each new length was a trace of 1-3 s on the CPU)
+        verified = proposal + proposal[-1:] * (self.num_draft - len(proposal))
         pos = row.position
-        rows = self.rows_for(1 + len(proposal))
-        self.cache = q.reserve(self.cache, pos + (rows or 1 + len(proposal)))  # a fixed-shape step: dummies too
-        tokens = mx.array([[row.tokens[-1], *proposal]])  # [1, k + 1]
+        rows = self.rows_for(1 + len(verified))
+        self.cache = q.reserve(self.cache, pos + (rows or 1 + len(verified)))  # a fixed-shape step: dummies too
+        tokens = mx.array([[row.tokens[-1], *verified]])  # [1, k + 1]
         logits, self.cache = q.compiled_decode_step(self.params, self.config, tokens, self.cache, self.kernels, rows)
         drawn = [draw(logits[:, i], row, row.window(proposal[:i]), len(row.tokens) + i)
                  for i in range(len(proposal) + 1)]

@@ -760,7 +760,7 @@ def test_serve_speculates_and_answers_as_without(tiny_folder, tiny_served):
             plain = tiny_served.client().completions.create(model=TINY, prompt=prompt, max_tokens=24, temperature=0)
             assert ours.choices[0].text == plain.choices[0].text
     finally:
-        assert s.stop() == 0
+        assert s.stop() == 0, s.stderr
 
 
 @pytest.mark.packaged_model

@@ -189,8 +189,36 @@ def test_the_verifier_traces_once_per_length_and_cache_block(monkeypatch, on_cpu
     tokens, _ = speculative(params, config, prompt, sp.Lookup(), max_tokens=96, k=k)
     assert len(tokens) == 96
     assert len(set(traces)) == len(traces), f"traced twice: {traces}"
-    assert all(n <= k + 1 for n, _ in traces), f"traces: {traces}"
+    assert all(n in (1, k + 1) for n, _ in traces), f"traces: {traces}"  # one verifier shape
     assert len(traces) < 96 // 2, f"{len(traces)} traces for 96 tokens"
+
+
+def test_proposals_of_any_length_are_verified_at_one_shape(monkeypatch, on_cpu):
+    """A proposal shorter than k is padded with dummies, so every verifier step has k + 1 tokens (one trace of the
+    compiled step, where each new length was one, 1-3 s on the CPU), and the tokens are still plain decoding's."""
+    params, config = target()
+    prompt = [5, 6, 7, 8, 9] * 4
+    plain, _ = run(params, config, prompt, max_tokens=30)
+    lengths = []
+    original = q.compiled_decode_step
+
+    def recording(params, config, tokens, cache, kernels="reference", rows=None):
+        lengths.append(tokens.shape[1])
+        return original(params, config, tokens, cache, kernels, rows)
+
+    monkeypatch.setattr(q, "compiled_decode_step", recording)
+    oracle, proposed = Oracle(len(prompt), plain, wrong_every=5), []
+
+    def varying(context, k):  # 1 to k tokens, by the context's length
+        proposed.append((k, len(out := oracle(context, k)[: 1 + len(context) % k])))
+        return out
+
+    tokens, _ = run(params, config, prompt, varying, k=4, max_tokens=30)
+    assert tokens == plain
+    assert len({n for _, n in proposed}) >= 3, proposed  # proposals of several lengths
+    verifier = [n for n in lengths if n > 1]
+    assert len(verifier) == len([n for _, n in proposed if n]) and set(verifier) == {5}, (lengths, proposed)
+    assert min(k for k, _ in proposed) < 4  # the last steps, near max_tokens, propose fewer: padded all the same
 
 
 # ---------------------------------------------------------------------------------------------
