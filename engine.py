@@ -161,9 +161,14 @@ class PromptCache:
 
     Prefixes are kept and reused in whole granules: one token where rows are exact (any prefix is
     computed as it would be from nothing), else whole prefill chunks (the same chunks at the same
-    positions). Bounded in bytes and in entries
-    (a lookup compares the prompt with each entry); the least recently used entry goes first.
-    Entries are shared only within a scope.
+    positions). Bounded in bytes (of the positions the entries hold; an entry's arrays may run up to a
+    cache block and a granule past them) and in entries (a lookup compares the prompt with each
+    entry); the least recently used entry goes first. Entries are shared only within a scope.
+
+    Nothing is copied: arrays are immutable, so an entry keeps the arrays it was given (arrays of their
+    own, never views into a batch's cache), and a prompt that goes on from all of an entry (a chat's
+    next turn) gets them whole, room to grow included; a row's first write into them copies them
+    once, and every later step writes in place.
     """
 
     def __init__(self, max_bytes: int, max_entries: int = 64):
@@ -172,7 +177,8 @@ class PromptCache:
         self.lock = threading.Lock()
 
     def lookup(self, scope: str, prompt: tuple[int, ...], granule: int) -> tuple[int, list | None]:
-        """How many leading tokens of prompt to reuse (whole granules, one token left at least), and their layers."""
+        """How many leading tokens of prompt to reuse (whole granules, one token left at least), and layers whose
+        first that many positions hold their keys and values ([1, K, >= reuse, D] each)."""
         with self.lock:
             best, best_key = 0, None
             for key in self.entries:
@@ -182,17 +188,18 @@ class PromptCache:
             if reuse == 0:
                 return 0, None
             self.entries.move_to_end(best_key)
-            return reuse, [(k[:, :, :reuse], v[:, :, :reuse]) for k, v in self.entries[best_key]]
+            layers = self.entries[best_key]
+            if reuse == len(best_key[1]):  # the prompt goes on from the whole entry: its arrays, room to grow included
+                return reuse, layers
+            return reuse, [(k[:, :, :reuse], v[:, :, :reuse]) for k, v in layers]  # (not a long entry's capacity)
 
     def store(self, scope: str, prompt: tuple[int, ...], layers: list, granule: int) -> None:
-        """Keep the whole granules of prompt's keys and values ([1, K, >= n, D] per layer), in arrays of their own."""
+        """Keep the whole granules of prompt's keys and values: layers [1, K, >= n, D] of their own, as they are."""
         n = len(prompt) // granule * granule
         if n == 0:
             return
         tokens = tuple(prompt[:n])
-        layers = [(mx.contiguous(k[:, :, :n]), mx.contiguous(v[:, :, :n])) for k, v in layers]
-        mx.eval(layers)  # copies now: the arrays they came from (a batch's cache) are not held
-        size = sum(k.nbytes + v.nbytes for k, v in layers)
+        size = n * position_bytes(layers)
         if size > self.max_bytes:
             return
         with self.lock:
@@ -206,7 +213,12 @@ class PromptCache:
                 self.drop(next(iter(self.entries)))
 
     def drop(self, key) -> None:
-        self.bytes -= sum(k.nbytes + v.nbytes for k, v in self.entries.pop(key))
+        self.bytes -= len(key[1]) * position_bytes(self.entries.pop(key))
+
+
+def position_bytes(layers: list) -> int:
+    """Bytes of one position's keys and values over every layer ([1, K, S, D] each)."""
+    return sum(k.nbytes // k.shape[2] + v.nbytes // v.shape[2] for k, v in layers)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,7 +385,7 @@ class Engine:
                              "(and at least one token must be generated)")
         if request.max_tokens < 1:
             raise ValueError("max_tokens must be at least 1")
-        if not all(0 <= t < self.config.vocab_size for t in request.prompt):
+        if not 0 <= min(request.prompt) <= max(request.prompt) < self.config.vocab_size:  # in C: prompts are long
             raise ValueError(f"the prompt holds token ids outside the vocabulary (0 to {self.config.vocab_size - 1})")
         if not all(0 <= t < self.config.vocab_size and -100 <= b <= 100 for t, b in request.logit_bias):
             raise ValueError(f"logit_bias maps token ids (0 to {self.config.vocab_size - 1}) to -100 .. 100")
@@ -490,7 +502,8 @@ class Engine:
         first = draw(logits, row, row.window(), len(prompt))
         mx.eval(first, row.cache)
         row.t_prefill += time.perf_counter() - tic
-        self.prompt_cache.store(row.request.cache_scope, prompt, row.cache["layers"], self.granule)
+        if self.granule != 1:  # where rows are exact, retire keeps the whole row, answer included
+            self.prompt_cache.store(row.request.cache_scope, prompt, row.cache["layers"], self.granule)
         self.waiting.remove(row)
         self.join(row)
         self.emit(row, [first])
@@ -647,13 +660,23 @@ class Engine:
             for i, row in enumerate(self.rows):
                 if row in rows:
                     self.prompt_cache.store(row.request.cache_scope, tuple(row.tokens[: row.position]),
-                                            q.take_rows(self.cache, slice(i, i + 1))["layers"], 1)
+                                            self.own_layers(i, row.position), 1)
         if len(keep) < len(self.rows):
             cache = q.take_rows(self.cache, mx.array(keep)) if keep else None  # dummy rows go too
             self.rows = [self.rows[i] for i in keep]
             self.cache = None if cache is None else self.padded(cache)
         for row in rows:
             self.finish(row, reason)
+
+    def own_layers(self, i: int, n: int) -> list:
+        """Row i's keys and values in arrays of its own: the batch's arrays when it is the only row (no copy, and
+        none is made later: the batch lets them go), else a copy of its first n positions."""
+        if self.cache["offset"].shape[0] == 1:
+            return self.cache["layers"]
+        layers = [(mx.contiguous(k[i : i + 1, :, :n]), mx.contiguous(v[i : i + 1, :, :n]))
+                  for k, v in self.cache["layers"]]
+        mx.eval(layers)  # copies now: the batch's arrays are not held
+        return layers
 
     def finish(self, row: Row, reason: str) -> None:
         row.cache = None

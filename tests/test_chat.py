@@ -394,3 +394,19 @@ def test_chat_with_the_packaged_model_remembers_and_forgets():
     assert "Ada" not in answers[2], answers
 
 
+
+
+def test_every_turn_answers_as_a_fresh_engine_would_across_dropped_turns(tiny_tokenizer_dir):
+    """The chat hands its row's cache from turn to turn through the prompt cache and drops the oldest turns
+    when the history overflows: each turn's tokens are still those a fresh engine gives its prompt."""
+    c = make_chat(tiny_tokenizer_dir, max_tokens=12)
+    c.engine.max_kv = c.max_kv = 160
+    notices = []
+    for i in range(12):
+        line = f"hello world {i}"
+        ids = c.fit(line, notices.append)
+        answer = "".join(c.reply(line, ids, notices.append))
+        fresh = make_chat(tiny_tokenizer_dir).engine
+        request = Request(tuple(ids), c.sampling, c.max_tokens, seed=c.seed + len(c.turns) - 1)
+        assert answer == "".join(e.text for e in fresh.generate(request)), (i, notices)
+    assert any("dropped" in n for n in notices), notices

@@ -390,3 +390,21 @@ def test_a_row_that_ends_while_its_next_step_is_sent_off_leaves_the_others_exact
     together = run_together(new_engine(params, config, max_batch=4), [stopped, *others])
     assert [t for t, _ in together] == expected
     assert together[0][1].finish_reason == "stop"
+
+
+def test_the_prompt_cache_hands_back_an_entry_a_prompt_goes_on_from_without_copying_it():
+    """A chat's next turn goes on from the whole last entry: it gets the very arrays, room to grow included (the
+    row's first write copies them, so the entry never changes); a prompt sharing only part of an entry gets that
+    part. Bytes are counted by the positions an entry holds."""
+    cache = E.PromptCache(max_bytes=1 << 40)
+    layers = [(mx.arange(2 * 16 * 4, dtype=mx.float32).reshape(1, 2, 16, 4), mx.zeros((1, 2, 16, 4)))]
+    cache.store("", tuple(range(10)), layers, granule=1)
+    assert cache.bytes == 10 * 2 * (2 * 4 * 4)
+    reuse, whole = cache.lookup("", tuple(range(12)), 1)
+    assert reuse == 10 and whole[0][0] is layers[0][0]
+    reuse, part = cache.lookup("", (0, 1, 2, 3, 9), 1)
+    assert reuse == 4 and part[0][0].shape == (1, 2, 4, 4) and mx.array_equal(part[0][0], layers[0][0][:, :, :4])
+    written = q.write_cache(whole[0][0], mx.ones((1, 2, 1, 4)), mx.array([10]))
+    mx.eval(written)
+    assert mx.array_equal(cache.lookup("", tuple(range(12)), 1)[1][0][0], mx.arange(128, dtype=mx.float32)
+                          .reshape(1, 2, 16, 4)), "an entry never changes"
