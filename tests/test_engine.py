@@ -78,7 +78,8 @@ def test_fixed_shape_steps_give_the_tokens_of_steps_as_they_come(on_cpu):
     assert [alone(params, config, r, step_rows=4) for r in requests] == expected
     together = run_together(new_engine(params, config, max_batch=6, step_rows=4), requests)  # 8 rows, then 4
     assert [t for t, _ in together] == expected
-    lookup = [alone(params, config, r, step_rows=4, proposer=speculative.Lookup(), num_draft=3) for r in requests]
+    lookup = [alone(params, config, r, step_rows=4, proposer=speculative.Lookup(min_ngram=1), num_draft=3)
+              for r in requests]
     assert lookup == expected
 
 

@@ -86,6 +86,9 @@ def test_lookup_proposes_what_followed_the_longest_recent_ngram():
     assert sp.lookup_proposal([5, 6, 7, 5, 6], 4) == [7, 5, 6]  # fewer than k follow: as many as there are
     assert sp.lookup_proposal([1, 2, 3, 4], 4) == []  # nothing repeats
     assert sp.lookup_proposal([7, 7, 7, 7, 7], 2) == [7, 7]  # a run: an occurrence with k tokens after it
+    # the proposer the commands use matches trigrams only: a shorter match is mostly a wrong guess in free text
+    assert sp.Lookup()([1, 2, 3, 9, 8, 2, 3], 3) == [] and sp.Lookup(min_ngram=2)([1, 2, 3, 9, 8, 2, 3], 3) == [9, 8, 2]
+    assert sp.Lookup()([1, 2, 3, 9, 8, 1, 2, 3], 3) == [9, 8, 1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,7 +101,7 @@ N = 48
 def proposers(params, config, truth):
     _, other, other_config, _ = reference_model(tie=False, seed=2)
     return {
-        "lookup": (sp.Lookup(), None),
+        "lookup": (sp.Lookup(min_ngram=1), None),
         "draft, itself": (sp.DraftModel(params, config, config.vocab_size), (0.95, 1.0)),
         "draft, another model": (sp.DraftModel(other, other_config, config.vocab_size), (0.0, 0.2)),
         "mostly right": (Oracle(len(PROMPT), truth, wrong_every=7), (0.5, 0.95)),
@@ -119,7 +122,7 @@ def test_greedy_equals_plain_greedy_with_every_proposer():
             if name == "mostly wrong":  # fruitless proposals make it fall back to plain steps
                 assert last.stats.proposed <= 8 * k, last.stats
     # the lookup finds the output's loops here: it is right more often than not
-    _, last = speculative(params, config, PROMPT, sp.Lookup(), max_tokens=N)
+    _, last = speculative(params, config, PROMPT, sp.Lookup(min_ngram=1), max_tokens=N)
     assert last.stats.proposed > 0 and (last.stats.accepted + last.stats.verify_steps) / last.stats.verify_steps > 1.3
 
 
@@ -132,7 +135,7 @@ def test_sampled_tokens_equal_plain_sampling_with_the_same_seed(seed):
     params, config = target()
     truth, _ = plain(params, config, PROMPT, max_tokens=N, sampling=SAMPLED, seed=seed)
     assert truth != plain(params, config, PROMPT, max_tokens=N, sampling=SAMPLED, seed=seed + 10)[0]
-    for propose in (Oracle(len(PROMPT), truth), Oracle(len(PROMPT), truth, wrong_every=3), sp.Lookup(),
+    for propose in (Oracle(len(PROMPT), truth), Oracle(len(PROMPT), truth, wrong_every=3), sp.Lookup(min_ngram=1),
                     sp.DraftModel(params, config, config.vocab_size)):
         tokens, last = speculative(params, config, PROMPT, propose, max_tokens=N, sampling=SAMPLED, seed=seed, k=4)
         assert tokens == truth, f"{type(propose).__name__}: {tokens} != {truth}"
@@ -186,7 +189,7 @@ def test_the_verifier_traces_once_per_length_and_cache_block(monkeypatch, on_cpu
     monkeypatch.setattr(q, "forward", counting)
     monkeypatch.setattr(q, "CACHE_BLOCK", 32)
     k, prompt = 4, [1, 2, 3, 4, 5, 6] * 3
-    tokens, _ = speculative(params, config, prompt, sp.Lookup(), max_tokens=96, k=k)
+    tokens, _ = speculative(params, config, prompt, sp.Lookup(min_ngram=1), max_tokens=96, k=k)
     assert len(tokens) == 96
     assert len(set(traces)) == len(traces), f"traced twice: {traces}"
     assert all(n in (1, k + 1) for n, _ in traces), f"traces: {traces}"  # one verifier shape
@@ -251,7 +254,7 @@ def test_greedy_on_the_packaged_model_equals_plain_greedy(packaged, name):
               if templated else tokenizer.encode(text))
     eos = tuple(tokenizer.eos_token_ids)
     truth, _ = plain(params, config, prompt, max_tokens=40, eos=eos)
-    tokens, last = speculative(params, config, prompt, sp.Lookup(), max_tokens=40, eos=eos)
+    tokens, last = speculative(params, config, prompt, sp.Lookup(min_ngram=1), max_tokens=40, eos=eos)
     assert tokens == truth, f"lookup:\n{tokenizer.decode(tokens)}\n!=\n{tokenizer.decode(truth)}"
     if name == "copying code":  # most proposals are right
         assert acceptance(last) > 0.5 and (last.stats.accepted / last.stats.verify_steps) > 1, last.stats
