@@ -107,6 +107,15 @@ class NoEos:
         def finalize(): ...
 
 
+def random_weights_run(contender: str, shape: str, dtype: str, kernels: str = "fast"):
+    """(run, params, config) of ours or "mlx_lm" on random weights of a real shape, keeping only that
+    contender's arrays (params is None for mlx_lm)."""
+    params, config, reference, _ = bench_weights(None, shape, dtype)
+    if contender == "mlx_lm":
+        return run_mlx_lm(reference), None, config
+    return run_ours(params, config, kernels), params, config
+
+
 def run_mlx_lm(model):
     from mlx_lm.generate import generate_step
 

@@ -16,13 +16,8 @@ import mlx.core as mx
 case, prompt_tokens = sys.argv[1], int(sys.argv[2])
 if case == "ours-rows-off":
     q.STEP_ROWS["gpu"] = None
-params, config, reference, _ = bench.bench_weights(None, "qwen2-0.5b", "bfloat16")
-if case == "mlx_lm":
-    del params
-    run = bench.run_mlx_lm(reference)
-else:
-    del reference
-    run = bench.run_ours(params, config, "fast")
+run, params, config = bench.random_weights_run(case, "qwen2-0.5b", "bfloat16")
+del params
 gc.collect()
 mx.clear_cache()
 peak_load = mx.get_peak_memory() / 1e9

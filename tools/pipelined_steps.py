@@ -19,13 +19,7 @@ if case == "sync":
     mx.async_eval = mx.eval
 if case == "nobatch":
     E.plainly_greedy = lambda row: False
-params, config, reference, _ = bench.bench_weights(None, "qwen2-0.5b", "bfloat16")
-if case == "mlx_lm":
-    del params
-    run = bench.run_mlx_lm(reference)
-else:
-    del reference
-    run = bench.run_ours(params, config, "fast")
+run, params, config = bench.random_weights_run(case, "qwen2-0.5b", "bfloat16")
 gc.collect(); mx.clear_cache(); mx.reset_peak_memory()
 prompt = mx.random.randint(0, config.vocab_size, (prompt_tokens,), key=mx.random.key(0)).tolist()
 out = {"case": case, "prompt": prompt_tokens}
