@@ -578,7 +578,8 @@ class Engine:
         proposal = self.proposer(row.tokens, k) if k > 0 and row.rest == 0 else []
         row.rest = max(row.rest - 1, 0)
         # a short proposal is padded with dummies, whose draws are not looked at, to num_draft: every verifier step
-        # then has one shape, traced once (each new length was a trace of 1-3 s on the CPU)
+        # then has one shape, traced once (each new length was a trace, 70-120 ms on the CPU, and the first time on
+        # a machine a compile of MLX's fused CPU kernels, 1.4-3 s)
         verified = proposal + proposal[-1:] * (self.num_draft - len(proposal))
         pos = row.position
         rows = self.rows_for(1 + len(verified))
