@@ -105,8 +105,9 @@ def sampling_options(fallback: dict, max_tokens: int):
 
 def speculation_options(f):
     """--speculate, --draft-model and --num-draft, the same on generate and chat."""
-    f = click.option("--num-draft", type=Count(min=1), default=speculative.NUM_DRAFT, show_default=True,
-                     help="Proposals checked per verifier step (k).")(f)
+    # k + 1 tokens in one product of at most EXACT_ROWS rows: the rows the CPU's exact kernel takes, a GPU step's
+    f = click.option("--num-draft", type=click.IntRange(1, q.EXACT_ROWS - 1), default=speculative.NUM_DRAFT,
+                     show_default=True, help="Proposals checked per verifier step (k).")(f)
     f = click.option("--draft-model", default=None, metavar="M",
                      help="A smaller model with the same tokenizer (any --model source), for --speculate draft.")(f)
     f = click.option("--speculate", type=click.Choice(["none", "lookup", "draft"]), default=None,
@@ -544,7 +545,7 @@ def read_chat_template(path: str | None) -> str | None:
               help="Most tokens of context [default: the model's max_position_embeddings].")
 @click.option("--parallel", type=click.IntRange(1, 64), default=None,
               help="Most requests decoding together in one batch; more wait in arrival order "
-                   "[default: 32 on the CPU; 16, the most, on a GPU].")
+                   "[default: 32].")
 @click.option("--served-model-name", default=None, metavar="NAMES",
               help="The model's ids, comma-separated: /v1/models lists them, requests may name any, responses "
                    "carry the first [default: --model, else the packaged model's name].")
@@ -592,11 +593,7 @@ def serve_command(model, dtype, kernels, host, port, api_key, max_kv_size, paral
     settings = server.Settings(
         names=names, defaults=server.Defaults(defaults, config.vocab_size, max_tokens), api_key=api_key,
         bind=host, hosts=comma_list(allowed_hosts), origins=comma_list(allowed_origins), body_seconds=read_timeout)
-    gpu = mx.default_device() == mx.gpu
-    if gpu and parallel and parallel > 16:  # a GPU steps 16 rows; 32 would be another shape, other bits
-        raise click.UsageError(f"--parallel is at most 16 on a GPU (got {parallel}): a step of more rows takes other "
-                               "kernels, and a request's answer would depend on the batch")
-    parallel = parallel or (16 if gpu else 32)  # the CPU's row-exact kernel takes up to 64 rows
+    parallel = parallel or 32  # at most 64: the CPU's row-exact kernel takes up to 64 rows, a GPU's steps are 64
     o = {"speculate": speculate, "draft_model": draft_model, "num_draft": num_draft}
     proposer = proposer_from(o, chosen_speculation(o), dtype, kernels, config, tokenizer)  # for a request alone
     backend = server.Engine(params, config, tokenizer, names[0], defaults, kernels, max_kv_size, parallel, proposer,

@@ -361,13 +361,13 @@ class Engine:
         self.chunk = chunk or q.prefill_chunk()  # prompt tokens per prefill step, cut at multiples of it
         # the prompt cache's unit: any token where rows are exact (then finished rows are kept too), else whole chunks
         self.granule = 1 if q.rows_exact(self.dtype, kernels, self.chunk) else self.chunk
-        # decode and verifier steps padded to multiples of this many query rows (-1: the device's choice)
+        # decode and verifier steps with their products at multiples of this many rows (-1: the device's choice)
         self.step_rows = q.step_rows() if step_rows == -1 else step_rows
         self.prompt_cache = PromptCache(prompt_cache_bytes)
         self.incoming: queue.SimpleQueue = queue.SimpleQueue()
         self.waiting: list[Row] = []  # admitted in order; the first is being prefilled
         self.rows: list[Row] = []  # the batch, in cache row order
-        self.cache: dict | None = None  # the batch's cache: [B, K, S, D] per layer, offsets [B] (+ dummy rows)
+        self.cache: dict | None = None  # the batch's cache: [B, K, S, D] per layer, offsets [B]
         self.pending: dict[Row, Draw] = {}  # the draws of the step sent off last, not yet handed out
         self.wake = threading.Event()
         self.closing = False
@@ -513,18 +513,14 @@ class Engine:
         """The row's cache becomes the batch's last row."""
         cache, row.cache = row.cache, None
         if self.cache is not None:
-            batch = q.take_rows(self.cache, slice(0, len(self.rows)))  # without its dummy rows
+            batch = self.cache
             capacity = max(q.cache_capacity(batch), q.cache_capacity(cache))
             both = [q.reserve(c, capacity, block_size=1) for c in (batch, cache)]
             cache = {"layers": [(mx.concatenate([a[0], b[0]]), mx.concatenate([a[1], b[1]]))
                                 for a, b in zip(both[0]["layers"], both[1]["layers"], strict=True)],
                      "offset": mx.concatenate([batch["offset"], cache["offset"]])}
         self.rows.append(row)
-        self.cache = self.padded(cache)
-
-    def padded(self, cache: dict) -> dict:
-        """The batch's cache with the dummy rows a fixed-shape step needs after its real rows (none on the CPU)."""
-        return cache if self.step_rows is None else q.pad_rows(cache, self.rows_for(len(self.rows)))
+        self.cache = cache
 
     def decode(self) -> None:
         """One step for every row: a batched decode step, or a verifier step for a row alone that speculates.
@@ -582,10 +578,10 @@ class Engine:
         # a machine a compile of MLX's fused CPU kernels, 1.4-3 s)
         verified = proposal + proposal[-1:] * (self.num_draft - len(proposal))
         pos = row.position
-        rows = self.rows_for(1 + len(verified))
-        self.cache = q.reserve(self.cache, pos + (rows or 1 + len(verified)))  # a fixed-shape step: dummies too
+        self.cache = q.reserve(self.cache, pos + 1 + len(verified))
         tokens = mx.array([[row.tokens[-1], *verified]])  # [1, k + 1]
-        logits, self.cache = q.compiled_decode_step(self.params, self.config, tokens, self.cache, self.kernels, rows)
+        logits, self.cache = q.compiled_decode_step(self.params, self.config, tokens, self.cache, self.kernels,
+                                                    self.rows_for(1 + len(verified)))
         drawn = [draw(logits[:, i], row, row.window(proposal[:i]), len(row.tokens) + i)
                  for i in range(len(proposal) + 1)]
         mx.eval(drawn)
@@ -595,9 +591,8 @@ class Engine:
             row.rest = min(2 ** (row.misses - 1), speculative.BACKOFF_MAX) if row.misses else 0
             row.proposed, row.accepted, row.verify_steps = (row.proposed + len(proposal),
                                                             row.accepted + len(new) - 1, row.verify_steps + 1)
-        # the cache keeps the last token and the accepted proposals; the rest is rolled back (dummy rows stay at 0)
-        offset = [pos + len(new)] + [0] * (self.cache["offset"].shape[0] - 1)
-        self.cache = {"layers": self.cache["layers"], "offset": mx.array(offset, mx.int32)}
+        # the cache keeps the last token and the accepted proposals; the rest is rolled back
+        self.cache = {"layers": self.cache["layers"], "offset": mx.array([pos + len(new)], mx.int32)}
         self.emit(row, drawn[: len(new)])  # the kept proposals are the draws at their positions
 
     def rows_for(self, n: int) -> int | None:
@@ -663,9 +658,8 @@ class Engine:
                     self.prompt_cache.store(row.request.cache_scope, tuple(row.tokens[: row.position]),
                                             self.own_layers(i, row.position), 1)
         if len(keep) < len(self.rows):
-            cache = q.take_rows(self.cache, mx.array(keep)) if keep else None  # dummy rows go too
             self.rows = [self.rows[i] for i in keep]
-            self.cache = None if cache is None else self.padded(cache)
+            self.cache = q.take_rows(self.cache, mx.array(keep)) if keep else None
         for row in rows:
             self.finish(row, reason)
 

@@ -212,9 +212,9 @@ def silu(x: mx.array) -> mx.array:
     return x / (1 + mx.exp(-x))
 
 
-def mlp(x: mx.array, gate_proj: dict, up_proj: dict, down_proj: dict) -> mx.array:
+def mlp(x: mx.array, gate_proj: dict, up_proj: dict, down_proj: dict, product: Callable = linear) -> mx.array:
     """SwiGLU: down(silu(gate(x)) * up(x)), no biases: [B, L, E] -> [B, L, F] -> [B, L, E]."""
-    return linear(silu(linear(x, **gate_proj)) * linear(x, **up_proj), **down_proj)
+    return product(silu(product(x, **gate_proj)) * product(x, **up_proj), **down_proj)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,11 +236,13 @@ def fast_attention(q, k, v, scale=None, mask=None):
 
 
 class Kernels(NamedTuple):
-    """The three functions a layer can take from mx.fast instead of ours."""
+    """The functions a layer can take from mx.fast instead of ours (norm, rope, attention), and how it
+    multiplies by its weights (linear; `rows_of_products` in a fixed-shape step)."""
 
     norm: Callable
     rope: Callable
     attention: Callable
+    linear: Callable = linear
 
 
 KERNELS = {
@@ -285,9 +287,9 @@ def self_attention(
     B, L, _ = x.shape
     H, K, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     # Qwen2 gives q, k and v a bias (o_proj has none)
-    q = linear(x, **q_proj).reshape(B, L, H, D).transpose(0, 2, 1, 3)  # [B, H, L, D]
-    k = linear(x, **k_proj).reshape(B, L, K, D).transpose(0, 2, 1, 3)  # [B, K, L, D]
-    v = linear(x, **v_proj).reshape(B, L, K, D).transpose(0, 2, 1, 3)  # [B, K, L, D]
+    q = kernels.linear(x, **q_proj).reshape(B, L, H, D).transpose(0, 2, 1, 3)  # [B, H, L, D]
+    k = kernels.linear(x, **k_proj).reshape(B, L, K, D).transpose(0, 2, 1, 3)  # [B, K, L, D]
+    v = kernels.linear(x, **v_proj).reshape(B, L, K, D).transpose(0, 2, 1, 3)  # [B, K, L, D]
     q = kernels.rope(q, config.rope_theta, offset)
     k = kernels.rope(k, config.rope_theta, offset)
     if kv is not None:
@@ -301,7 +303,7 @@ def self_attention(
         mask = None  # one query sees every key
     out = kernels.attention(q, k, v, scale=D**-0.5, mask=mask)  # [B, H, L, D]
     out = out.transpose(0, 2, 1, 3).reshape(B, L, H * D)  # [B, L, E]
-    return linear(out, **o_proj), kv
+    return kernels.linear(out, **o_proj), kv
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,7 +328,8 @@ def block(
         config=config, kv=kv, offset=offset, mask=mask, kernels=kernels, filled=filled,
     )
     h = x + a
-    out = h + mlp(kernels.norm(h, layer["post_attention_layernorm"]["weight"], eps), **layer["mlp"])
+    out = h + mlp(kernels.norm(h, layer["post_attention_layernorm"]["weight"], eps), **layer["mlp"],
+                  product=kernels.linear)
     return out, kv
 
 
@@ -351,18 +354,19 @@ def hidden_states(
     return x, cache
 
 
-def output_logits(params: dict, h: mx.array) -> mx.array:
+def output_logits(params: dict, h: mx.array, product: Callable = linear) -> mx.array:
     """[..., E] -> [..., V] through lm_head, or the embedding matrix when embeddings are tied."""
     head = params["lm_head"] if "lm_head" in params else params["model"]["embed_tokens"]
-    return linear(h, head["weight"])
+    return product(h, head["weight"])
 
 
 def forward(
     params: dict, config: Config, tokens: mx.array, cache: dict | None = None, kernels: str | Kernels = "reference"
 ) -> tuple[mx.array, dict | None]:
     """Token ids [B, L] -> logits [B, L, V], and the cache with these L tokens added."""
+    kernels = KERNELS[kernels] if isinstance(kernels, str) else kernels
     h, cache = hidden_states(params, config, tokens, cache, kernels)
-    return output_logits(params, h), cache
+    return output_logits(params, h, kernels.linear), cache
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,18 +390,6 @@ def new_cache(config: Config, batch: int = 1, dtype=mx.float32) -> dict:
 
 def cache_capacity(cache: dict) -> int:
     return cache["layers"][0][0].shape[2]
-
-
-def pad_rows(cache: dict, rows: int) -> dict:
-    """[B, K, S, D] per layer -> [rows, K, S, D]: dummy rows of zeros at position 0 after the B real ones."""
-    pad = rows - cache["offset"].shape[0]
-    if pad == 0:
-        return cache
-
-    def dummies(a):  # [B, ...] -> [rows, ...]
-        return mx.concatenate([a, mx.zeros((pad, *a.shape[1:]), a.dtype)])
-
-    return {"layers": [(dummies(k), dummies(v)) for k, v in cache["layers"]], "offset": dummies(cache["offset"])}
 
 
 def take_rows(cache: dict, index) -> dict:
@@ -500,13 +492,25 @@ def decode_step(params, config, tokens, cache, kernels="reference", rows=None):
 
 
 # On a GPU the kernel that computes a product depends on its shape: MLX's CUDA backend takes its
-# own gemv for one row and, for more, a cuBLAS algorithm chosen by the shape; attention over one
-# query or over several takes different kernels again. Each rounds differently, so a row's logits
-# would depend on how many rows stand beside it, and a verifier step's on its length. A step of one
-# fixed shape, `rows` query rows of one token each, runs the same kernels whatever it holds: in a
-# product each row is then computed alone (one algorithm, which does not look at the data), and in
-# attention each query is a row of its own. Padding rows are dummies whose results are dropped.
-# Measured on the H200 (benchmarks/README.md): the same bits alone, in a batch, and in a verifier step.
+# own gemv for one row and, for more, a cuBLAS algorithm chosen by the shape (for the 7B's down_proj
+# a different one at 2, 15, 31 and 64 rows); attention over one query or over several takes
+# different kernels again. Each rounds differently, so a row's logits would depend on how many rows
+# stand beside it, and a verifier step's on its length. A fixed-shape step multiplies every product
+# at one number of rows, the B * L real ones padded with zero rows, so each row is computed by one
+# algorithm, which does not look at the data; and attention takes each query as a row of its own
+# over its row's cache. Attention, RMSNorm, RoPE and the rest work row by row, whatever the number
+# of rows or the cache's capacity. Measured on the H200 (benchmarks/README.md, tools/step_shapes.py):
+# the same bits alone, in a batch, and in a verifier step.
+
+
+def rows_of_products(rows: int) -> Callable:
+    """linear, computed as a product of `rows` rows: [..., in] (at most `rows` of them) -> [..., out]."""
+    def product(x, weight, bias=None):
+        *lead, E = x.shape
+        n = math.prod(lead)
+        padded = mx.concatenate([x.reshape(n, E), mx.zeros((rows - n, E), x.dtype)])  # [rows, E]
+        return linear(padded, weight, bias)[:n].reshape(*lead, -1)
+    return product
 
 
 def one_query_per_row(attention: Callable) -> Callable:
@@ -528,35 +532,23 @@ def one_query_per_row(attention: Callable) -> Callable:
 
 
 def fixed_shape_step(params, config, tokens, cache, kernels, rows):
-    """decode_step at one shape, `rows` query rows: -> (logits [B, L, V], cache).
+    """decode_step with every product at `rows` rows and one query per attention row: -> (logits [B, L, V], cache).
 
-    Decode (L = 1): the cache holds `rows` rows (`pad_rows`), B real ones and then dummies; the
-    dummies decode token 0 and stay at position 0. Verify (B = 1, L <= rows): the cache's first row
-    takes L tokens padded with dummy tokens to `rows`, whose keys land past its offset (masked,
-    later overwritten), so its capacity must reach offset + rows; the other rows are left as they are.
+    tokens [B, L] with B * L <= rows: a decode step of B rows (L = 1) or a verifier step (B = 1). The cache
+    holds the B real rows only; padding lives inside the products.
     """
-    B, L = tokens.shape
     kern = KERNELS[kernels] if isinstance(kernels, str) else kernels
-    kern = kern._replace(attention=one_query_per_row(kern.attention))
-    if L == 1:
-        tokens = mx.concatenate([tokens, mx.zeros((rows - B, 1), tokens.dtype)])  # [rows, 1]
-        logits, new = forward(params, config, tokens, cache, kern)
-        offset = mx.concatenate([new["offset"][:B], mx.zeros((rows - B,), mx.int32)])
-        return logits[:B], {"layers": new["layers"], "offset": offset}
-    first = {"layers": [(k[:1], v[:1]) for k, v in cache["layers"]], "offset": cache["offset"][:1]}
-    tokens = mx.concatenate([tokens, mx.zeros((1, rows - L), tokens.dtype)], axis=1)  # [1, rows]
-    logits, first = forward(params, config, tokens, first, kern)
-    layers = [(mx.concatenate([k1, k[1:]]), mx.concatenate([v1, v[1:]]))
-              for (k1, v1), (k, v) in zip(first["layers"], cache["layers"], strict=True)]
-    return logits[:, :L], {"layers": layers, "offset": mx.concatenate([cache["offset"][:1] + L, cache["offset"][1:]])}
+    kern = kern._replace(linear=rows_of_products(rows), attention=one_query_per_row(kern.attention))
+    return forward(params, config, tokens, cache, kern)
 
 
 compiled_decode_step = mx.compile(decode_step)
 
-# Query rows of a fixed-shape step (None: steps as they come). Measured on the H200 (benchmarks/README.md):
-# without it, one request's greedy tokens changed with the batch and with speculation in bfloat16.
+# Rows of a fixed-shape step's products (None: steps as they come). Measured on the H200 (benchmarks/README.md):
+# without it, one request's greedy tokens changed with the batch and with speculation in bfloat16; a step
+# of 64 rows costs there what one of 16 does, and serves up to 64 rows at once (--parallel).
 # The CPU needs none: its BLAS adapter computes each row of a product alone (blas_adapter.c).
-STEP_ROWS = {"cpu": None, "gpu": 16}
+STEP_ROWS = {"cpu": None, "gpu": 64}
 
 
 def step_rows() -> int | None:

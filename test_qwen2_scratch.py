@@ -325,6 +325,27 @@ def test_rows_of_a_batch_are_computed_as_they_would_be_alone(on_cpu):
         assert np.array_equal(np.array(together[i, -1]), alone[i]), f"row {i} differs in the batch"
 
 
+def test_a_fixed_shape_step_is_a_decode_step_with_its_products_padded(on_cpu):
+    """A GPU's fixed-shape step (every product at `rows` rows, each query a row of its own in attention) gives a
+    decode step's and a verifier step's logits and cache bit for bit (on the CPU, whose rows are computed alone);
+    the padding lives inside the products: the cache keeps the real rows only."""
+    _, params, config, _ = reference_model()
+    x = rand((2, 3, config.hidden_size))
+    w = params["model"]["layers"][0]["self_attn"]["q_proj"]
+    assert np.array_equal(np.array(q.rows_of_products(8)(x, **w)), np.array(q.linear(x, **w)))  # [2, 3, E]: 6 rows
+    _, cache = q.prefill(params, config, mx.array([[5, 6, 7, 8], [9, 10, 11, 12]]), q.new_cache(config, 2))
+    cache = q.reserve(cache, 8)
+    for tokens in (mx.array([[3], [4]]), mx.array([[3, 4, 5]])):  # a decode step of two rows; a verifier step of one
+        rows = cache if tokens.shape[0] == 2 else q.take_rows(cache, slice(0, 1))
+        plain, plain_cache = q.decode_step(params, config, tokens, rows)
+        fixed, fixed_cache = q.compiled_decode_step(params, config, tokens, rows, "reference", 8)
+        assert fixed.shape == plain.shape and np.array_equal(np.array(fixed), np.array(plain))
+        assert fixed_cache["offset"].tolist() == plain_cache["offset"].tolist()
+        for (k1, v1), (k2, v2) in zip(fixed_cache["layers"], plain_cache["layers"], strict=True):
+            assert k1.shape == k2.shape and np.array_equal(np.array(k1), np.array(k2))
+            assert np.array_equal(np.array(v1), np.array(v2))
+
+
 def test_offsets_per_row_rotate_and_mask_each_row_at_its_own_positions():
     x = rand((2, 4, 3, 16))
     both = q.rope(x, 1e4, mx.array([0, 9]))

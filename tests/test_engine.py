@@ -70,8 +70,9 @@ def test_a_request_gives_the_same_tokens_alone_and_in_a_batch(sampling):
 
 
 def test_fixed_shape_steps_give_the_tokens_of_steps_as_they_come(on_cpu):
-    """A GPU's fixed-shape steps (16 query rows there, 4 here), with dummy rows and dummy proposals, change no
-    token: on the CPU, whose rows are computed alone either way, the same tokens bit for bit as plain steps."""
+    """A GPU's fixed-shape steps (products at 64 rows there, 4 here), with zero rows padding the products and dummy
+    proposals, change no token: on the CPU, whose rows are computed alone either way, the same tokens bit for bit
+    as plain steps."""
     params, config = model()
     requests = [E.Request(p, s, 20, seed=i) for i, p in enumerate(prompts(6)) for s in (GREEDY, SAMPLED)]
     expected = [alone(params, config, r, step_rows=None) for r in requests]

@@ -710,9 +710,10 @@ def test_tool_calls_forced_streamed_and_sent_back(tiny_served):
 
 
 def test_a_request_starts_while_ten_others_stream(tiny_folder):
-    """Every running request decodes at once (up to --parallel 16): a request that comes while ten others stream
-    starts before any of them ends, however few threads the machine has (a thread per request waiting for its
-    client to leave once filled the event loop's few worker threads, and later requests waited for others to end)."""
+    """Every running request decodes at once (up to --parallel, 32 by default): a request that comes while ten
+    others stream starts before any of them ends, however few threads the machine has (a thread per request waiting
+    for its client to leave once filled the event loop's few worker threads, and later requests waited for others
+    to end)."""
     s = Served("--model", str(tiny_folder), "--api-key", KEY)
     try:
         first, last = {}, {}

@@ -287,6 +287,7 @@ def test_generate_speculating_prints_what_plain_greedy_prints(tiny_folder):
     (["--speculate", "lookup", "--draft-model", "X"], "--speculate draft"),
     (["--speculate", "maybe"], "maybe"),
     (["--num-draft", "0"], "--num-draft"),
+    (["--num-draft", "64"], "--num-draft"),  # k + 1 rows in one product: at most 64 keep a row's bits
 ])
 def test_speculation_flags_are_checked(tiny_folder, args, words):
     run = invoke("generate", "--model", str(tiny_folder), "-p", "hi", *args)

@@ -1,4 +1,4 @@
-"""Peak memory and decode speed, ours (fixed 16-row steps, or steps as they come) against mlx_lm, random 0.5B weights.
+"""Peak memory and decode speed, ours (fixed-shape steps, or steps as they come) against mlx_lm, random 0.5B weights.
 
     python tools/memory_probe.py   (on a GPU machine: bfloat16, prompts of 512 and 4,096 tokens, 64 decoded)
 

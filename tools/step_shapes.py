@@ -5,9 +5,9 @@
 Random weights of a real shape (the question is the kernels', not the weights'). Row 0 holds a
 context of random tokens; its next logits are computed alone, among 2, 3 and 8 rows, in caches of
 other capacities, and position by position against a verifier step over k + 1 tokens: each as the
-step comes (rows None) and padded to a fixed shape (rows 16, `qwen2_scratch.fixed_shape_step`).
+step comes (rows None) and at a fixed shape (products at 64 rows, `qwen2_scratch.fixed_shape_step`).
 Prints, per check, whether the logits are the same bits and the largest difference; then the time
-of a one-row decode step, plain and padded.
+of a one-row decode step, as it comes and at the fixed shape.
 """
 
 from qwen2s import qwen2_scratch as q  # first: the fast BLAS before MLX
@@ -48,19 +48,16 @@ def main():
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--kernels", default="fast" if mx.default_device() == mx.gpu else "reference")
     parser.add_argument("--context", type=int, default=300)
-    parser.add_argument("--rows", type=int, default=16)
+    parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--json", default=None)
     a = parser.parse_args()
     params, config, _, _ = bench.bench_weights(None, a.shape, a.dtype)
     kernels, n = a.kernels, a.context
     rng = mx.random.randint(0, config.vocab_size, (8, n + 16), key=mx.random.key(1)).tolist()
-    base = 512 * (-(-(n + a.rows) // 512))  # a capacity that holds a padded verifier step
+    base = 512 * (-(-(n + 16) // 512))  # a capacity that holds a verifier step
     step = q.compiled_decode_step
     report = {"device": str(mx.default_device()), "dtype": a.dtype, "kernels": kernels, "mlx": mx.__version__,
               "shape": a.shape, "context": n, "checks": []}
-
-    def padded(cache, rows):  # a fixed-shape decode step takes a cache of `rows` rows, as the engine keeps it
-        return cache if rows is None else q.pad_rows(cache, rows)
 
     def check(name, ours, theirs, rows):
         line = {"check": name, "rows": rows, **differ(ours, theirs)}
@@ -72,25 +69,25 @@ def main():
     others = [context_cache(params, config, rng[i][: n - 7 * i], base, kernels) for i in range(1, 8)]
     token = mx.array([[rng[0][n]]])
     for rows in (None, a.rows):
-        alone, _ = step(params, config, token, padded(row0[0], rows), kernels, rows)
+        alone, _ = step(params, config, token, row0[0], kernels, rows)
         for size in (2, 3, 8):
             tokens = mx.concatenate([token, mx.array([[rng[i][n]] for i in range(1, size)])])
-            batch = padded(batch_of([row0[0], *others[: size - 1]]), rows)
+            batch = batch_of([row0[0], *others[: size - 1]])
             together, _ = step(params, config, tokens, batch, kernels, rows)
             check(f"alone vs in a batch of {size}", alone[0], together[0], rows)
         for cache in row0[1:]:
-            other, _ = step(params, config, token, padded(cache, rows), kernels, rows)
+            other, _ = step(params, config, token, cache, kernels, rows)
             check(f"capacity {base} vs {q.cache_capacity(cache)}", alone[0], other[0], rows)
         for k in (1, 4, 8):  # a verifier step over k + 1 tokens against k + 1 decode steps
             proposal = mx.array([rng[0][n : n + k + 1]])
-            verified, _ = step(params, config, proposal, padded(row0[0], rows), kernels, rows)
-            cache, plain = padded(row0[0], rows), []
+            verified, _ = step(params, config, proposal, row0[0], kernels, rows)
+            cache, plain = row0[0], []
             for i in range(k + 1):
                 logits, cache = step(params, config, proposal[:, i : i + 1], cache, kernels, rows)
                 plain.append(logits[:, 0])
             check(f"verifier k={k} vs decode steps", verified[0], mx.concatenate(plain), rows)
     times = {None: [], a.rows: []}
-    caches = {rows: padded(row0[0], rows) for rows in times}
+    caches = {rows: row0[0] for rows in times}
     mx.eval(caches)
     for _ in range(7):  # alternated, each the median of 20 evaluated steps
         for rows in times:
