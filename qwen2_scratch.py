@@ -38,6 +38,8 @@ from typing import NamedTuple
 
 import mlx.core as mx
 
+from qwen2s import gpu_products
+
 __all__ = [
     "Config", "config_from_dict", "forward", "new_cache", "prefill", "decode_step", "Sampling", "sample",
     "perplexity",
@@ -495,11 +497,12 @@ def decode_step(params, config, tokens, cache, kernels="reference", rows=None):
 # own gemv for one row and, for more, a cuBLAS algorithm chosen by the shape (for the 7B's down_proj
 # a different one at 2, 15, 31 and 64 rows); attention over one query or over several takes
 # different kernels again. Each rounds differently, so a row's logits would depend on how many rows
-# stand beside it, and a verifier step's on its length. A fixed-shape step multiplies every product
-# at one number of rows, the B * L real ones padded with zero rows, so each row is computed by one
-# algorithm, which does not look at the data; and attention takes each query as a row of its own
-# over its row's cache. Attention, RMSNorm, RoPE and the rest work row by row, whatever the number
-# of rows or the cache's capacity. Measured on the H200 (benchmarks/README.md, tools/step_shapes.py):
+# stand beside it, and a verifier step's on its length. A fixed-shape step computes every row of a
+# product alone: on CUDA with a kernel of ours (gpu_products.py), elsewhere (Metal) as a product of
+# one number of rows, the B * L real ones padded with zero rows, so that one algorithm, which does
+# not look at the data, computes each row; and attention takes each query as a row of its own over
+# its row's cache. Attention, RMSNorm, RoPE and the rest work row by row, whatever the number of
+# rows or the cache's capacity. Measured on the H200 (benchmarks/README.md, tools/step_shapes.py):
 # the same bits alone, in a batch, and in a verifier step.
 
 
@@ -510,6 +513,15 @@ def rows_of_products(rows: int) -> Callable:
         n = math.prod(lead)
         padded = mx.concatenate([x.reshape(n, E), mx.zeros((rows - n, E), x.dtype)])  # [rows, E]
         return linear(padded, weight, bias)[:n].reshape(*lead, -1)
+    return product
+
+
+def rows_alone(rows: int) -> Callable:
+    """linear with each row computed alone: gpu_products' kernel where it runs (CUDA), else `rows_of_products`."""
+    padded = rows_of_products(rows)
+
+    def product(x, weight, bias=None):
+        return (gpu_products.product if gpu_products.takes(x, weight) else padded)(x, weight, bias)
     return product
 
 
@@ -532,21 +544,22 @@ def one_query_per_row(attention: Callable) -> Callable:
 
 
 def fixed_shape_step(params, config, tokens, cache, kernels, rows):
-    """decode_step with every product at `rows` rows and one query per attention row: -> (logits [B, L, V], cache).
+    """decode_step with each row of a product computed alone and one query per attention row: -> (logits [B, L, V],
+    cache).
 
     tokens [B, L] with B * L <= rows: a decode step of B rows (L = 1) or a verifier step (B = 1). The cache
-    holds the B real rows only; padding lives inside the products.
+    holds the B real rows only; any padding lives inside the products (`rows_alone`).
     """
     kern = KERNELS[kernels] if isinstance(kernels, str) else kernels
-    kern = kern._replace(linear=rows_of_products(rows), attention=one_query_per_row(kern.attention))
+    kern = kern._replace(linear=rows_alone(rows), attention=one_query_per_row(kern.attention))
     return forward(params, config, tokens, cache, kern)
 
 
 compiled_decode_step = mx.compile(decode_step)
 
-# Rows of a fixed-shape step's products (None: steps as they come). Measured on the H200 (benchmarks/README.md):
-# without it, one request's greedy tokens changed with the batch and with speculation in bfloat16; a step
-# of 64 rows costs there what one of 16 does, and serves up to 64 rows at once (--parallel).
+# Most rows of a fixed-shape step (None: steps as they come), padded to it where products are padded (not on
+# CUDA). Measured on the H200 (benchmarks/README.md): without it, one request's greedy tokens changed with the
+# batch and with speculation in bfloat16. Up to 64 rows decode at once (--parallel).
 # The CPU needs none: its BLAS adapter computes each row of a product alone (blas_adapter.c).
 STEP_ROWS = {"cpu": None, "gpu": 64}
 

@@ -1,0 +1,43 @@
+"""The GPU's products whose rows do not depend on each other (gpu_products.py): on a CUDA GPU its kernel,
+bit for bit the same rows for any number of rows; elsewhere the fixed-shape step's padded products."""
+
+from qwen2s import qwen2_scratch as q  # first: the fast BLAS before MLX
+
+# isort: split
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from qwen2s import gpu_products
+
+SHAPES = [(896, 896), (128, 896), (4864, 896), (896, 4864), (40, 72)]  # the 0.5B's products; a test model's
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32])
+@pytest.mark.parametrize("N,K", SHAPES)
+def test_each_row_is_computed_alone_whatever_the_rows_beside_it(N, K, dtype):
+    """Rows 1 to 64: each row the same bits as in the 64-row product, and close to a float32 product. On a CUDA GPU
+    by the kernel; elsewhere the kernel is not taken and the step's padded product does it."""
+    w = (mx.random.normal((N, K), key=mx.random.key(1)) * 0.05).astype(dtype)
+    x = mx.random.normal((64, K), key=mx.random.key(2)).astype(dtype)
+    assert gpu_products.takes(x, w) == (mx.default_device() == mx.gpu and mx.cuda.is_available())
+    product = q.rows_alone(64)
+    full = np.array(product(x, w).astype(mx.float32))
+    for rows in (1, 2, 3, 8, 9, 33, 64):
+        assert np.array_equal(np.array(product(x[:rows], w).astype(mx.float32)), full[:rows]), rows
+    exact = np.array(x.astype(mx.float32)) @ np.array(w.astype(mx.float32)).T
+    tolerance = 1e-4 if dtype == mx.float32 else 2e-2  # bfloat16 rounds the output to 8 bits of mantissa
+    np.testing.assert_allclose(full, exact, rtol=tolerance, atol=tolerance * np.abs(exact).max())
+
+
+def test_the_kernel_is_not_taken_off_a_cuda_gpu(on_cpu):
+    assert not gpu_products.takes(mx.zeros((2, 16), mx.bfloat16), mx.zeros((8, 16), mx.bfloat16))
+
+
+def test_the_kernel_is_not_taken_for_mixed_dtypes_or_ragged_rows():
+    """(On a CUDA GPU the default device; elsewhere never taken at all.)"""
+    w = mx.zeros((8, 16), mx.bfloat16)
+    assert gpu_products.takes(mx.zeros((2, 16), mx.bfloat16), w) == (mx.default_device() == mx.gpu
+                                                                       and mx.cuda.is_available())
+    assert not gpu_products.takes(mx.zeros((2, 16), mx.float32), w)
+    assert not gpu_products.takes(mx.zeros((2, 18), mx.bfloat16), mx.zeros((8, 18), mx.bfloat16))
