@@ -2,7 +2,7 @@
 after a prompt-cache hit, and with prompt-lookup speculation; greedy and seeded sampling.
 
     python tools/determinism.py [--model M | --shape qwen2-0.5b] [--dtype bfloat16] [--tokens 48]
-                                [--step-rows 16|none] [--json out.json]
+                                [--step-rows 64|none] [--json out.json]
 
 Prints one line per check: how many of the requests differ from the request run alone, where the
 first difference is, and how many differ in any log-probability bit. On the CPU in float32 every
