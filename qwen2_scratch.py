@@ -239,7 +239,7 @@ def fast_attention(q, k, v, scale=None, mask=None):
 
 class Kernels(NamedTuple):
     """The functions a layer can take from mx.fast instead of ours (norm, rope, attention), and how it
-    multiplies by its weights (linear; `rows_of_products` in a fixed-shape step)."""
+    multiplies by its weights (linear; `rows_alone` in a fixed-shape step)."""
 
     norm: Callable
     rope: Callable
