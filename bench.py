@@ -746,8 +746,9 @@ def run_serve(model=None, dtype=None, levels=(1, 8, 32), max_tokens=48, trials=1
     try:
         procs["ours"] = start_server(ours, ports["ours"], {})
         procs["mlx_lm"] = start_server(theirs, ports["mlx_lm"], env)
-        for port in ports.values():  # warm-up: traces, first touches
-            burst(port, 2, 8)
+        for n in levels:  # warm-up: every batch size and cache capacity the trials reach is traced once
+            for port in ports.values():
+                burst(port, n, max_tokens)
         results = {name: {n: [] for n in levels} for name in ports}
         short = {name: [] for name in ports}
         for trial in range(trials):
