@@ -274,9 +274,18 @@ class Row:
         s = self.request.sampling
         return s.repetition_penalty != 1 or bool(s.presence_penalty) or bool(s.frequency_penalty)
 
-    def window(self, extra: list[int] = ()) -> list[int]:
-        """The recent tokens the penalties look at (none when no penalty is on)."""
-        return (self.tokens + list(extra))[-self.request.sampling.repetition_context :] if self.penalized else []
+    def window(self, extra: list[int] = ()) -> mx.array | None:
+        """The recent tokens the penalties look at, [1, n] (None when no penalty is on)."""
+        if not self.penalized:
+            return None
+        return mx.array([(self.tokens + list(extra))[-self.request.sampling.repetition_context :]])
+
+    def before(self, ahead: int) -> list[int]:
+        """The ids a penalty window holds before a step's input token (the last token drawn, or the draw not yet
+        handed out when ahead): the window but its last (none when no penalty is on)."""
+        n = self.request.sampling.repetition_context - 1 if self.penalized else 0
+        known = len(self.tokens) - 1 + ahead  # tokens before the input
+        return self.tokens[max(known - n, 0) : known] if n else []
 
 
 class Draw(NamedTuple):
@@ -287,9 +296,9 @@ class Draw(NamedTuple):
     top: tuple[mx.array, mx.array] | None  # the likeliest ids [n] and their log-probabilities [n]
 
 
-def draw(logits: mx.array, row: Row, window: list[int], position: int) -> Draw:
-    """One row's logits [1, V] -> its token: bias, penalties, grammar, then the sampler with the row's key for
-    this position."""
+def draw(logits: mx.array, row: Row, window: mx.array | None, position: int) -> Draw:
+    """One row's logits [1, V] -> its token: bias, penalties over the window of recent ids [1, n], grammar, then the
+    sampler with the row's key for this position."""
     request = row.request
     s = request.sampling
     logits32 = logits.astype(mx.float32)  # what the events report, before biases and penalties
@@ -297,10 +306,10 @@ def draw(logits: mx.array, row: Row, window: list[int], position: int) -> Draw:
     if request.logit_bias:
         ids, bias = zip(*request.logit_bias, strict=True)
         logits = logits.at[:, mx.array(ids)].add(mx.array(bias, logits.dtype))
-    if window and s.repetition_penalty != 1:
-        logits = q.apply_repetition_penalty(logits, mx.array(window), s.repetition_penalty)
-    if window and (s.presence_penalty or s.frequency_penalty):
-        logits = q.apply_presence_and_frequency(logits, mx.array(window), s.presence_penalty, s.frequency_penalty)
+    if window is not None and s.repetition_penalty != 1:
+        logits = q.apply_repetition_penalty(logits, window, s.repetition_penalty)
+    if window is not None and (s.presence_penalty or s.frequency_penalty):
+        logits = q.apply_presence_and_frequency(logits, window[0], s.presence_penalty, s.frequency_penalty)
     if row.grammar is not None:
         logits = grammar.mask_logits(logits, grammar.allowed(row.grammar)[None])
     token = q.compiled_sample(logits, s, q.sampling_key(row.seed, position))
@@ -312,29 +321,54 @@ def draw(logits: mx.array, row: Row, window: list[int], position: int) -> Draw:
 
 
 def plainly_greedy(row: Row) -> bool:
-    """Whether the row draws the argmax of the model's own logits (nothing added, no top log-probabilities)."""
-    r = row.request
-    return (r.sampling.temp < q.GREEDY_BELOW and not r.logit_bias and not row.penalized and row.grammar is None
-            and not r.top_logprobs)
+    """Whether the row draws the argmax of the model's own logits, a repetition penalty aside (nothing added, no
+    other penalty, no top log-probabilities)."""
+    r, s = row.request, row.request.sampling
+    return (s.temp < q.GREEDY_BELOW and not r.logit_bias and not s.presence_penalty and not s.frequency_penalty
+            and row.grammar is None and not r.top_logprobs)
 
 
-def greedy_draws(logits: mx.array) -> tuple[mx.array, mx.array]:
-    """Plainly greedy rows drawn together, in one graph: [B, V] -> tokens [B] and their log-probabilities [B]
-    (each row's argmax, as `draw` takes it, whatever the rows beside it)."""
-    logits32 = logits.astype(mx.float32)
-    token = mx.argmax(logits32, axis=-1)  # [B]
+def greedy_draws(logits: mx.array, windows: mx.array | None = None, penalties: mx.array | None = None
+                 ) -> tuple[mx.array, mx.array]:
+    """Greedy rows drawn together, in one graph: [B, V] -> tokens [B] and their log-probabilities [B] (each row's
+    argmax, as `draw` takes it, whatever the rows beside it); windows [B, n] and penalties [B, 1]: each row's
+    repetition penalty (1 leaves a row's logits as they are)."""
+    logits32 = logits.astype(mx.float32)  # what the events report, before the penalty
+    if windows is not None:
+        logits = q.apply_repetition_penalty(logits, windows, penalties)
+    token = mx.argmax(logits.astype(mx.float32), axis=-1)  # [B]
     return token, mx.take_along_axis(logits32, token[:, None], axis=-1)[:, 0] - q.logsumexp(logits32)[:, 0]
 
 
-def draw_rows(logits: mx.array, rows: list[Row], ahead: list[int]) -> list[Draw]:
-    """Each row's draw from a step's logits [B, V] (a row `ahead` of its tokens by a draw not yet handed out):
-    the plainly greedy rows in one graph, the others one by one (their own settings and random keys)."""
+def penalty_windows(rows: list[Row], ahead: list[int], last: mx.array) -> mx.array:
+    """Each row's penalty window ending at its step input last [B, 1] (perhaps a draw not yet handed out, so the
+    window is built on the device): [B, n], a short window padded with its last id (an id seen twice counts once)."""
+    before = [row.before(a) for row, a in zip(rows, ahead, strict=True)]
+    n = max(map(len, before))
+    if n == 0:
+        return last
+    filled = mx.array([[True] * len(b) + [False] * (n - len(b)) for b in before])  # [B, n]
+    ids = mx.array([b + [0] * (n - len(b)) for b in before], mx.int32)  # [B, n]
+    return mx.concatenate([mx.where(filled, ids, last), last], axis=1)  # [B, n + 1]
+
+
+def draw_rows(logits: mx.array, rows: list[Row], ahead: list[int], last: mx.array) -> list[Draw]:
+    """Each row's draw from a step's logits [B, V] (a row `ahead` of its tokens by a draw not yet handed out, last
+    [B, 1] the step's input): the greedy rows in one graph, the others one by one (their own settings and keys)."""
     greedy = [i for i, row in enumerate(rows) if plainly_greedy(row)]
     drawn = {}
     if greedy:
-        tokens, logprobs = greedy_draws(logits if len(greedy) == len(rows) else logits[mx.array(greedy)])
+        every = len(greedy) == len(rows)
+        pick = (lambda a: a) if every else (lambda a: a[mx.array(greedy)])
+        windows = penalties = None
+        if any(rows[i].penalized for i in greedy):
+            windows = penalty_windows([rows[i] for i in greedy], [ahead[i] for i in greedy], pick(last))
+            penalties = mx.array([[rows[i].request.sampling.repetition_penalty] for i in greedy], logits.dtype)
+        tokens, logprobs = greedy_draws(pick(logits), windows, penalties)
         drawn = {i: Draw(tokens[j : j + 1], logprobs[j : j + 1], None) for j, i in enumerate(greedy)}
-    return [drawn[i] if i in drawn else draw(logits[i : i + 1], row, row.window(), len(row.tokens) + ahead[i])
+    return [drawn[i] if i in drawn else
+            draw(logits[i : i + 1], row, penalty_windows([row], ahead[i : i + 1], last[i : i + 1])
+                 if row.penalized else None, len(row.tokens) + ahead[i])
             for i, row in enumerate(rows)]
 
 
@@ -527,14 +561,14 @@ class Engine:
 
         Pipelined: the step is sent off (mx.async_eval) before the previous step's tokens are handed out, so
         that the device computes while Python detokenizes and builds the next graph (as mlx_lm does). A row's
-        next input is then its last draw, still an array. Where the next step needs the last token's value
-        (speculation's proposals, a grammar's mask, the penalties' window) or a row's last draw ends it by
-        length, the earlier draws are handed out first (`drain`) and the step waits for itself.
+        next input is then its last draw, still an array, and so is the end of its penalties' window. Where the
+        next step needs the last token's value (speculation's proposals, a grammar's mask) or a row's last draw
+        ends it by length, the earlier draws are handed out first (`drain`) and the step waits for itself.
         """
         if len(self.rows) == 1 and not self.waiting and self.proposer is not None and self.rows[0].grammar is None:
             self.drain()
             return self.speculate(self.rows[0]) if self.rows else None
-        waits = any(row.grammar is not None or row.penalized for row in self.rows)
+        waits = any(row.grammar is not None for row in self.rows)
         if waits or any(self.ended_by_next(row) for row in self.pending):
             self.drain()
             if not self.rows:
@@ -545,7 +579,7 @@ class Engine:
         self.cache = q.reserve(self.cache, max(row.position + a for row, a in zip(self.rows, ahead, strict=True)) + 1)
         logits, self.cache = q.compiled_decode_step(self.params, self.config, tokens, self.cache, self.kernels,
                                                     self.rows_for(len(self.rows)))
-        drawn = draw_rows(logits[:, -1], self.rows, ahead)
+        drawn = draw_rows(logits[:, -1], self.rows, ahead, tokens)
         if waits:
             mx.eval(drawn, self.cache)
             for row, d in zip(list(self.rows), drawn, strict=True):

@@ -581,11 +581,11 @@ class Sampling(NamedTuple):
     frequency_penalty: float = 0.0  # and this, once per time it occurred
 
 
-def apply_repetition_penalty(logits: mx.array, recent: mx.array, penalty: float) -> mx.array:
-    """Make recently seen tokens less likely: [B, V], [N] -> [B, V] (positive / p, negative * p)."""
-    seen = logits[:, recent]  # [B, N]
-    logits[:, recent] = mx.where(seen < 0, seen * penalty, seen / penalty)
-    return logits
+def apply_repetition_penalty(logits: mx.array, recent: mx.array, penalty: float | mx.array) -> mx.array:
+    """Make recently seen tokens less likely: [B, V], each row's recent ids [B, N], a penalty (or one per row,
+    [B, 1] in logits' dtype) -> [B, V] (positive / p, negative * p; an id seen twice is penalized once)."""
+    seen = mx.take_along_axis(logits, recent, axis=-1)  # [B, N]
+    return mx.put_along_axis(logits, recent, mx.where(seen < 0, seen * penalty, seen / penalty), axis=-1)
 
 
 def apply_presence_and_frequency(logits: mx.array, recent: mx.array, presence: float, frequency: float) -> mx.array:

@@ -399,9 +399,22 @@ def test_repetition_penalty_matches_mlx_lm():
 
     logits, _ = logprobs_for_sampling(1)
     recent = [3, 7, 7, 250, 11]
-    ours = q.apply_repetition_penalty(mx.array(logits), mx.array(recent), 1.3)
+    ours = q.apply_repetition_penalty(mx.array(logits), mx.array([recent]), 1.3)
     theirs = make_repetition_penalty(1.3, context_size=20)(mx.array(recent), mx.array(logits))
     assert_close(ours, theirs, 0, 0, "repetition penalty")
+
+
+def test_repetition_penalties_of_a_batch_give_each_row_its_own():
+    """Rows with their own windows and penalties ([B, N], [B, 1]) get the bits each gets alone with its penalty as a
+    number; a penalty of 1 leaves a row as it is (the engine draws penalized and plain greedy rows together)."""
+    logits = mx.random.normal((3, 300), key=mx.random.key(3)).astype(mx.bfloat16) * 4
+    recent = mx.array([[3, 7, 7, 250], [5, 5, 5, 5], [9, 1, 2, 3]])
+    penalties = (1.05, 1.3, 1.0)
+    together = q.apply_repetition_penalty(logits, recent, mx.array([[p] for p in penalties], logits.dtype))
+    for i, p in enumerate(penalties):
+        alone = q.apply_repetition_penalty(logits[i : i + 1], recent[i : i + 1], p)
+        assert mx.array_equal(together[i : i + 1], alone), f"row {i}"
+    assert mx.array_equal(together[2], logits[2]) and not mx.array_equal(together[0], logits[0])
 
 
 def test_presence_and_frequency_penalties_match_mlx_lm():

@@ -363,10 +363,9 @@ def test_the_prompt_cache_holds_at_most_its_number_of_entries():
 
 
 def test_pipelined_and_waiting_steps_and_batched_greedy_draws_agree():
-    """Plain rows run pipelined (a step is sent off before the last one's tokens are handed out) and are drawn
-    greedily in one graph; a penalized row makes the whole batch wait for each step and draw row by row (the
-    penalty needs the last token), as a top_logprobs request is drawn by `draw`. The same tokens either way, and
-    the same log-probabilities."""
+    """Rows run pipelined (a step is sent off before the last one's tokens are handed out) and greedy rows are
+    drawn in one graph, a penalized one too (its window ends in the draw still on the device); a top_logprobs
+    request is drawn by `draw`. The same tokens either way, and the same log-probabilities."""
     params, config = model()
     plain = E.Request(prompts()[1], GREEDY, 20, seed=1)
     listed = plain._replace(top_logprobs=2)
@@ -377,6 +376,44 @@ def test_pipelined_and_waiting_steps_and_batched_greedy_draws_agree():
     assert [e.logprob for e in events] == pytest.approx([e.logprob for e in alone_listed], abs=1e-5)
     together = run_together(new_engine(params, config, max_batch=3), [plain, penalized, listed])
     assert [t for t, _ in together] == [tokens_of(events), alone(params, config, penalized), tokens_of(events)]
+
+
+def penalized_greedy_by_hand(params, config, prompt, n, penalty, context):
+    """A greedy row with a repetition penalty, one step at a time: the window built from Python ids, the penalty
+    and argmax in numpy, every step waited for (what the engine did before it pipelined penalized rows)."""
+    import numpy as np
+
+    tokens, cache = list(prompt), q.new_cache(config)
+    logits, cache = q.prefill(params, config, mx.array([tokens]), cache)
+    for _ in range(n):
+        row = np.array(logits.reshape(-1, logits.shape[-1])[-1].astype(mx.float32))
+        window = sorted(set(tokens[-context:]))
+        row[window] = np.where(row[window] < 0, row[window] * np.float32(penalty), row[window] / np.float32(penalty))
+        tokens.append(int(row.argmax()))
+        cache = q.reserve(cache, len(tokens))
+        logits, cache = q.decode_step(params, config, mx.array([[tokens[-1]]]), cache)
+    return tokens[len(prompt):]
+
+
+def test_penalized_rows_pipelined_and_batched_draw_what_a_step_by_step_loop_draws(monkeypatch):
+    """Penalized rows no longer make the batch wait: a greedy row's window ends in its last draw still on the
+    device, and greedy rows with their own penalties and windows are drawn in one graph. Each gives the tokens of a
+    step-by-step loop that builds the window from Python ids; a sampled penalized row (drawn alone) gives its tokens
+    alone, and those it gives when every row is drawn by `draw` and every step waited for."""
+    params, config = model()
+    greedy = [E.Request(p, GREEDY._replace(repetition_penalty=r, repetition_context=c), 16, seed=i)
+              for i, (p, r, c) in enumerate(zip(prompts(3), (3.0, 1.3, 2.0), (2, 20, 1), strict=True))]
+    sampled = E.Request(prompts()[4], SAMPLED._replace(repetition_context=4), 16, seed=9)
+    together = run_together(new_engine(params, config, max_batch=5), [*greedy, sampled, E.Request(prompts()[5])])
+    for (tokens, _), r in zip(together, greedy, strict=False):
+        s = r.sampling
+        assert tokens == penalized_greedy_by_hand(params, config, r.prompt, 16, s.repetition_penalty,
+                                                  s.repetition_context)
+    assert together[3][0] == alone(params, config, sampled)
+    monkeypatch.setattr(E, "plainly_greedy", lambda row: False)
+    monkeypatch.setattr(mx, "async_eval", mx.eval)
+    assert [t for t, _ in run_together(new_engine(params, config, max_batch=5), [*greedy, sampled])] == [
+        t for t, _ in together[:4]]
 
 
 def test_a_row_that_ends_while_its_next_step_is_sent_off_leaves_the_others_exact():
