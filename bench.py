@@ -735,7 +735,10 @@ def run_serve(model=None, dtype=None, levels=(1, 8, 32), max_tokens=48, trials=1
     dtype = dtype or ("bfloat16" if mx.default_device() == mx.gpu else "float32")
     folder = weights.resolve(model)
     ports = {"ours": free_port(), "mlx_lm": free_port()}
-    ours = [sys.executable, "-m", "qwen2s.cli", "serve", "--port", str(ports["ours"]), "--dtype", dtype]
+    # greedy clients get the argmax on both: mlx_lm.server applies no penalty a request does not ask for, where ours
+    # would apply the model's generation_config (the packaged model's repetition penalty, 1.05)
+    ours = [sys.executable, "-m", "qwen2s.cli", "serve", "--port", str(ports["ours"]), "--dtype", dtype,
+            "--repetition-penalty", "1"]
     ours += (["--model", model] if model else []) + (["--parallel", str(parallel)] if parallel else [])
     theirs = [sys.executable, "-m", "mlx_lm", "server", "--port", str(ports["mlx_lm"]), "--model",
               mlx_lm_folder(folder, dtype)]
