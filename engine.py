@@ -282,10 +282,13 @@ class Row:
 
     def before(self, ahead: int) -> list[int]:
         """The ids a penalty window holds before a step's input token (the last token drawn, or the draw not yet
-        handed out when ahead): the window but its last (none when no penalty is on)."""
-        n = self.request.sampling.repetition_context - 1 if self.penalized else 0
+        handed out when ahead): the window but its last (none when no penalty is on). A context of 0 or less is
+        the whole history, as `window`'s slice makes it."""
+        if not self.penalized:
+            return []
+        context = self.request.sampling.repetition_context
         known = len(self.tokens) - 1 + ahead  # tokens before the input
-        return self.tokens[max(known - n, 0) : known] if n else []
+        return self.tokens[max(known - context + 1, 0) if context > 0 else 0 : known]
 
 
 class Draw(NamedTuple):
