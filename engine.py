@@ -344,8 +344,9 @@ def greedy_draws(logits: mx.array, windows: mx.array | None = None, penalties: m
 
 
 def penalty_windows(rows: list[Row], ahead: list[int], last: mx.array) -> mx.array:
-    """Each row's penalty window ending at its step input last [B, 1] (perhaps a draw not yet handed out, so the
-    window is built on the device): [B, n], a short window padded with its last id (an id seen twice counts once)."""
+    """Each row's penalty window, ending at its step input last [B, 1] (perhaps a draw not yet handed out, so the
+    window is built on the device): [B, n + 1], n the longest `before`; a shorter window is padded with its last id
+    (an id seen twice is penalized once)."""
     before = [row.before(a) for row, a in zip(rows, ahead, strict=True)]
     n = max(map(len, before))
     if n == 0:
