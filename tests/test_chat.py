@@ -410,3 +410,30 @@ def test_every_turn_answers_as_a_fresh_engine_would_across_dropped_turns(tiny_to
         request = Request(tuple(ids), c.sampling, c.max_tokens, seed=c.seed + len(c.turns) - 1)
         assert answer == "".join(e.text for e in fresh.generate(request)), (i, notices)
     assert any("dropped" in n for n in notices), notices
+
+
+@pytest.mark.parametrize("system", [None, "the quick brown fox"], ids=["no system", "system"])
+@pytest.mark.parametrize("rewrites", [False, True], ids=["chatml", "rewrites answers"])
+def test_a_turn_templates_only_what_it_adds_and_gets_the_whole_historys_ids(tiny_tokenizer_dir, monkeypatch, system,
+                                                                           rewrites):
+    """Each turn's ids are those of the whole history templated, but only the last turn and the new message are
+    templated (the whole history's template ran 21 ms a turn at 20,000 tokens); a template that rewrites an answer
+    (here: a prefix) does not go on from the transcript, and the whole history is templated as before."""
+    c = make_chat(tiny_tokenizer_dir, system=system, max_tokens=6)
+    if rewrites:
+        c.tokenizer._tokenizer.chat_template = c.tokenizer._tokenizer.chat_template.replace(
+            "{{ m['content'] }}", "{{ 'ANSWER: ' if m['role'] == 'assistant' else '' }}{{ m['content'] }}")
+    rendered, render = [], chat_module.prompts.render_chat
+    monkeypatch.setattr(chat_module.prompts, "render_chat",
+                        lambda t, m, *a: rendered.append(len(m)) or render(t, m, *a))
+    for i in range(8):
+        line = f"hello world {i}"
+        rendered.clear()
+        ids = c.fit(line, print)
+        text, fitted = c.text, list(rendered)
+        assert ids == c.prompt_ids(line, incremental=False) and c.text == text, i
+        if i >= 2:  # the history has 2 turns or more: 5 messages or more
+            whole = 2 * i + 1 + (system is not None)
+            assert (whole in fitted) == rewrites and max(fitted) <= (whole if rewrites else 4), (i, fitted)
+        for _ in c.reply(line, ids, print):
+            pass
