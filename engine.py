@@ -181,8 +181,10 @@ class PromptCache:
         first that many positions hold their keys and values ([1, K, >= reuse, D] each)."""
         with self.lock:
             best, best_key = 0, None
-            for key in self.entries:
-                if key[0] == scope and (n := q.common_prefix(key[1], prompt)) > best:
+            # the newest first, and no entry compared that is no longer than the best so far: a chat's newest entry
+            # holds its whole history, the older ones (up to 64, of tens of thousands of tokens) are then skipped
+            for key in reversed(self.entries):
+                if key[0] == scope and len(key[1]) > best and (n := q.common_prefix(key[1], prompt)) > best:
                     best, best_key = n, key
             reuse = min(best, len(prompt) - 1) // granule * granule
             if reuse == 0:
@@ -203,7 +205,9 @@ class PromptCache:
         if size > self.max_bytes:
             return
         with self.lock:
-            for key in [k for k in self.entries if k[0] == scope and tokens[: len(k[1])] == k[1]]:
+            # an entry's last token compared first: most entries are no prefix of this one, and slicing costs
+            for key in [k for k in self.entries if k[0] == scope and len(k[1]) <= n
+                        and tokens[len(k[1]) - 1] == k[1][-1] and tokens[: len(k[1])] == k[1]]:
                 self.drop(key)  # an entry this one extends says nothing more
             if (scope, tokens) in self.entries:
                 self.drop((scope, tokens))
@@ -274,9 +278,16 @@ class Row:
         s = self.request.sampling
         return s.repetition_penalty != 1 or bool(s.presence_penalty) or bool(s.frequency_penalty)
 
-    def window(self, extra: list[int] = ()) -> list[int]:
-        """The recent tokens the penalties look at (none when no penalty is on)."""
-        return (self.tokens + list(extra))[-self.request.sampling.repetition_context :] if self.penalized else []
+    def window(self, extra: list[int] = (), ahead: mx.array | None = None) -> list[int] | mx.array:
+        """The recent tokens the penalties look at (none when no penalty is on). ahead: a draw not yet handed out
+        ([1], an array the device may still be computing), the last of them: then an array, so that a pipelined
+        step need not wait for that token's value."""
+        if not self.penalized:
+            return []
+        if ahead is None:
+            return (self.tokens + list(extra))[-self.request.sampling.repetition_context :]
+        known = (self.tokens + list(extra) + [None])[-self.request.sampling.repetition_context :][:-1]
+        return mx.concatenate([mx.array(known, mx.int32), ahead.astype(mx.int32)])
 
 
 class Draw(NamedTuple):
@@ -287,7 +298,7 @@ class Draw(NamedTuple):
     top: tuple[mx.array, mx.array] | None  # the likeliest ids [n] and their log-probabilities [n]
 
 
-def draw(logits: mx.array, row: Row, window: list[int], position: int) -> Draw:
+def draw(logits: mx.array, row: Row, window: list[int] | mx.array, position: int) -> Draw:
     """One row's logits [1, V] -> its token: bias, penalties, grammar, then the sampler with the row's key for
     this position."""
     request = row.request
@@ -297,10 +308,11 @@ def draw(logits: mx.array, row: Row, window: list[int], position: int) -> Draw:
     if request.logit_bias:
         ids, bias = zip(*request.logit_bias, strict=True)
         logits = logits.at[:, mx.array(ids)].add(mx.array(bias, logits.dtype))
-    if window and s.repetition_penalty != 1:
-        logits = q.apply_repetition_penalty(logits, mx.array(window), s.repetition_penalty)
-    if window and (s.presence_penalty or s.frequency_penalty):
-        logits = q.apply_presence_and_frequency(logits, mx.array(window), s.presence_penalty, s.frequency_penalty)
+    recent = window if isinstance(window, mx.array) else mx.array(window)
+    if len(window) and s.repetition_penalty != 1:
+        logits = q.apply_repetition_penalty(logits, recent, s.repetition_penalty)
+    if len(window) and (s.presence_penalty or s.frequency_penalty):
+        logits = q.apply_presence_and_frequency(logits, recent, s.presence_penalty, s.frequency_penalty)
     if row.grammar is not None:
         logits = grammar.mask_logits(logits, grammar.allowed(row.grammar)[None])
     token = q.compiled_sample(logits, s, q.sampling_key(row.seed, position))
@@ -326,15 +338,17 @@ def greedy_draws(logits: mx.array) -> tuple[mx.array, mx.array]:
     return token, mx.take_along_axis(logits32, token[:, None], axis=-1)[:, 0] - q.logsumexp(logits32)[:, 0]
 
 
-def draw_rows(logits: mx.array, rows: list[Row], ahead: list[int]) -> list[Draw]:
-    """Each row's draw from a step's logits [B, V] (a row `ahead` of its tokens by a draw not yet handed out):
-    the plainly greedy rows in one graph, the others one by one (their own settings and random keys)."""
+def draw_rows(logits: mx.array, rows: list[Row], pending: list[mx.array | None]) -> list[Draw]:
+    """Each row's draw from a step's logits [B, V] (a row with a `pending` token, a draw not yet handed out, is one
+    token further on): the plainly greedy rows in one graph, the others one by one (their own settings and random
+    keys)."""
     greedy = [i for i, row in enumerate(rows) if plainly_greedy(row)]
     drawn = {}
     if greedy:
         tokens, logprobs = greedy_draws(logits if len(greedy) == len(rows) else logits[mx.array(greedy)])
         drawn = {i: Draw(tokens[j : j + 1], logprobs[j : j + 1], None) for j, i in enumerate(greedy)}
-    return [drawn[i] if i in drawn else draw(logits[i : i + 1], row, row.window(), len(row.tokens) + ahead[i])
+    return [drawn[i] if i in drawn else draw(logits[i : i + 1], row, row.window(ahead=pending[i]),
+                                             len(row.tokens) + (pending[i] is not None))
             for i, row in enumerate(rows)]
 
 
@@ -527,25 +541,28 @@ class Engine:
 
         Pipelined: the step is sent off (mx.async_eval) before the previous step's tokens are handed out, so
         that the device computes while Python detokenizes and builds the next graph (as mlx_lm does). A row's
-        next input is then its last draw, still an array. Where the next step needs the last token's value
-        (speculation's proposals, a grammar's mask, the penalties' window) or a row's last draw ends it by
-        length, the earlier draws are handed out first (`drain`) and the step waits for itself.
+        next input is then its last draw, still an array, and so is the last token of the penalties' window
+        (`Row.window`). Where the next step needs the last token's value (speculation's proposals, a grammar's
+        mask) or a row's last draw ends it by length, the earlier draws are handed out first (`drain`) and the
+        step waits for itself.
         """
         if len(self.rows) == 1 and not self.waiting and self.proposer is not None and self.rows[0].grammar is None:
             self.drain()
             return self.speculate(self.rows[0]) if self.rows else None
-        waits = any(row.grammar is not None or row.penalized for row in self.rows)
+        waits = any(row.grammar is not None for row in self.rows)
         if waits or any(self.ended_by_next(row) for row in self.pending):
             self.drain()
             if not self.rows:
                 return
-        ahead = [int(row in self.pending) for row in self.rows]  # a draw not yet handed out: one token further
-        last = [self.pending[row].token if row in self.pending else mx.array([row.tokens[-1]]) for row in self.rows]
+        pending = [self.pending[row].token if row in self.pending else None for row in self.rows]
+        ahead = [int(token is not None) for token in pending]  # a draw not yet handed out: one token further
+        last = [mx.array([row.tokens[-1]]) if token is None else token for row, token in zip(self.rows, pending,
+                                                                                            strict=True)]
         tokens = mx.concatenate(last)[:, None]  # [B, 1]
         self.cache = q.reserve(self.cache, max(row.position + a for row, a in zip(self.rows, ahead, strict=True)) + 1)
         logits, self.cache = q.compiled_decode_step(self.params, self.config, tokens, self.cache, self.kernels,
                                                     self.rows_for(len(self.rows)))
-        drawn = draw_rows(logits[:, -1], self.rows, ahead)
+        drawn = draw_rows(logits[:, -1], self.rows, pending)
         if waits:
             mx.eval(drawn, self.cache)
             for row, d in zip(list(self.rows), drawn, strict=True):

@@ -420,8 +420,11 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
     A binary search over slices, which Python compares in C: a prompt cache of long conversations
     looks up tens of thousands of tokens per entry."""
-    a, b = list(a), list(b)
+    if type(a) is not type(b):  # a tuple's slice never equals a list's
+        a, b = list(a), list(b)
     low, high = 0, min(len(a), len(b))
+    if a[:high] == b[:high]:  # one is a prefix of the other (a chat's next turn): one comparison
+        return high
     while low < high:  # a[:low] == b[:low], and they differ somewhere before high + 1 (or high is the end)
         middle = (low + high + 1) // 2
         if a[low:middle] == b[low:middle]:
