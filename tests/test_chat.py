@@ -437,3 +437,20 @@ def test_a_turn_templates_only_what_it_adds_and_gets_the_whole_historys_ids(tiny
             assert (whole in fitted) == rewrites and max(fitted) <= (whole if rewrites else 4), (i, fitted)
         for _ in c.reply(line, ids, print):
             pass
+
+
+def test_every_turn_goes_on_from_the_drawn_ids_of_the_turns_before(tiny_tokenizer_dir):
+    """The history keeps each answer as drawn: templated again it is the transcript's text, so every turn's ids begin
+    with the last turn's prompt and drawn ids and only the new turn is prefilled. From the streamed text (here: some
+    answers' first token loses its leading space), the whole history was encoded again on such turns, its answers'
+    text giving other ids than those drawn, and every turn since the last such one was prefilled again."""
+    c = make_chat(tiny_tokenizer_dir, max_tokens=8)
+    for i in range(40):
+        line = f"line {i}"
+        ids = c.fit(line, print)
+        before = c.transcript
+        answer = "".join(c.reply(line, ids, print))
+        if before is not None:
+            assert tuple(ids[: len(before.ids)]) == before.ids, i
+            assert c.last.usage.prompt_tokens - c.last.usage.cached_tokens <= len(ids) - len(before.ids) + 1, i
+        assert c.turns[-1][1].lstrip() == answer.lstrip() or "\ufffd" in answer, (i, answer)
