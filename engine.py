@@ -181,8 +181,10 @@ class PromptCache:
         first that many positions hold their keys and values ([1, K, >= reuse, D] each)."""
         with self.lock:
             best, best_key = 0, None
-            for key in self.entries:
-                if key[0] == scope and (n := q.common_prefix(key[1], prompt)) > best:
+            # the newest first, and no entry compared that is no longer than the best so far: a chat's newest entry
+            # holds its whole history, the older ones (up to 64, of tens of thousands of tokens) are then skipped
+            for key in reversed(self.entries):
+                if key[0] == scope and len(key[1]) > best and (n := q.common_prefix(key[1], prompt)) > best:
                     best, best_key = n, key
             reuse = min(best, len(prompt) - 1) // granule * granule
             if reuse == 0:
@@ -203,7 +205,9 @@ class PromptCache:
         if size > self.max_bytes:
             return
         with self.lock:
-            for key in [k for k in self.entries if k[0] == scope and tokens[: len(k[1])] == k[1]]:
+            # an entry's last token compared first: most entries are no prefix of this one, and slicing costs
+            for key in [k for k in self.entries if k[0] == scope and len(k[1]) <= n
+                        and tokens[len(k[1]) - 1] == k[1][-1] and tokens[: len(k[1])] == k[1]]:
                 self.drop(key)  # an entry this one extends says nothing more
             if (scope, tokens) in self.entries:
                 self.drop((scope, tokens))

@@ -362,6 +362,26 @@ def test_the_prompt_cache_holds_at_most_its_number_of_entries():
     assert cache.lookup("", tuple(range(40, 50)), 4)[0] == 8 and cache.lookup("", tuple(range(0, 9)), 4)[0] == 0
 
 
+def test_a_chats_lookup_compares_its_newest_entry_only(monkeypatch):
+    """A chat's turns leave entries that are no prefix of the next (an answer's text encoded again, turns dropped):
+    up to 64 of tens of thousands of tokens, each compared at every turn (16 ms a turn at 25,000 tokens). Newest
+    first, an entry no longer than the best so far is not compared; the best is the same, and so is the tie: the
+    entry used last."""
+    cache = E.PromptCache(max_bytes=1 << 40, max_entries=64)
+    layers = [(mx.zeros((1, 2, 8, 4)), mx.zeros((1, 2, 8, 4)))]
+    history = tuple(range(3, 3 + 5000))
+    for i in range(1, 40):  # each turn's entry drifts from the next prompt at its last answer
+        cache.store("", history[: i * 100] + (1, 2), layers, granule=1)
+    assert len(cache.entries) == 39
+    compared = []
+    common_prefix = q.common_prefix
+    monkeypatch.setattr(q, "common_prefix", lambda a, b: compared.append(len(a)) or common_prefix(a, b))
+    cache.store("", history[:4000], layers, granule=1)  # the newest turn: all of the prompt's history
+    assert cache.lookup("", history[:4100], 1)[0] == 4000 and compared == [4000]
+    assert cache.lookup("", history[:100] + (1, 2, 9), 1)[0] == 102  # an older entry is still found whole
+    assert list(cache.entries)[-1][1] == history[:100] + (1, 2)  # and used last
+
+
 def test_pipelined_and_waiting_steps_and_batched_greedy_draws_agree():
     """Rows run pipelined (a step is sent off before the last one's tokens are handed out) and greedy rows are
     drawn in one graph, a penalized one too (its window ends in the draw still on the device); a top_logprobs
@@ -414,6 +434,29 @@ def test_penalized_rows_pipelined_and_batched_draw_what_a_step_by_step_loop_draw
     monkeypatch.setattr(mx, "async_eval", mx.eval)
     assert [t for t, _ in run_together(new_engine(params, config, max_batch=5), [*greedy, sampled])] == [
         t for t, _ in together[:4]]
+
+
+@pytest.mark.parametrize("sampling", [GREEDY._replace(repetition_penalty=1.5),
+                                      SAMPLED._replace(presence_penalty=1.0, frequency_penalty=0.5)],
+                         ids=["greedy, repetition", "sampled, presence and frequency"])
+def test_a_penalized_row_steps_pipelined_with_its_last_draw_ending_its_window(sampling):
+    """The penalties' window ends with the last draw, which a pipelined step has not handed out yet: it goes in as an
+    array (`penalty_windows`), so a penalized row no longer makes the batch wait for each step (the chat's default
+    sampling is penalized). Its tokens are those of steps that wait for each token (verifier steps, each token's
+    value known before the next), for windows of 1, 5 and 20 tokens and the whole history (0)."""
+    params, config = model()
+    for context in (1, 5, 20, 0):
+        request = E.Request(prompts()[2], sampling._replace(repetition_context=context), 24, seed=2)
+        engine = new_engine(params, config)
+        handle = engine.submit(request)
+        engine.step()
+        assert engine.pending, "the step was sent off before the row's last token was handed out"
+        while engine.step():
+            pass
+        waited = alone(params, config, request, proposer=lambda tokens, k: [])
+        assert tokens_of(drained(handle)) == waited, context
+        unpenalized = sampling._replace(repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0)
+        assert context == 1 or waited != alone(params, config, request._replace(sampling=unpenalized)), context
 
 
 def test_a_row_that_ends_while_its_next_step_is_sent_off_leaves_the_others_exact():
