@@ -340,7 +340,8 @@ def test_stop_cuts_before_the_stop_text(served, packaged):
 @pytest.mark.packaged_model
 def test_an_extended_conversation_reuses_the_cached_prefix(served, packaged):
     client = served.client()
-    system = [{"role": "system", "content": "You answer questions about Python. " * 60}]  # > one prefill chunk
+    chunk = q.prefill_chunk()  # 64 tokens on the CPU, 2,048 on a GPU (which reuses whole chunks only)
+    system = [{"role": "system", "content": "You answer questions about Python. " * (chunk // 6 + 1)}]  # > a chunk
     first = client.chat.completions.create(model="qwen2.5-coder-0.5b-instruct", messages=system + MESSAGES,
                                            temperature=0, max_tokens=6)
     longer = system + MESSAGES + [{"role": "assistant", "content": first.choices[0].message.content},
