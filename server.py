@@ -24,6 +24,7 @@ import math
 import re
 import socket
 import sys
+import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -276,6 +277,34 @@ class Piece(NamedTuple):
     logprobs: tuple[dict, ...] = ()
 
 
+LEFT = object()  # in a generation's queue of events: its client went away
+
+
+class Outbox:
+    """Events from the engine's thread to the event loop's queues, one wake-up for as many as come before the loop
+    takes them: a step's 32 rows wake the loop once, not 32 times (each wake-up a write to its pipe and a turn of
+    the loop, under the GIL the engine's thread needs too)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.lock, self.items, self.scheduled = loop, threading.Lock(), [], False
+
+    def put(self, events: asyncio.Queue, event) -> None:
+        """From any thread."""
+        with self.lock:
+            self.items.append((events, event))
+            if self.scheduled:
+                return
+            self.scheduled = True
+        self.loop.call_soon_threadsafe(self.flush)
+
+    def flush(self) -> None:
+        """On the loop."""
+        with self.lock:
+            items, self.items, self.scheduled = self.items, [], False
+        for events, event in items:
+            events.put_nowait(event)
+
+
 class Engine:
     """The model behind the API: the generation engine, stepped by a worker thread of its own, with
     up to `parallel` requests decoding together; the rest wait in arrival order.
@@ -292,6 +321,7 @@ class Engine:
         self.engine = generation.Engine(params, config, tokenizer, kernels, max_batch=parallel,
                                         max_kv_size=max_kv_size, proposer=proposer, num_draft=num_draft)
         self.max_kv = self.engine.max_kv
+        self.outbox: Outbox | None = None  # made on the event loop's first request
         self.engine.start()
 
     def check_fits(self, ids: list[int], param: str) -> None:
@@ -313,28 +343,27 @@ class Engine:
     async def generate(self, ids: list[int], options: Options, cancelled: asyncio.Event, scope: str = ""):
         """Yield the Pieces of one generation, then its result dict."""
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
+        if self.outbox is None or self.outbox.loop is not loop:
+            self.outbox = Outbox(loop)
+        outbox, events = self.outbox, asyncio.Queue()
         request = generation.Request(tuple(ids), options.sampling, options.max_tokens, options.stops, options.seed,
                                      scope, options.logit_bias, options.top_logprobs, options.constraint)
         try:
             # in a thread: a first grammar builds the grammar engine's view of the vocabulary (seconds)
-            handle = await asyncio.to_thread(self.engine.submit, request,
-                                             lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
+            handle = await asyncio.to_thread(self.engine.submit, request, lambda e: outbox.put(events, e))
         except ValueError as e:
             raise ApiError(400, str(e)) from None
-        # the client left: free its row (an asyncio event: a thread a request waiting on it would exhaust the
-        # default executor's few threads, and requests beyond them would wait for others to end)
+        # the client left: free its row. The engine then ends the request with a "cancelled" event; until then
+        # the queue's only other reader is this marker (an asyncio event: a thread a request waiting on it would
+        # exhaust the default executor's few threads, and requests beyond them would wait for others to end)
         watch = asyncio.ensure_future(cancelled.wait())
+        watch.add_done_callback(lambda w: w.cancelled() or events.put_nowait(LEFT))
         try:
             while True:
-                getting = asyncio.ensure_future(events.get())
-                await asyncio.wait({getting, watch}, return_when=asyncio.FIRST_COMPLETED)
-                if not getting.done():
-                    getting.cancel()
+                event = await events.get()
+                if event is LEFT:
                     handle.cancel()
-                    await asyncio.sleep(0)
                     continue
-                event = getting.result()
                 piece = self.piece(event, options)
                 if piece.text or piece.logprobs:
                     yield piece

@@ -769,3 +769,25 @@ def test_serve_speculates_and_answers_as_without(tiny_folder, tiny_served):
 def test_the_listed_model_id_is_a_model_name_everywhere(packaged):
     listed = "qwen2.5-coder-0.5b-instruct"
     assert run_cli("pull", "--model", listed).stdout == run_cli("pull").stdout != ""
+
+
+def test_the_outbox_hands_over_a_steps_events_in_order_with_one_wake_up():
+    """Events put from the engine's thread reach each request's queue in order; all that come before the loop runs
+    cost one wake-up of the loop (a step's 32 rows had woken it 32 times)."""
+    import asyncio
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        box, queues, wakes = server.Outbox(loop), [asyncio.Queue() for _ in range(3)], []
+        real = loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda f, *a: wakes.append(f == box.flush) or real(f, *a)
+        put_all = lambda: [box.put(queues[i % 3], i) for i in range(30)]  # noqa: E731
+        await asyncio.to_thread(put_all)  # the loop waits meanwhile: nothing is taken before the last put
+        got = [[await q.get() for _ in range(10)] for q in queues]
+        await asyncio.to_thread(box.put, queues[0], "next")  # after a flush, a new wake-up
+        got.append(await queues[0].get())
+        return got, sum(wakes)  # to_thread's own results wake it too: not counted
+
+    got, wakes = asyncio.run(main())
+    assert got == [list(range(0, 30, 3)), list(range(1, 30, 3)), list(range(2, 30, 3)), "next"]
+    assert wakes == 2
