@@ -348,11 +348,18 @@ class Engine:
         outbox, events = self.outbox, asyncio.Queue()
         request = generation.Request(tuple(ids), options.sampling, options.max_tokens, options.stops, options.seed,
                                      scope, options.logit_bias, options.top_logprobs, options.constraint)
+        # in a thread: a first grammar builds the grammar engine's view of the vocabulary (seconds). Shielded: a
+        # stream whose client leaves meanwhile is cancelled here, but the thread still submits; its handle is then
+        # cancelled as it comes, or the request would run to its last token with no one to read it
+        submitting = asyncio.ensure_future(asyncio.to_thread(self.engine.submit, request,
+                                                             lambda e: outbox.put(events, e)))
         try:
-            # in a thread: a first grammar builds the grammar engine's view of the vocabulary (seconds)
-            handle = await asyncio.to_thread(self.engine.submit, request, lambda e: outbox.put(events, e))
+            handle = await asyncio.shield(submitting)
         except ValueError as e:
             raise ApiError(400, str(e)) from None
+        except asyncio.CancelledError:
+            submitting.add_done_callback(lambda s: s.cancelled() or s.exception() or s.result().cancel())
+            raise
         # the client left: free its row. The engine then ends the request with a "cancelled" event; until then
         # the queue's only other reader is this marker (an asyncio event: a thread a request waiting on it would
         # exhaust the default executor's few threads, and requests beyond them would wait for others to end)
@@ -552,6 +559,8 @@ async def read_json(request, seconds: float = BODY_SECONDS) -> dict:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError):  # ValueError too for an integer literal of over 4300 digits
         raise ApiError(400, "the request body is not valid JSON") from None
+    except RecursionError:  # arrays or objects nested past Python's recursion limit: "[" * 100_000
+        raise ApiError(400, "the request body's JSON is nested too deeply") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object")
     return data
@@ -634,10 +643,11 @@ async def respond(request, ctx: Context, ids, options: Options, chunks, final):
                             yield sse(c)
                     else:
                         record(metrics, item)
-                        for c in chunks(Piece(""), item["finish_reason"]):
+                        finished = chunks(Piece(""), item["finish_reason"])  # never empty: it carries the finish
+                        for c in finished:
                             yield sse(c)
-                        if options.include_usage:
-                            yield sse({**chunks(Piece(""), None)[0], "choices": [], "usage": item["usage"]})
+                        if options.include_usage:  # (a piece with no text may have no chunk: a tool call's parser)
+                            yield sse({**finished[-1], "choices": [], "usage": item["usage"]})
         except ApiError as e:
             yield sse(e.body())
         yield "data: [DONE]\n\n"

@@ -791,3 +791,58 @@ def test_the_outbox_hands_over_a_steps_events_in_order_with_one_wake_up():
     got, wakes = asyncio.run(main())
     assert got == [list(range(0, 30, 3)), list(range(1, 30, 3)), list(range(2, 30, 3)), "next"]
     assert wakes == 2
+
+
+def test_a_stream_cancelled_while_its_request_is_submitted_still_frees_its_row():
+    """A streamed client that leaves while its request is being submitted (in a thread: seconds for a first grammar)
+    cancels the task awaiting the submission; the request the thread then submits is cancelled too (it had run to
+    its last token with no one to read it: 200 quick hang-ups left 62 generations running and queued)."""
+    import asyncio
+
+    class Slow:  # an engine whose submit takes until told to go on
+        def __init__(self):
+            self.started, self.go, self.handles = threading.Event(), threading.Event(), []
+
+        def submit(self, request, deliver):
+            self.started.set()
+            self.go.wait(TIMEOUT)
+            self.handles.append(engine.Handle(request, deliver))
+            return self.handles[-1]
+
+    front = server.Engine.__new__(server.Engine)
+    front.engine, front.outbox = Slow(), None
+    options = server.Options(sampling=weights.sampling_for({}, temp=0), max_tokens=5)
+
+    async def main():
+        pieces = front.generate([1, 2], options, asyncio.Event())
+        task = asyncio.ensure_future(pieces.__anext__())
+        await asyncio.to_thread(front.engine.started.wait, TIMEOUT)
+        task.cancel()  # the client left: Starlette cancels the stream's task
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        front.engine.go.set()
+        for _ in range(100):
+            if front.engine.handles:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)
+
+    asyncio.run(main())
+    assert len(front.engine.handles) == 1 and front.engine.handles[0].cancelled.is_set()
+
+
+def test_a_streamed_answer_with_tools_ends_with_its_usage(tiny_served):
+    """stream_options.include_usage with tools: the usage chunk comes before [DONE] (it was made from an empty
+    piece's chunks, which a tool-call parser has none of: an IndexError cut the stream short, a traceback logged)."""
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+    r = tiny_served.post("/v1/chat/completions", {"model": TINY, "messages": MESSAGES, "tools": tools, "stream": True,
+                                                  "stream_options": {"include_usage": True}})
+    data = [line.removeprefix("data: ") for line in r.text.splitlines() if line.startswith("data: ")]
+    assert r.status_code == 200 and data[-1] == "[DONE]", r.text
+    last = json.loads(data[-2])
+    assert last["choices"] == [] and last["usage"]["completion_tokens"] == 3 and last["object"] == "chat.completion.chunk"
+
+
+def test_json_nested_past_the_recursion_limit_is_a_400(tiny_served):
+    for body in (b"[" * 100_000 + b"]" * 100_000, b'{"messages": ' + b'{"a": ' * 100_000 + b"1" + b"}" * 100_001):
+        assert "nested" in error_of(tiny_served.post("/v1/chat/completions", content=body), 400)["message"]
