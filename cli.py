@@ -560,10 +560,12 @@ def read_chat_template(path: str | None) -> str | None:
                    "or \"*\" for any) [default: http(s)://localhost, 127.0.0.1 and [::1], any port].")
 @click.option("--read-timeout", type=Finite(min=0, min_open=True), default=server.BODY_SECONDS, show_default=True,
               help="Seconds a request body may take to arrive.")
+@click.option("--write-timeout", type=Finite(min=0, min_open=True), default=server.WRITE_SECONDS,
+              show_default=True, help="Seconds a client may read nothing of its answer before it is dropped.")
 @speculation_options
 def serve_command(model, dtype, kernels, host, port, api_key, max_kv_size, parallel, served_model_name, temp, top_p,
                   top_k, min_p, repetition_penalty, max_tokens, chat_template, allowed_hosts, allowed_origins,
-                  read_timeout, speculate, draft_model, num_draft):
+                  read_timeout, write_timeout, speculate, draft_model, num_draft):
     """Serve the model through an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions).
 
     Up to --parallel requests decode together, each with its own settings and seed (a request's
@@ -592,7 +594,8 @@ def serve_command(model, dtype, kernels, host, port, api_key, max_kv_size, paral
     names = comma_list(served_model_name) or (model or weights.PACKAGED_NAME,)
     settings = server.Settings(
         names=names, defaults=server.Defaults(defaults, config.vocab_size, max_tokens), api_key=api_key,
-        bind=host, hosts=comma_list(allowed_hosts), origins=comma_list(allowed_origins), body_seconds=read_timeout)
+        bind=host, hosts=comma_list(allowed_hosts), origins=comma_list(allowed_origins), body_seconds=read_timeout,
+        write_seconds=write_timeout)
     parallel = parallel or 32  # at most 64: the CPU's row-exact kernel takes up to 64 rows, a GPU's steps are 64
     o = {"speculate": speculate, "draft_model": draft_model, "num_draft": num_draft}
     proposer = proposer_from(o, chosen_speculation(o), dtype, kernels, config, tokenizer)  # for a request alone

@@ -37,6 +37,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -51,6 +52,7 @@ __all__ = ["Engine", "app", "listen", "serve", "ApiError", "exposure_warning", "
 MAX_BODY_BYTES = 1 << 20  # a whole 32k-token context is ~130 KB of text; 1 MiB leaves room for JSON escapes
 BODY_SECONDS = 30.0  # the most a request body may take to arrive: a client that trickles it is cut off
 HEADER_SECONDS = 10.0  # the most a connection may sit without beginning a request (or trickle its headers)
+WRITE_SECONDS = 60.0  # the most a client may read nothing of an answer that waits for it before it is dropped
 MAX_CONNECTIONS = 64  # uvicorn answers 503 beyond: slow clients cannot take every socket
 KEEP_ALIVE_SECONDS = 5  # an idle kept-alive connection is closed after this
 DEFAULT_MAX_TOKENS = 512  # when a request sets none, as the chat and mlx_lm.server
@@ -412,6 +414,7 @@ class Settings(NamedTuple):
     hosts: tuple[str, ...] = ()  # more Host names: exact, "*.suffix", or "*" for any
     origins: tuple[str, ...] = ()  # more page origins than localhost's, or "*" for any
     body_seconds: float = BODY_SECONDS
+    write_seconds: float = WRITE_SECONDS
 
 
 class Metrics(NamedTuple):
@@ -555,6 +558,9 @@ async def read_json(request, seconds: float = BODY_SECONDS) -> dict:
                     raise too_big
     except TimeoutError:
         raise ApiError(408, f"the request body did not arrive within {seconds:g} s", None, "timeout") from None
+    except ClientDisconnect:  # nobody reads the answer: counted as the client's (nginx's 499), not the server's 500
+        raise ApiError(499, "the client closed the connection before its body arrived", None, "client_closed") \
+            from None
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError):  # ValueError too for an integer literal of over 4300 digits
@@ -858,12 +864,28 @@ def listen(host: str, port: int) -> socket.socket:
 class HeaderDeadline(H11Protocol):
     """uvicorn's HTTP/1.1 protocol, closing a connection that begins no request within HEADER_SECONDS:
     uvicorn has no deadline for request headers, so a client that connects and sends nothing, or
-    trickles its headers, would hold a socket for ever (MAX_CONNECTIONS of them: the server)."""
+    trickles its headers, would hold a socket for ever (MAX_CONNECTIONS of them: the server).
+    And one whose client reads nothing of its answer for write_seconds while the answer waits (the socket's
+    buffers full): it had held its socket and what was left of its answer for ever, its generation run to the end."""
+
+    write_seconds = WRITE_SECONDS
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
         self.seen = None  # the request being answered at the last check
         self.timer = self.loop.call_later(HEADER_SECONDS, self.check)
+        self.stalled: asyncio.TimerHandle | None = None  # set while the transport's buffer is full
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self.stalled is None:
+            self.stalled = self.loop.call_later(self.write_seconds, self.transport.abort)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self.stalled is not None:
+            self.stalled.cancel()
+            self.stalled = None
 
     def check(self) -> None:
         answering = self.cycle is not None and not self.cycle.response_complete
@@ -875,6 +897,8 @@ class HeaderDeadline(H11Protocol):
 
     def connection_lost(self, exc) -> None:
         self.timer.cancel()
+        if self.stalled is not None:
+            self.stalled.cancel()
         super().connection_lost(exc)
 
 
@@ -882,7 +906,8 @@ def serve(engine: Engine, sock: socket.socket, settings: Settings, metrics: Metr
     """Answer on sock until Ctrl-C; uvicorn's own logging only for warnings and errors."""
     config = uvicorn.Config(app(engine, settings, metrics), log_level="warning", access_log=False,
                             timeout_graceful_shutdown=2, timeout_keep_alive=KEEP_ALIVE_SECONDS,
-                            limit_concurrency=MAX_CONNECTIONS, http=HeaderDeadline)
+                            limit_concurrency=MAX_CONNECTIONS,
+                            http=type("Deadlines", (HeaderDeadline,), {"write_seconds": settings.write_seconds}))
     try:
         uvicorn.Server(config).run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down: stopping is the normal end

@@ -781,12 +781,15 @@ def test_the_outbox_hands_over_a_steps_events_in_order_with_one_wake_up():
         box, queues, wakes = server.Outbox(loop), [asyncio.Queue() for _ in range(3)], []
         real = loop.call_soon_threadsafe
         loop.call_soon_threadsafe = lambda f, *a: wakes.append(f == box.flush) or real(f, *a)
-        put_all = lambda: [box.put(queues[i % 3], i) for i in range(30)]  # noqa: E731
-        await asyncio.to_thread(put_all)  # the loop waits meanwhile: nothing is taken before the last put
+        putter = threading.Thread(target=lambda: [box.put(queues[i % 3], i) for i in range(30)])
+        putter.start()
+        putter.join()  # the loop blocked meanwhile (no await): nothing is taken before the last put
         got = [[await q.get() for _ in range(10)] for q in queues]
-        await asyncio.to_thread(box.put, queues[0], "next")  # after a flush, a new wake-up
+        putter = threading.Thread(target=box.put, args=(queues[0], "next"))  # after a flush, a new wake-up
+        putter.start()
+        putter.join()
         got.append(await queues[0].get())
-        return got, sum(wakes)  # to_thread's own results wake it too: not counted
+        return got, sum(wakes)  # the Outbox's wake-ups only
 
     got, wakes = asyncio.run(main())
     assert got == [list(range(0, 30, 3)), list(range(1, 30, 3)), list(range(2, 30, 3)), "next"]
@@ -840,9 +843,68 @@ def test_a_streamed_answer_with_tools_ends_with_its_usage(tiny_served):
     data = [line.removeprefix("data: ") for line in r.text.splitlines() if line.startswith("data: ")]
     assert r.status_code == 200 and data[-1] == "[DONE]", r.text
     last = json.loads(data[-2])
-    assert last["choices"] == [] and last["usage"]["completion_tokens"] == 3 and last["object"] == "chat.completion.chunk"
+    assert last["choices"] == [] and last["usage"]["completion_tokens"] == 3
+    assert last["object"] == "chat.completion.chunk"
 
 
 def test_json_nested_past_the_recursion_limit_is_a_400(tiny_served):
     for body in (b"[" * 100_000 + b"]" * 100_000, b'{"messages": ' + b'{"a": ' * 100_000 + b"1" + b"}" * 100_001):
         assert "nested" in error_of(tiny_served.post("/v1/chat/completions", content=body), 400)["message"]
+
+
+def test_a_client_that_leaves_before_its_body_arrives_is_not_a_server_error(tiny_served):
+    """Headers promising a body, then a closed connection: nobody reads an answer, and the metrics count it as the
+    client's (499), not as a 500 with an error line in the log."""
+    def count(status):
+        found = re.search(rf'^qwen2_scratch_requests_total{{endpoint="/v1/completions",status="{status}"}} (\S+)$',
+                          tiny_served.get("/metrics").text, re.M)
+        return float(found.group(1)) if found else 0.0
+
+    before = count("500"), count("499")
+    host, port = tiny_served.url.removeprefix("http://").split(":")
+    for _ in range(3):
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {KEY}\r\n"
+                         "Content-Type: application/json\r\nContent-Length: 50\r\n\r\n{\"pro".encode())
+    end = time.time() + TIMEOUT
+    while count("499") < before[1] + 3 and time.time() < end:
+        time.sleep(0.1)
+    assert (count("500"), count("499")) == (before[0], before[1] + 3)
+
+
+def test_a_client_that_reads_nothing_of_its_answer_is_dropped(tiny_folder):
+    """A streamed answer whose client reads none of it (its buffers fill): the connection is dropped after the
+    --write-timeout (2 s here) and the generation freed. It had held its socket and the rest of its answer for ever
+    (a helper's campaign: +18 MB in 3 s for one such client, each one a socket of MAX_CONNECTIONS)."""
+    served = Served("--model", str(tiny_folder), "--api-key", KEY, "--served-model-name", TINY, "--write-timeout", "2")
+
+    def running():
+        found = re.search(r"^qwen2_scratch_requests_running (\S+)$", served.get("/metrics").text, re.M)
+        return float(found.group(1))
+
+    host, port = served.url.removeprefix("http://").split(":")
+    # log-probabilities: a chunk for every token (the tiny model's text is bytes that rarely make a character)
+    body = json.dumps({"model": TINY, "prompt": "hello", "max_tokens": 30000, "stream": True, "logprobs": 5}).encode()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(60)
+    try:
+        sock.connect((host, int(port)))
+        sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {KEY}\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        end = time.time() + TIMEOUT
+        while running() > 0 or time.time() < end - TIMEOUT + 1:  # the answer begins, and is dropped
+            assert time.time() < end, "a client that reads nothing held its answer"
+            time.sleep(0.2)
+        received = b""
+        try:
+            while chunk := sock.recv(65536):
+                received += chunk
+        except ConnectionResetError:
+            pass
+        assert received.startswith(b"HTTP/1.1 200") and b"data: [DONE]" not in received
+        assert served.post("/v1/completions", {"model": TINY, "prompt": "hello", "max_tokens": 1}).status_code == 200
+    finally:
+        sock.close()
+        assert served.stop() == 0, served.stderr
+    assert "Traceback" not in "".join(served.stderr), "".join(served.stderr)
