@@ -276,8 +276,13 @@ KERNELS = {
 
 def write_cache(cached: mx.array, new: mx.array, offset: mx.array) -> mx.array:
     """[B, K, S, D] with new [B, K, L, D] written from each row's offset [B] on -> [B, K, S, D]."""
-    slots = offset[:, None, None, None] + mx.arange(new.shape[2])[:, None]  # [B, 1, L, 1]
-    return mx.put_along_axis(cached, mx.broadcast_to(slots, new.shape), new, axis=2)
+    return mx.put_along_axis(cached, cache_slots(offset, new.shape), new, axis=2)
+
+
+def cache_slots(offset: mx.array, shape: tuple) -> mx.array:
+    """Where new keys (or values) of shape [B, K, L, D] go in each row's cache: [B, K, L, D] slot numbers."""
+    slots = offset[:, None, None, None] + mx.arange(shape[2])[:, None]  # [B, 1, L, 1]
+    return mx.broadcast_to(slots, shape)
 
 
 def self_attention(
@@ -311,7 +316,8 @@ def self_attention(
     q = kernels.rope(q, config.rope_theta, offset)
     k = kernels.rope(k, config.rope_theta, offset)
     if kv is not None:
-        kv = (write_cache(kv[0], k, offset), write_cache(kv[1], v, offset))  # [B, K, S, D] each
+        slots = cache_slots(offset, k.shape)  # [B, K, L, D]: the keys' and the values' alike
+        kv = (mx.put_along_axis(kv[0], slots, k, axis=2), mx.put_along_axis(kv[1], slots, v, axis=2))
         k, v = kv
         if filled is not None and isinstance(mask, str):
             k, v = k[:, :, :filled], v[:, :, :filled]  # [B, K, filled, D]
@@ -361,10 +367,13 @@ def hidden_states(
     model = params["model"]
     x = model["embed_tokens"]["weight"][tokens]  # [B, L, E]
     offset = mx.array(0) if cache is None else cache["offset"]  # [B]: each row's next position
+    mask = "causal"
+    if cache is not None and filled is None:  # each row's own positions, the same in every layer: built once
+        mask = causal_mask(tokens.shape[1], cache_capacity(cache), offset)  # [B, 1, L, S]
     new_kv = []
     for i, layer in enumerate(model["layers"]):
         kv = None if cache is None else cache["layers"][i]
-        x, kv = block(x, layer, config, kv, offset, kernels=kernels, filled=filled)
+        x, kv = block(x, layer, config, kv, offset, mask, kernels=kernels, filled=filled)
         new_kv.append(kv)
     x = kernels.norm(x, model["norm"]["weight"], config.rms_norm_eps)
     if cache is not None:
