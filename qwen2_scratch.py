@@ -274,15 +274,15 @@ KERNELS = {
 # ---------------------------------------------------------------------------------------------
 
 
-def write_cache(cached: mx.array, new: mx.array, offset: mx.array) -> mx.array:
-    """[B, K, S, D] with new [B, K, L, D] written from each row's offset [B] on -> [B, K, S, D]."""
-    return mx.put_along_axis(cached, cache_slots(offset, new.shape), new, axis=2)
-
-
 def cache_slots(offset: mx.array, shape: tuple) -> mx.array:
-    """Where new keys (or values) of shape [B, K, L, D] go in each row's cache: [B, K, L, D] slot numbers."""
+    """Where new keys (or values) of shape [B, K, L, D] go, from each row's offset [B] on: [B, K, L, D] positions."""
     slots = offset[:, None, None, None] + mx.arange(shape[2])[:, None]  # [B, 1, L, 1]
     return mx.broadcast_to(slots, shape)
+
+
+def write_cache(cached: mx.array, new: mx.array, slots: mx.array) -> mx.array:
+    """[B, K, S, D] with new [B, K, L, D] written at slots [B, K, L, D] (`cache_slots`) -> [B, K, S, D]."""
+    return mx.put_along_axis(cached, slots, new, axis=2)
 
 
 def self_attention(
@@ -317,7 +317,7 @@ def self_attention(
     k = kernels.rope(k, config.rope_theta, offset)
     if kv is not None:
         slots = cache_slots(offset, k.shape)  # [B, K, L, D]: the keys' and the values' alike
-        kv = (mx.put_along_axis(kv[0], slots, k, axis=2), mx.put_along_axis(kv[1], slots, v, axis=2))
+        kv = (write_cache(kv[0], k, slots), write_cache(kv[1], v, slots))  # [B, K, S, D] each
         k, v = kv
         if filled is not None and isinstance(mask, str):
             k, v = k[:, :, :filled], v[:, :, :filled]  # [B, K, filled, D]

@@ -486,7 +486,7 @@ def test_the_prompt_cache_hands_back_an_entry_a_prompt_goes_on_from_without_copy
     assert reuse == 10 and whole[0][0] is layers[0][0]
     reuse, part = cache.lookup("", (0, 1, 2, 3, 9), 1)
     assert reuse == 4 and part[0][0].shape == (1, 2, 4, 4) and mx.array_equal(part[0][0], layers[0][0][:, :, :4])
-    written = q.write_cache(whole[0][0], mx.ones((1, 2, 1, 4)), mx.array([10]))
+    written = q.write_cache(whole[0][0], mx.ones((1, 2, 1, 4)), q.cache_slots(mx.array([10]), (1, 2, 1, 4)))
     mx.eval(written)
     assert mx.array_equal(cache.lookup("", tuple(range(12)), 1)[1][0][0], mx.arange(128, dtype=mx.float32)
                           .reshape(1, 2, 16, 4)), "an entry never changes"
