@@ -78,10 +78,11 @@ def mlp_projections(params, x, h):
 def attention(params, config, queries, keys, values, cache, attend=q.scaled_dot_product_attention):
     """Every layer's cache write, mask and grouped attention: [1, H, 1, D] queries over [1, K, S, D] caches."""
     offset = cache["offset"]
+    mask = q.causal_mask(1, q.cache_capacity(cache), offset)  # once a step, as hidden_states builds it
     out = []
     for (kc, vc), query in zip(cache["layers"], queries, strict=True):
-        kc, vc = q.write_cache(kc, keys, offset), q.write_cache(vc, values, offset)
-        mask = q.causal_mask(1, kc.shape[2], offset)
+        slots = q.cache_slots(offset, keys.shape)
+        kc, vc = q.write_cache(kc, keys, slots), q.write_cache(vc, values, slots)
         out += [attend(query, kc, vc, scale=config.head_dim**-0.5, mask=mask), kc, vc]
     return out
 
