@@ -904,8 +904,23 @@ class HeaderDeadline(H11Protocol):
         if not answering and self.cycle is self.seen:  # no new request since the last check
             self.transport.close()
             return
+        if answering and self.client_left():
+            self.transport.abort()  # connection_lost: the request's answer, and its generation, end
+            return
         self.seen = self.cycle
         self.timer = self.loop.call_later(HEADER_SECONDS, self.check)
+
+    def client_left(self) -> bool:
+        """Whether the client closed its end. uvicorn stops reading while it holds a pipelined request, so it saw no
+        close: a client that sent its next request during an answer, then left, had its generation run to the end."""
+        sock = self.transport.get_extra_info("socket")
+        with socket.fromfd(sock.fileno(), sock.family, sock.type) as s:  # a copy: asyncio's own may not recv
+            try:
+                return s.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+            except BlockingIOError:
+                return False
+            except OSError:  # reset
+                return True
 
     def send_400_response(self, msg: str) -> None:
         """A request h11 cannot parse: OpenAI's JSON error rather than uvicorn's text, unless an answer already went

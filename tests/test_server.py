@@ -950,3 +950,25 @@ def test_serve_refuses_an_api_key_a_request_cannot_send_exactly(tmp_path):
     for key in ("", " key", "key\t", "kéy"):
         r = run_cli("serve", "--api-key", key, "--port", "0", timeout=120)
         assert r.returncode == 2 and "--api-key" in r.stderr and "Traceback" not in r.stderr, (key, r.stderr)
+
+
+def test_a_client_that_sends_its_next_request_then_leaves_frees_the_model(tiny_served):
+    """uvicorn stops reading while it holds a pipelined request, so it saw no close: the generation of a client that
+    sent its next request during an answer, then left, ran to its 30,000th token (seen in the metrics)."""
+    def metric(name):
+        found = re.search(rf"^{re.escape(name)} (\S+)$", tiny_served.get("/metrics").text, re.M)
+        return float(found.group(1)) if found else 0.0
+
+    generated = metric("qwen2_scratch_generated_tokens_total")
+    body = b'{"prompt": "hello", "max_tokens": 30000}'
+    host, port = tiny_served.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        time.sleep(1)  # the answer under way, then its next request
+        sock.sendall(f"GET /health HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        time.sleep(0.5)
+    end = time.time() + TIMEOUT
+    while metric("qwen2_scratch_requests_running") > 0 and time.time() < end:
+        time.sleep(0.2)
+    assert metric("qwen2_scratch_generated_tokens_total") == generated  # cancelled: the 30,000 were never finished
