@@ -59,6 +59,18 @@ class Finite(click.FloatRange):
         return value
 
 
+class ApiKey(click.ParamType):
+    """A key a request can send as it is: printable ASCII without spaces at its ends (HTTP drops those), not empty
+    (`--api-key "$UNSET"` let `Authorization: Bearer` alone in)."""
+
+    name = "key"
+
+    def convert(self, value, param, ctx):
+        if not (value and value.isascii() and value.isprintable() and value == value.strip()):
+            self.fail("the key must be printable ASCII, not empty, without spaces at its ends.", param, ctx)
+        return value
+
+
 COUNT_MAX = 2**63 - 1  # counts beyond 64 bits reach MLX as a failed cast (std::bad_cast), not a usage error
 
 
@@ -539,8 +551,8 @@ def read_chat_template(path: str | None) -> str | None:
               help="Address to listen on; any other than a loopback one opens the API to the network.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True,
               help="Port to listen on; 0 picks a free one.")
-@click.option("--api-key", default=None, metavar="K", help="Require Authorization: Bearer K on every endpoint but "
-                                                            "/health.")
+@click.option("--api-key", type=ApiKey(), default=None, metavar="K",
+              help="Require Authorization: Bearer K on every endpoint but /health.")
 @click.option("--max-kv-size", type=Count(min=2), default=None,
               help="Most tokens of context [default: the model's max_position_embeddings].")
 @click.option("--parallel", type=click.IntRange(1, 64), default=None,

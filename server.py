@@ -30,6 +30,7 @@ import uuid
 from contextlib import asynccontextmanager
 from typing import NamedTuple
 
+import h11
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.applications import Starlette
@@ -487,6 +488,7 @@ def host_allowed(header: str | None, bind: str, hosts: tuple[str, ...]) -> bool:
     name = host_name(header or "")
     if name is None:
         return False
+    hosts = tuple(h.lower().removesuffix(".") for h in hosts)  # "Box.Example.org." names what the Host's name does
     if "*" in hosts or name in hosts or any(h.startswith("*.") and name.endswith(h[1:]) for h in hosts):
         return True
     try:
@@ -505,15 +507,18 @@ class Guard:
     allowed, before anything else; then CORS headers and preflight answers (Starlette's CORS
     middleware, whose origin rule is the one refused here too)."""
 
+    METHODS = ("GET", "POST")
+
     def __init__(self, app, settings: Settings):
         self.settings = settings
         self.cors = CORSMiddleware(app, allow_origins=settings.origins, allow_origin_regex=LOCAL_ORIGINS,
-                                   allow_methods=["GET", "POST"], allow_headers=["*"], max_age=600)
+                                   allow_methods=self.METHODS, allow_headers=["*"], max_age=600)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
             headers = Headers(scope=scope)
             hosts, origin = headers.getlist("host"), headers.get("origin")
+            asked = headers.get("access-control-request-method") if scope["method"] == "OPTIONS" else None
             refusal = None
             if len(hosts) != 1 or not host_allowed(hosts[0], self.settings.bind, self.settings.hosts):
                 refusal = ApiError(403, f"Host {short(hosts[0] if hosts else '')} is not this server's "
@@ -521,6 +526,9 @@ class Guard:
             elif origin is not None and not self.cors.is_allowed_origin(origin):
                 refusal = ApiError(403, f"requests from pages at {short(origin)} are not allowed "
                                         "(serve --allowed-origins adds origins)", None, "origin_not_allowed")
+            elif origin is not None and asked is not None and asked not in self.METHODS:  # else CORS's text/plain 400
+                refusal = ApiError(400, f"a preflight for {short(asked)}: only GET and POST are served", None,
+                                   "method_not_allowed")
             if refusal:
                 return await refusal.response()(scope, receive, send)
         await self.cors(scope, receive, send)
@@ -569,6 +577,10 @@ async def read_json(request, seconds: float = BODY_SECONDS) -> dict:
         raise ApiError(400, "the request body's JSON is nested too deeply") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object")
+    try:  # "\ud800" is valid JSON but no text: the tokenizer raises a TypeError on it (a 500)
+        json.dumps(data, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise ApiError(400, "the request body's strings hold a lone surrogate (\\ud800-\\udfff): not text") from None
     return data
 
 
@@ -892,8 +904,39 @@ class HeaderDeadline(H11Protocol):
         if not answering and self.cycle is self.seen:  # no new request since the last check
             self.transport.close()
             return
+        if answering and self.client_left():
+            self.transport.abort()  # connection_lost: the request's answer, and its generation, end
+            return
         self.seen = self.cycle
         self.timer = self.loop.call_later(HEADER_SECONDS, self.check)
+
+    def client_left(self) -> bool:
+        """Whether the client closed its end. uvicorn stops reading while it holds a pipelined request, so it saw no
+        close: a client that sent its next request during an answer, then left, had its generation run to the end."""
+        sock = self.transport.get_extra_info("socket")
+        with socket.fromfd(sock.fileno(), sock.family, sock.type) as s:  # a copy: asyncio's own may not recv
+            try:
+                return s.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+            except BlockingIOError:
+                return False
+            except OSError:  # reset
+                return True
+
+    def send_400_response(self, msg: str) -> None:
+        """A request h11 cannot parse: OpenAI's JSON error rather than uvicorn's text, unless an answer already went
+        out (a 401, then a malformed body), and the request's own answer goes to no one. uvicorn's 400 raised in the
+        first case, the app's answer in the second: tracebacks in the log."""
+        if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            body = ApiError(400, "the request is not valid HTTP/1.1").response().body
+            headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)),
+                       (b"connection", b"close")]
+            for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body),
+                          h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+        self.transport.close()
+        if self.cycle is not None:  # as connection_lost does, now: the app may answer before the loop calls that
+            self.cycle.disconnected = True
+            self.cycle.message_event.set()
 
     def connection_lost(self, exc) -> None:
         self.timer.cancel()

@@ -202,6 +202,7 @@ def test_a_field_the_engine_cannot_honour_is_refused_not_ignored():
     ("myhost.lan:8080", "myhost.lan", (), True), ("box.example.org", "0.0.0.0", ("box.example.org",), True),
     ("a.example.org", "127.0.0.1", ("*.example.org",), True), ("example.org", "127.0.0.1", ("*.example.org",), False),
     ("anything.example", "127.0.0.1", ("*",), True), ("", "127.0.0.1", ("*",), False),
+    ("box.example.org", "127.0.0.1", ("Box.Example.org.",), True), ("a.lan", "127.0.0.1", ("*.LAN",), True),
 ])
 def test_host_allowed(host, bind, extra, allowed):
     assert server.host_allowed(host, bind, extra) is allowed
@@ -908,3 +909,66 @@ def test_a_client_that_reads_nothing_of_its_answer_is_dropped(tiny_folder):
         sock.close()
         assert served.stop() == 0, served.stderr
     assert "Traceback" not in "".join(served.stderr), "".join(served.stderr)
+
+
+def test_a_lone_surrogate_in_a_string_is_a_400_not_a_500(tiny_served):
+    """"\\ud800" is valid JSON but not text: the tokenizer raised a TypeError on it (a 500 with an error line)."""
+    logged = len(tiny_served.stderr)
+    for path, body in (("/v1/completions", b'{"prompt": "hi \\ud800", "max_tokens": 1}'),
+                       ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\udfff"}]}'),
+                       ("/tokenize", b'{"content": "\\ud800x"}')):
+        assert "surrogate" in error_of(tiny_served.post(path, content=body), 400)["message"], path
+    time.sleep(0.5)  # the log's reader thread
+    assert "error:" not in "".join(tiny_served.stderr[logged:])
+
+
+def test_a_preflight_for_another_method_and_unparsable_http_are_json_errors(tiny_served):
+    """Starlette's CORS and uvicorn answered these in plain text; and a malformed body sent after the answer (a 401
+    for a wrong key) made uvicorn's own 400 raise: a traceback in the log."""
+    r = httpx.options(f"{tiny_served.url}/v1/models", timeout=30,
+                      headers={"Origin": "http://localhost:3000", "Access-Control-Request-Method": "DELETE"})
+    assert error_of(r, 400)["code"] == "method_not_allowed"
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    for request in (b"GET /health HTTP/1.1\r\n\r\n", head + b"Content-Length: 1\r\nContent-Length: 2\r\n\r\n",
+                    head + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n"):
+        answer = raw_http(tiny_served.url, request).decode()
+        assert answer.startswith("HTTP/1.1 400") and json.loads(answer.partition("\r\n\r\n")[2])["error"], answer
+    host, port = tiny_served.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(head + b"Authorization: Bearer wrong\r\nTransfer-Encoding: chunked\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 401")
+        sock.sendall(b"zz\r\nnot a chunk\r\n")
+        while sock.recv(65536):
+            pass
+    assert tiny_served.get("/health").status_code == 200
+    time.sleep(0.5)  # the log's reader thread
+    assert "Traceback" not in "".join(tiny_served.stderr), "".join(tiny_served.stderr)
+
+
+def test_serve_refuses_an_api_key_a_request_cannot_send_exactly(tmp_path):
+    """An empty key ("$UNSET") let `Authorization: Bearer` alone in; spaces at its ends or other bytes never match."""
+    for key in ("", " key", "key\t", "kéy"):
+        r = run_cli("serve", "--api-key", key, "--port", "0", timeout=120)
+        assert r.returncode == 2 and "--api-key" in r.stderr and "Traceback" not in r.stderr, (key, r.stderr)
+
+
+def test_a_client_that_sends_its_next_request_then_leaves_frees_the_model(tiny_served):
+    """uvicorn stops reading while it holds a pipelined request, so it saw no close: the generation of a client that
+    sent its next request during an answer, then left, ran to its 30,000th token (seen in the metrics)."""
+    def metric(name):
+        found = re.search(rf"^{re.escape(name)} (\S+)$", tiny_served.get("/metrics").text, re.M)
+        return float(found.group(1)) if found else 0.0
+
+    generated = metric("qwen2_scratch_generated_tokens_total")
+    body = b'{"prompt": "hello", "max_tokens": 30000}'
+    host, port = tiny_served.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        time.sleep(1)  # the answer under way, then its next request
+        sock.sendall(f"GET /health HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        time.sleep(0.5)
+    end = time.time() + TIMEOUT
+    while metric("qwen2_scratch_requests_running") > 0 and time.time() < end:
+        time.sleep(0.2)
+    assert metric("qwen2_scratch_generated_tokens_total") == generated  # cancelled: the 30,000 were never finished
