@@ -60,17 +60,19 @@ class Finite(click.FloatRange):
 
 
 class ApiKey(click.ParamType):
-    """A key a request can send as it is: printable ASCII without spaces at its ends (HTTP drops those), not empty
-    (`--api-key "$UNSET"` let `Authorization: Bearer` alone in)."""
+    """A key a request can send as it is: printable ASCII without spaces (HTTP drops those at a header's ends, and
+    QWEN2_SCRATCH_API_KEYS is split at them), not empty (`--api-key "$UNSET"` let `Authorization: Bearer` alone
+    in)."""
 
     name = "key"
 
     def convert(self, value, param, ctx):
-        if not (value and value.isascii() and value.isprintable() and value == value.strip()):
-            self.fail("the key must be printable ASCII, not empty, without spaces at its ends.", param, ctx)
+        if not (value and value.isascii() and value.isprintable() and " " not in value):
+            self.fail("the key must be printable ASCII, not empty, without spaces.", param, ctx)
         return value
 
 
+KEYS_VARIABLE = "QWEN2_SCRATCH_API_KEYS"  # serve's keys, kept out of the command line (`ps` shows it to everyone)
 COUNT_MAX = 2**63 - 1  # counts beyond 64 bits reach MLX as a failed cast (std::bad_cast), not a usage error
 
 
@@ -551,8 +553,10 @@ def read_chat_template(path: str | None) -> str | None:
               help="Address to listen on; any other than a loopback one opens the API to the network.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True,
               help="Port to listen on; 0 picks a free one.")
-@click.option("--api-key", type=ApiKey(), default=None, metavar="K",
-              help="Require Authorization: Bearer K on every endpoint but /health.")
+@click.option("--api-key", "api_keys", type=ApiKey(), multiple=True, metavar="K", envvar=KEYS_VARIABLE,
+              show_envvar=True,
+              help="Require Authorization: Bearer K on every endpoint but /health; repeat for more keys, each with "
+                   "a prompt cache of its own. The variable (keys separated by spaces) keeps them out of `ps`.")
 @click.option("--max-kv-size", type=Count(min=2), default=None,
               help="Most tokens of context [default: the model's max_position_embeddings].")
 @click.option("--parallel", type=click.IntRange(1, 64), default=None,
@@ -575,7 +579,7 @@ def read_chat_template(path: str | None) -> str | None:
 @click.option("--write-timeout", type=Finite(min=0, min_open=True), default=server.WRITE_SECONDS,
               show_default=True, help="Seconds a client may read nothing of its answer before it is dropped.")
 @speculation_options
-def serve_command(model, dtype, kernels, host, port, api_key, max_kv_size, parallel, served_model_name, temp, top_p,
+def serve_command(model, dtype, kernels, host, port, api_keys, max_kv_size, parallel, served_model_name, temp, top_p,
                   top_k, min_p, repetition_penalty, max_tokens, chat_template, allowed_hosts, allowed_origins,
                   read_timeout, write_timeout, speculate, draft_model, num_draft):
     """Serve the model through an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions).
@@ -592,6 +596,8 @@ def serve_command(model, dtype, kernels, host, port, api_key, max_kv_size, paral
       curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \\
         -d '{"messages": [{"role": "user", "content": "hi"}]}'
     """
+    if not api_keys and KEYS_VARIABLE in os.environ:  # set, but empty or spaces: click reads that as unset
+        raise click.BadParameter(f"{KEYS_VARIABLE} is set but holds no key.", param_hint="--api-key")
     template = read_chat_template(chat_template)
     params, config, tokenizer = load_model(model, dtype)
     if template is not None:
@@ -605,7 +611,7 @@ def serve_command(model, dtype, kernels, host, port, api_key, max_kv_size, paral
     defaults = defaults._replace(top_k=server.keep_k(defaults.top_k, config.vocab_size))._asdict()
     names = comma_list(served_model_name) or (model or weights.PACKAGED_NAME,)
     settings = server.Settings(
-        names=names, defaults=server.Defaults(defaults, config.vocab_size, max_tokens), api_key=api_key,
+        names=names, defaults=server.Defaults(defaults, config.vocab_size, max_tokens), api_keys=api_keys,
         bind=host, hosts=comma_list(allowed_hosts), origins=comma_list(allowed_origins), body_seconds=read_timeout,
         write_seconds=write_timeout)
     parallel = parallel or 32  # at most 64: the CPU's row-exact kernel takes up to 64 rows, a GPU's steps are 64

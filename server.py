@@ -6,7 +6,7 @@ server-sent events with "stream": true, ending in `data: [DONE]`), POST /tokeniz
 
 One worker thread steps the generation engine (engine.py): up to --parallel requests decode
 together in one batch, the rest wait in arrival order, and every request reuses the prompt
-cache's keys and values of any earlier prompt it starts with (within its API key's scope). A
+cache's keys and values of any earlier prompt it starts with (sent with the same API key). A
 client that goes away, streaming or not, frees its row at the next step. Each request body
 becomes one checked Options (parse_options); errors use OpenAI's format, {"error": {"message",
 "type", "param", "code"}}, and never carry a stack trace. Who may call (Host, Origin, key) and
@@ -54,7 +54,7 @@ MAX_BODY_BYTES = 1 << 20  # a whole 32k-token context is ~130 KB of text; 1 MiB 
 BODY_SECONDS = 30.0  # the most a request body may take to arrive: a client that trickles it is cut off
 HEADER_SECONDS = 10.0  # the most a connection may sit without beginning a request (or trickle its headers)
 WRITE_SECONDS = 60.0  # the most a client may read nothing of an answer that waits for it before it is dropped
-MAX_CONNECTIONS = 64  # uvicorn answers 503 beyond: slow clients cannot take every socket
+MAX_CONNECTIONS = 64  # a 503 beyond (HeaderDeadline): slow clients cannot take every socket
 KEEP_ALIVE_SECONDS = 5  # an idle kept-alive connection is closed after this
 DEFAULT_MAX_TOKENS = 512  # when a request sets none, as the chat and mlx_lm.server
 MAX_STOPS, MAX_STOP_CHARS = 4, 1024  # OpenAI's count; a length far past any real stop word
@@ -410,7 +410,7 @@ class Settings(NamedTuple):
 
     names: tuple[str, ...]  # the model's ids; responses carry the first, requests may use any
     defaults: Defaults
-    api_key: str | None = None
+    api_keys: tuple[str, ...] = ()  # any of them opens the API; each key's prompt-cache entries are its own
     bind: str = "127.0.0.1"  # the address served: always an accepted Host
     hosts: tuple[str, ...] = ()  # more Host names: exact, "*.suffix", or "*" for any
     origins: tuple[str, ...] = ()  # more page origins than localhost's, or "*" for any
@@ -508,6 +508,7 @@ class Guard:
     middleware, whose origin rule is the one refused here too)."""
 
     METHODS = ("GET", "POST")
+    ONCE = ("origin", "authorization", "content-type", "content-length")  # each checked here or in read_json
 
     def __init__(self, app, settings: Settings):
         self.settings = settings
@@ -519,8 +520,11 @@ class Guard:
             headers = Headers(scope=scope)
             hosts, origin = headers.getlist("host"), headers.get("origin")
             asked = headers.get("access-control-request-method") if scope["method"] == "OPTIONS" else None
+            twice = [name for name in self.ONCE if len(headers.getlist(name)) > 1]
             refusal = None
-            if len(hosts) != 1 or not host_allowed(hosts[0], self.settings.bind, self.settings.hosts):
+            if twice:  # checked on the first, acted on by another reader (a proxy) on the second
+                refusal = ApiError(400, f"the {twice[0]} header is sent more than once", None, "duplicate_header")
+            elif len(hosts) != 1 or not host_allowed(hosts[0], self.settings.bind, self.settings.hosts):
                 refusal = ApiError(403, f"Host {short(hosts[0] if hosts else '')} is not this server's "
                                         "(serve --allowed-hosts adds names)", None, "host_not_allowed")
             elif origin is not None and not self.cors.is_allowed_origin(origin):
@@ -591,14 +595,16 @@ def check_model(names: tuple[str, ...], body: dict) -> None:
                             "(GET /v1/models)", "model", "model_not_found")
 
 
-def check_key(request, api_key: str | None) -> None:
-    """Authorization must be exactly "Bearer KEY", KEY compared in constant time."""
-    if api_key is None:
-        return
+def check_key(request, keys: tuple[str, ...]) -> str:
+    """The request's prompt-cache scope: Authorization must be exactly "Bearer KEY" for one of keys, compared in
+    constant time with every one of them (no hint at a key, nor at which one matched). "" when no key is set."""
+    if not keys:
+        return ""
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    same = hmac.compare_digest(given.encode(), api_key.encode())  # constant time: no timing hint at the key
-    if scheme != "Bearer" or not same:
+    same = [hmac.compare_digest(given.encode(), key.encode()) for key in keys]
+    if scheme != "Bearer" or not any(same):
         raise ApiError(401, "missing or wrong API key (send Authorization: Bearer KEY)", None, "invalid_api_key")
+    return f"key {same.index(True)}"  # a request never reuses another key's cached prompt (docs/server-security.md)
 
 
 def endpoint(handler, ctx: Context, keyed: bool = True):
@@ -606,7 +612,7 @@ def endpoint(handler, ctx: Context, keyed: bool = True):
     async def wrapped(request):
         try:
             if keyed:
-                check_key(request, ctx.settings.api_key)
+                request.state.scope = check_key(request, ctx.settings.api_keys)
             response = await handler(request, ctx)
         except ApiError as e:
             response = e.response()
@@ -649,7 +655,7 @@ async def respond(request, ctx: Context, ids, options: Options, chunks, final):
     """Stream or collect one generation; chunks(piece, finish) -> the JSON chunks of one piece (or of the
     finish, with finish set), final(piece, result) the whole answer's."""
     cancelled = asyncio.Event()  # set on the event loop only
-    pieces = ctx.engine.generate(ids, options, cancelled)
+    pieces = ctx.engine.generate(ids, options, cancelled, request.state.scope)
     metrics = ctx.metrics
 
     async def events():
@@ -873,6 +879,14 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+async def busy(scope, receive, send) -> None:
+    """The answer on a connection over MAX_CONNECTIONS: a JSON 503, and the connection closed."""
+    response = ApiError(503, f"the server has {MAX_CONNECTIONS} connections open; try again shortly", None,
+                        "server_busy").response()
+    response.headers.update({"connection": "close", "retry-after": "1"})
+    await response(scope, receive, send)
+
+
 class HeaderDeadline(H11Protocol):
     """uvicorn's HTTP/1.1 protocol, closing a connection that begins no request within HEADER_SECONDS:
     uvicorn has no deadline for request headers, so a client that connects and sends nothing, or
@@ -884,9 +898,14 @@ class HeaderDeadline(H11Protocol):
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
+        if len(self.connections) > MAX_CONNECTIONS or len(self.tasks) >= MAX_CONNECTIONS:
+            self.app = busy  # in place of uvicorn's limit_concurrency, whose 503 is text, logged at every request
         self.seen = None  # the request being answered at the last check
         self.timer = self.loop.call_later(HEADER_SECONDS, self.check)
         self.stalled: asyncio.TimerHandle | None = None  # set while the transport's buffer is full
+
+    def _unsupported_upgrade_warning(self) -> None:
+        """An Upgrade header (a WebSocket's) is answered as plain HTTP; uvicorn warned twice a request in the log."""
 
     def pause_writing(self) -> None:
         super().pause_writing()
@@ -949,7 +968,6 @@ def serve(engine: Engine, sock: socket.socket, settings: Settings, metrics: Metr
     """Answer on sock until Ctrl-C; uvicorn's own logging only for warnings and errors."""
     config = uvicorn.Config(app(engine, settings, metrics), log_level="warning", access_log=False,
                             timeout_graceful_shutdown=2, timeout_keep_alive=KEEP_ALIVE_SECONDS,
-                            limit_concurrency=MAX_CONNECTIONS,
                             http=type("Deadlines", (HeaderDeadline,), {"write_seconds": settings.write_seconds}))
     try:
         uvicorn.Server(config).run(sockets=[sock])

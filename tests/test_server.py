@@ -8,6 +8,7 @@ from qwen2s import qwen2_scratch as q  # noqa: F401  (first: the fast BLAS befor
 # isort: split
 import json
 import math
+import os
 import re
 import signal
 import socket
@@ -27,6 +28,7 @@ from conftest import COMMAND, run_cli
 from qwen2s import engine, server, weights
 
 KEY = "test-key-0123456789"
+KEY2 = "another-key-9876543210"
 TIMEOUT = 300  # seconds for any one request: the 2-core machine is shared, so generous but bounded
 MESSAGES = [{"role": "user", "content": "Write a Python function that returns the square of a number."}]
 
@@ -223,9 +225,10 @@ def test_only_a_non_loopback_host_gets_the_warning():
 class Served:
     """`qwen2-scratch serve --port 0 --api-key KEY` in a subprocess; its stderr is kept."""
 
-    def __init__(self, *args):
+    def __init__(self, *args, env=None):
         self.proc = subprocess.Popen([str(COMMAND), "serve", "--port", "0", *args], stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                     env={**os.environ, **(env or {})})
         self.stderr: list[str] = []
         threading.Thread(target=lambda: self.stderr.extend(self.proc.stderr), daemon=True).start()
         end = time.time() + TIMEOUT
@@ -946,10 +949,73 @@ def test_a_preflight_for_another_method_and_unparsable_http_are_json_errors(tiny
 
 
 def test_serve_refuses_an_api_key_a_request_cannot_send_exactly(tmp_path):
-    """An empty key ("$UNSET") let `Authorization: Bearer` alone in; spaces at its ends or other bytes never match."""
-    for key in ("", " key", "key\t", "kéy"):
+    """An empty key ("$UNSET") let `Authorization: Bearer` alone in; spaces or other bytes never match. An empty
+    QWEN2_SCRATCH_API_KEYS is refused too (click reads it as unset: the server would have needed no key)."""
+    for key in ("", " key", "key\t", "kéy", "two words"):
         r = run_cli("serve", "--api-key", key, "--port", "0", timeout=120)
         assert r.returncode == 2 and "--api-key" in r.stderr and "Traceback" not in r.stderr, (key, r.stderr)
+    for keys in ("", "  "):
+        r = run_cli("serve", "--port", "0", timeout=120, env={"QWEN2_SCRATCH_API_KEYS": keys})
+        assert r.returncode == 2 and "QWEN2_SCRATCH_API_KEYS" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_keys_from_the_environment_each_with_a_prompt_cache_of_its_own(tiny_folder):
+    """QWEN2_SCRATCH_API_KEYS holds the keys (out of `ps`); a prompt sent with one key is never cached for another:
+    cached_tokens would tell one client what another sent."""
+    s = Served("--model", str(tiny_folder), env={"QWEN2_SCRATCH_API_KEYS": f"{KEY} {KEY2}"})
+    try:
+        prompt = "a document only the first key's client has seen " * 8
+
+        def cached(key):
+            r = s.post("/v1/completions", {"prompt": prompt, "max_tokens": 1, "temperature": 0}, key=key)
+            assert r.status_code == 200, r.text
+            return r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+        assert cached(KEY) == 0
+        assert cached(KEY2) == 0  # the same prompt, another key: not a hit
+        assert cached(KEY2) > 0 and cached(KEY) > 0  # each key's own second request: a hit
+        assert error_of(s.get("/v1/models", key="not-a-key"), 401)
+        assert s.get("/v1/models", key=KEY2).status_code == 200
+    finally:
+        assert s.stop() == 0, s.stderr
+
+
+def test_a_header_checked_once_is_refused_when_sent_twice(tiny_served):
+    """Two Authorization or Origin headers: the guard would check one and a proxy or framework might act on the
+    other."""
+    for name, values in [("Authorization", (f"Bearer {KEY}", "Bearer wrong")),
+                         ("Origin", ("http://localhost:3000", "https://evil.example")),
+                         ("Content-Type", ("application/json", "text/plain"))]:
+        headers = "".join(f"{name}: {v}\r\n" for v in values)
+        body = b'{"prompt": "hi", "max_tokens": 1}'
+        answer = raw_http(tiny_served.url,
+                          f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n{headers}"
+                          f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        assert answer.startswith(b"HTTP/1.1 400") and b'"duplicate_header"' in answer, (name, answer[:300])
+    assert tiny_served.get("/health").status_code == 200
+
+
+def test_connections_beyond_the_limit_get_a_json_503(tiny_served):
+    """uvicorn's own 503 was text/plain, and logged a line for each; a WebSocket upgrade is answered as HTTP,
+    quietly."""
+    host, port = tiny_served.url.removeprefix("http://").split(":")
+    idle = [socket.create_connection((host, int(port)), timeout=30) for _ in range(server.MAX_CONNECTIONS)]
+    try:
+        time.sleep(0.5)  # every one accepted
+        answer = raw_http(tiny_served.url, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503") and b"application/json" in head, answer
+        assert json.loads(body)["error"]["code"] == "server_busy"
+    finally:
+        for sock in idle:
+            sock.close()
+    time.sleep(0.5)
+    answer = raw_http(tiny_served.url, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade, close\r\n"
+                                       b"Upgrade: websocket\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200"), answer
+    time.sleep(0.5)  # the log's reader thread
+    log = "".join(tiny_served.stderr)
+    assert "Unsupported upgrade" not in log and "concurrency" not in log, log
 
 
 def test_a_client_that_sends_its_next_request_then_leaves_frees_the_model(tiny_served):
