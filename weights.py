@@ -16,6 +16,7 @@ import math
 import os
 import re
 import resource
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
@@ -260,8 +261,15 @@ def load(model: str | None = None, dtype: str | None = None):
         raise ModelError(f"unknown dtype '{dtype}': use one of {', '.join(DTYPES)}")
     folder = resolve(model)
     sampling_defaults(folder)  # a bad generation_config.json fails here, before any weight is read
-    params, config = load_params(folder, DTYPES[dtype])
-    tokenizer = load_tokenizer(folder)
+    with ThreadPoolExecutor(1) as reader:  # the weights read (MLX, without the GIL) while the tokenizer parses
+        loading = reader.submit(load_params, folder, DTYPES[dtype])
+        try:
+            tokenizer, why = load_tokenizer(folder), None
+        except ModelError as e:
+            tokenizer, why = None, e
+        params, config = loading.result()  # the weights' error first, as when one followed the other
+    if why is not None:
+        raise why
     check_vocabulary(tokenizer, config, folder)
     return params, config, tokenizer
 
