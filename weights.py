@@ -23,6 +23,7 @@ from typing import NamedTuple
 import mlx.core as mx
 from mlx.utils import tree_unflatten
 
+from qwen2s import blas
 from qwen2s.convert import (
     ModelError,
     Rule,
@@ -261,15 +262,10 @@ def load(model: str | None = None, dtype: str | None = None):
         raise ModelError(f"unknown dtype '{dtype}': use one of {', '.join(DTYPES)}")
     folder = resolve(model)
     sampling_defaults(folder)  # a bad generation_config.json fails here, before any weight is read
-    with ThreadPoolExecutor(1) as reader:  # the weights read (MLX, without the GIL) while the tokenizer parses
-        loading = reader.submit(load_params, folder, DTYPES[dtype])
-        try:
-            tokenizer, why = load_tokenizer(folder), None
-        except ModelError as e:
-            tokenizer, why = None, e
-        params, config = loading.result()  # the weights' error first, as when one followed the other
-    if why is not None:
-        raise why
+    with ThreadPoolExecutor(1) as parser:  # the tokenizer parses (Python) while MLX reads the weights (no GIL);
+        tokenizing = parser.submit(load_tokenizer, folder)  # not the other way: MLX aborts the process at exit
+        params, config = load_params(folder, DTYPES[dtype])  # when a thread that computed has ended (engine.py)
+        tokenizer = tokenizing.result()  # the weights' error first, as when one followed the other
     check_vocabulary(tokenizer, config, folder)
     return params, config, tokenizer
 
@@ -347,17 +343,19 @@ def load_params(folder: Path, dtype=mx.float32) -> tuple[dict, Config]:
         if pickles:
             raise refuse_pickle(pickles[0])
         raise ModelError(f"{folder}: no *.safetensors files")
-    flat = {}
-    for f in files:
-        flat.update(read_safetensors(f))
-    flat = sanitize(flat, config)
-    flat = dequantize(flat, raw.get("quantization") or raw.get("quantization_config"), folder)
-    check_shapes(flat, config, folder)
-    if not (folder.is_relative_to(cache_root()) and is_complete(folder)):  # ours were checked when made
-        check_finite(flat, folder)
-    flat = {k: v.astype(dtype) for k, v in flat.items()}
-    params = tree_unflatten(list(flat.items()))
-    mx.eval(params)
+    nbytes = sum(math.prod(shape) for shape in expected_shapes(config).values()) * dtype.size
+    with blas.huge_pages_for(nbytes if mx.default_device() == mx.cpu else 0):  # decode streams them all
+        flat = {}
+        for f in files:
+            flat.update(read_safetensors(f))
+        flat = sanitize(flat, config)
+        flat = dequantize(flat, raw.get("quantization") or raw.get("quantization_config"), folder)
+        check_shapes(flat, config, folder)
+        if not (folder.is_relative_to(cache_root()) and is_complete(folder)):  # ours were checked when made
+            check_finite(flat, folder)
+        flat = {k: v.astype(dtype) for k, v in flat.items()}
+        params = tree_unflatten(list(flat.items()))
+        mx.eval(params)
     return params, config
 
 

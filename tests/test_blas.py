@@ -45,6 +45,40 @@ def test_large_temporaries_reuse_memory_instead_of_faulting_it_in_each_call():
     assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < 1000  # 4M floats are 3,900 pages
 
 
+HUGE_PAGES_PROBE = """
+from qwen2s import qwen2_scratch
+import re, sys, mlx.core as mx, numpy as np
+from qwen2s import blas
+mx.set_default_device(mx.cpu)
+with blas.huge_pages_for(64 << 20):
+    weights = mx.arange(16 << 20, dtype=mx.float32)  # 64 MB (mx.ones would be one float, broadcast)
+    mx.eval(weights)
+middle = np.frombuffer(memoryview(weights), np.float32).ctypes.data + weights.nbytes // 2  # its start may lie in
+inside, held = False, None  # the heap's last 4 KB pages, before the reservation's first 2 MB boundary
+for line in open("/proc/self/smaps"):
+    if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+        start, end = (int(x, 16) for x in line.split()[0].split("-"))
+        inside = start <= middle < end
+    elif inside and line.startswith("AnonHugePages:"):
+        held = int(line.split()[1])
+later = mx.arange(16 << 20, dtype=mx.float32) + 1  # after it: malloc as before
+mx.eval(later)
+assert float(weights[-1]) == (16 << 20) - 1 and float(later[0]) == 1.0
+print(held)
+"""
+
+
+def test_weights_loaded_within_huge_pages_for_lie_in_2_mb_pages():
+    """A decode step streams every weight: in 4 KB pages each page's first read missed the TLB (2 MB pages decoded
+    the packaged model 6-16% faster). Arrays made within huge_pages_for, in a process that starts (as every command
+    does, loading its weights first), lie in huge pages where the kernel has them."""
+    thp = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    run = subprocess.run([sys.executable, "-c", HUGE_PAGES_PROBE], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    held = int(run.stdout)
+    assert (held >= 32 << 10) if "[never]" not in thp else held == 0, (held, thp)
+
+
 def test_large_products_in_every_dtype_blas_serves_match_numpy():
     a, b = rand((256, 896), seed=1), rand((896, 4864), seed=2)  # a prefill chunk through gate_proj
     assert_close(a @ b, mx.array(np.array(a) @ np.array(b)), 1e-4, 1e-3, "float32 256x896 @ 896x4864")

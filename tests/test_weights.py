@@ -260,7 +260,7 @@ def test_packaged_folder_loads_in_mlx_lm_with_the_same_logits(packaged, packaged
 
 
 def test_the_weights_error_comes_first_though_the_tokenizer_loads_beside_them(tmp_path, tiny_folder):
-    """load reads the weights in a thread while the tokenizer parses (a one-shot command starts 1.2-1.4 s sooner on
+    """load parses the tokenizer in a thread while MLX reads the weights (a one-shot command starts 1.2-2 s sooner on
     the packaged model); a folder broken both ways still names its weights first, and either error alone."""
     folder = tmp_path / "both"
     shutil.copytree(tiny_folder, folder)
