@@ -52,9 +52,10 @@ class State(NamedTuple):
 
 
 
-def cache_folder() -> Path:
+def cache_folder(what: str = "blas") -> Path:
+    """Where machine code built here is kept: ~/.cache/qwen2-scratch/blas (the adapter), .../cuda (gpu_products)."""
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").absolute()
-    return root / "qwen2-scratch" / "blas"
+    return root / "qwen2-scratch" / what
 
 
 def adapter_source() -> Path | None:

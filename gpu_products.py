@@ -14,68 +14,173 @@ for 1 to 64 rows of every Qwen2 0.5B and 7B product; one row of the 7B's down_pr
 MLX's gemv (1.89x and 1.87x with the first version: four elements a load, one load in flight); a one-row 0.5B
 decode step 0.63x the step whose products are padded to 64 rows. At 64 rows the kernel is the slower one (the
 head product 3.1 ms against cuBLAS's 0.16 ms): `--parallel` defaults to 32 on a GPU.
+
+Built once per machine: NVRTC (CUDA's runtime compiler, which MLX's CUDA backend loads) compiles the source below
+for this GPU, and the machine code is kept in ~/.cache/qwen2-scratch/cuda, as blas.py keeps its adapter; a process
+then loads it in milliseconds. (Through `mx.fast.cuda_kernel`, MLX compiled it again in every process: 1.4-2.4 s
+of a one-shot command's first decode step on the H200, benchmarks/README.md; MLX keeps only its own kernels.)
 """
 
+import ctypes
 import functools
+import hashlib
+import importlib.metadata
+import os
+import tempfile
 
 import mlx.core as mx
 
+from qwen2s import blas
+
 __all__ = ["takes", "product"]
 
-HEADER = r"""
-template <typename U> struct alignas(8 * sizeof(U)) eight { U v[8]; };
-"""
-
 SOURCE = r"""
-    const int R = x_shape[0];
-    const int K = x_shape[1];
-    const int N = w_shape[0];
-    const int lane = threadIdx.x & 31;
-    const int n = blockIdx.y * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    const int r0 = blockIdx.x * 8;
-    if (n >= N || r0 >= R) return;
-    const T* wn = w + (size_t)n * K;
-    float acc[8];
-#pragma unroll
-    for (int j = 0; j < 8; j++) acc[j] = 0.0f;
-    for (int k0 = lane * 8; k0 < K; k0 += 1024) {
-        eight<T> wq[4];
-#pragma unroll
-        for (int u = 0; u < 4; u++) {
-            if (k0 + u * 256 < K) wq[u] = *reinterpret_cast<const eight<T>*>(wn + k0 + u * 256);
-        }
-#pragma unroll
-        for (int u = 0; u < 4; u++) {
-            const int k = k0 + u * 256;
-            if (k < K) {
-#pragma unroll
-                for (int j = 0; j < 8; j++) {
-                    if (r0 + j < R) {
-                        const eight<T> xq = *reinterpret_cast<const eight<T>*>(x + (size_t)(r0 + j) * K + k);
-#pragma unroll
-                        for (int t = 0; t < 8; t++) {
-                            acc[j] = __fmaf_rn(static_cast<float>(wq[u].v[t]), static_cast<float>(xq.v[t]), acc[j]);
-                        }
-                    }
-                }
-            }
-        }
-    }
-#pragma unroll
-    for (int j = 0; j < 8; j++) {
-        float s = acc[j];
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-        if (lane == 0 && r0 + j < R) y[(size_t)(r0 + j) * N + n] = static_cast<T>(s);
-    }
+typedef unsigned short u16;
+struct __align__(16) eight_u16 { u16 v[8]; };
+struct __align__(32) eight_f32 { float v[8]; };
+
+__device__ __forceinline__ float from_bfloat16(u16 b) { return __uint_as_float((unsigned)b << 16); }
+__device__ __forceinline__ u16 to_bfloat16(float f) {  // to nearest, ties to even (as __float2bfloat16)
+    const unsigned u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fff;  // NaN
+    return (u16)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+__device__ __forceinline__ float from_float16(u16 h) {
+    float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f;
+}
+__device__ __forceinline__ u16 to_float16(float f) {  // to nearest, ties to even
+    u16 h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h;
+}
+__device__ __forceinline__ float from_float32(float f) { return f; }
+__device__ __forceinline__ float to_float32(float f) { return f; }
+
+// y [R, N] = x [R, K] @ w [N, K].T, each output one dot product in one fixed order
+#define FEW_ROWS_PRODUCT(NAME, T, EIGHT)                                                                  \
+extern "C" __global__ void few_rows_product_##NAME(const T* x, const T* w, T* y, int R, int K, int N) {   \
+    const int lane = threadIdx.x & 31;                                                                    \
+    const int n = blockIdx.y * (blockDim.x >> 5) + (threadIdx.x >> 5);                                    \
+    const int r0 = blockIdx.x * 8;                                                                        \
+    if (n >= N || r0 >= R) return;                                                                        \
+    const T* wn = w + (size_t)n * K;                                                                      \
+    float acc[8];                                                                                         \
+    _Pragma("unroll") for (int j = 0; j < 8; j++) acc[j] = 0.0f;                                          \
+    for (int k0 = lane * 8; k0 < K; k0 += 1024) {                                                         \
+        EIGHT wq[4];                                                                                      \
+        _Pragma("unroll") for (int u = 0; u < 4; u++) {                                                   \
+            if (k0 + u * 256 < K) wq[u] = *reinterpret_cast<const EIGHT*>(wn + k0 + u * 256);             \
+        }                                                                                                 \
+        _Pragma("unroll") for (int u = 0; u < 4; u++) {                                                   \
+            const int k = k0 + u * 256;                                                                   \
+            if (k < K) {                                                                                  \
+                _Pragma("unroll") for (int j = 0; j < 8; j++) {                                           \
+                    if (r0 + j < R) {                                                                     \
+                        const EIGHT xq = *reinterpret_cast<const EIGHT*>(x + (size_t)(r0 + j) * K + k);   \
+                        _Pragma("unroll") for (int t = 0; t < 8; t++) {                                   \
+                            acc[j] = __fmaf_rn(from_##NAME(wq[u].v[t]), from_##NAME(xq.v[t]), acc[j]);    \
+                        }                                                                                 \
+                    }                                                                                     \
+                }                                                                                         \
+            }                                                                                             \
+        }                                                                                                 \
+    }                                                                                                     \
+    _Pragma("unroll") for (int j = 0; j < 8; j++) {                                                       \
+        float s = acc[j];                                                                                 \
+        _Pragma("unroll") for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);       \
+        if (lane == 0 && r0 + j < R) y[(size_t)(r0 + j) * N + n] = to_##NAME(s);                          \
+    }                                                                                                     \
+}
+FEW_ROWS_PRODUCT(bfloat16, u16, eight_u16)
+FEW_ROWS_PRODUCT(float16, u16, eight_u16)
+FEW_ROWS_PRODUCT(float32, float, eight_f32)
 """
+DTYPES = {mx.bfloat16: "bfloat16", mx.float16: "float16", mx.float32: "float32"}
+NVRTC = "libnvrtc.so.13"  # the CUDA 13 runtime compiler, as mlx-cuda-13 uses
+
+
+def nvrtc() -> ctypes.CDLL:
+    """NVRTC: the copy MLX's CUDA backend has loaded (by its name), else the nvidia-cuda-nvrtc package's."""
+    try:
+        return ctypes.CDLL(NVRTC)
+    except OSError:
+        for dist in ("nvidia-cuda-nvrtc", "nvidia-cuda-nvrtc-cu13"):
+            try:
+                return ctypes.CDLL(str(importlib.metadata.distribution(dist).locate_file(f"nvidia/cu13/lib/{NVRTC}")))
+            except (importlib.metadata.PackageNotFoundError, OSError):
+                continue
+    raise RuntimeError(f"{NVRTC} (CUDA's runtime compiler, which MLX's CUDA backend needs) cannot be loaded")
+
+
+def compile_for(lib: ctypes.CDLL, arch: str) -> bytes:
+    """SOURCE compiled by NVRTC into machine code (a cubin) for arch, e.g. "sm_90"."""
+    program = ctypes.c_void_p()
+    check = functools.partial(checked, lib, program)
+    check(lib.nvrtcCreateProgram(ctypes.byref(program), SOURCE.encode(), b"gpu_products.cu", 0, None, None))
+    try:
+        options = [f"--gpu-architecture={arch}".encode()]
+        check(lib.nvrtcCompileProgram(program, len(options), (ctypes.c_char_p * len(options))(*options)))
+        size = ctypes.c_size_t()
+        check(lib.nvrtcGetCUBINSize(program, ctypes.byref(size)))
+        cubin = ctypes.create_string_buffer(size.value)
+        check(lib.nvrtcGetCUBIN(program, cubin))
+        return cubin.raw
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(program))
+
+
+def checked(lib: ctypes.CDLL, program: ctypes.c_void_p, status: int) -> None:
+    """An NVRTC call's status, raised with the compiler's log when it is not success (0)."""
+    if status == 0:
+        return
+    log = b""
+    size = ctypes.c_size_t()
+    if program and lib.nvrtcGetProgramLogSize(program, ctypes.byref(size)) == 0:
+        buffer = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetProgramLog(program, buffer)
+        log = buffer.value
+    lib.nvrtcGetErrorString.restype = ctypes.c_char_p
+    raise RuntimeError(f"NVRTC: {lib.nvrtcGetErrorString(status).decode()} {log.decode(errors='replace').strip()}")
+
+
+def nvrtc_version(lib: ctypes.CDLL) -> str:
+    major, minor = ctypes.c_int(), ctypes.c_int()
+    lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor))
+    return f"{major.value}.{minor.value}"
+
+
+def is_elf(data: bytes) -> bool:
+    """A whole 64-bit ELF file (a cubin is one): its program or section headers, written last, end where it does."""
+    if len(data) < 0x40 or data[:5] != b"\x7fELF\x02":
+        return False
+    field = functools.partial(int.from_bytes, byteorder="little")
+    phoff, shoff = field(data[0x20:0x28]), field(data[0x28:0x30])
+    phentsize, phnum, shentsize, shnum = (field(data[i : i + 2]) for i in (0x36, 0x38, 0x3A, 0x3C))
+    return max(phoff + phentsize * phnum, shoff + shentsize * shnum) == len(data)
 
 
 @functools.cache
-def kernel():
-    """Compiled by MLX on its first call (NVRTC), once per dtype."""
-    return mx.fast.cuda_kernel(name="few_rows_product", input_names=["x", "w"], output_names=["y"],
-                               source=SOURCE, header=HEADER)
+def machine_code() -> bytes:
+    """The kernels' cubin for this GPU: from the cache folder, else compiled now and kept there (written to a
+    temporary name, then renamed: a concurrent build writes the same file; a broken file is built again)."""
+    lib = nvrtc()
+    arch = mx.device_info()["architecture"]  # "sm_90" on an H200
+    key = hashlib.sha256(f"{SOURCE}\0{arch}\0{nvrtc_version(lib)}".encode()).hexdigest()[:16]
+    path = blas.cache_folder("cuda") / f"gpu_products-{arch}-{key}.cubin"
+    try:
+        data = path.read_bytes()
+        if is_elf(data):
+            return data
+    except OSError:
+        pass
+    data = compile_for(lib, arch)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # an unwritable cache folder: compiled again in the next process
+    return data
 
 
 @functools.cache
@@ -85,8 +190,9 @@ def cuda() -> bool:
 
 def takes(x: mx.array, weight: mx.array) -> bool:
     """Whether the kernel computes x @ weight.T here: the default device a CUDA GPU (tests move to the CPU and
-    back), one dtype, rows of whole groups of eight."""
-    return mx.default_device() == mx.gpu and cuda() and x.dtype == weight.dtype and weight.shape[1] % 8 == 0
+    back), one dtype of the kernel's, rows of whole groups of eight."""
+    return (mx.default_device() == mx.gpu and cuda() and x.dtype == weight.dtype and x.dtype in DTYPES
+            and weight.shape[1] % 8 == 0)
 
 
 def product(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
@@ -96,8 +202,10 @@ def product(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.a
     for d in lead:
         rows *= d
     N = weight.shape[0]
-    y = kernel()(inputs=[x.reshape(rows, E), weight], template=[("T", x.dtype)],
-                 grid=((rows + 7) // 8 * 256, (N + 7) // 8, 1), threadgroup=(256, 1, 1),
-                 output_shapes=[(rows, N)], output_dtypes=[x.dtype])[0]
+    y = mx.fast.precompiled_cuda_kernel(
+        name=f"few_rows_product_{DTYPES[x.dtype]}", compiled_source=machine_code(),
+        inputs=[x.reshape(rows, E), weight], output_shapes=[(rows, N)], output_dtypes=[x.dtype],
+        scalars=[rows, E, N], grid=((rows + 7) // 8 * 256, (N + 7) // 8, 1), threadgroup=(256, 1, 1),
+        ensure_row_contiguous=True)[0]
     y = y.reshape(*lead, N)
     return y if bias is None else y + bias

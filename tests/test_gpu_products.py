@@ -41,3 +41,45 @@ def test_the_kernel_is_not_taken_for_mixed_dtypes_or_ragged_rows():
                                                                        and mx.cuda.is_available())
     assert not gpu_products.takes(mx.zeros((2, 16), mx.float32), w)
     assert not gpu_products.takes(mx.zeros((2, 18), mx.bfloat16), mx.zeros((8, 18), mx.bfloat16))
+
+
+def elf(tables_end: int, size: int) -> bytes:
+    """A 64-bit ELF header whose section headers end at tables_end (no program headers), padded to size."""
+    header = bytearray(0x40)
+    header[:5] = b"\x7fELF\x02"
+    header[0x28:0x30] = (tables_end - 64 * 3).to_bytes(8, "little")  # 3 section headers of 64 bytes
+    header[0x3A:0x3C], header[0x3C:0x3E] = (64).to_bytes(2, "little"), (3).to_bytes(2, "little")
+    return bytes(header) + bytes(size - 0x40)
+
+
+def test_a_cubin_counts_as_whole_only_up_to_its_last_table():
+    assert gpu_products.is_elf(elf(4096, 4096))
+    assert not gpu_products.is_elf(elf(4096, 4095))  # cut short (a write that did not finish)
+    assert not gpu_products.is_elf(elf(4096, 4097))
+    assert not gpu_products.is_elf(b"\x7fELF\x01" + bytes(100))  # 32-bit
+    assert not gpu_products.is_elf(b"")
+
+
+def test_the_kernels_are_compiled_once_per_machine_and_kept(tmp_path, monkeypatch):
+    """machine_code() compiles on the first call and keeps the cubin in the cache folder; a later process (the
+    function's cache cleared) loads it; a broken file is compiled again. NVRTC itself is replaced here: it runs
+    only where MLX's CUDA backend does (tests/test_gpu_products' products on the H200 use the real one)."""
+    compiled = []
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(gpu_products, "nvrtc", lambda: None)
+    monkeypatch.setattr(gpu_products, "nvrtc_version", lambda lib: "13.0")
+    monkeypatch.setattr(gpu_products, "compile_for", lambda lib, arch: compiled.append(arch) or elf(4096, 4096))
+    monkeypatch.setattr(gpu_products.mx, "device_info", lambda: {"architecture": "sm_90"})
+    gpu_products.machine_code.cache_clear()
+    try:
+        assert gpu_products.machine_code() == elf(4096, 4096) and compiled == ["sm_90"]
+        [kept] = (tmp_path / "qwen2-scratch" / "cuda").iterdir()
+        assert kept.name.startswith("gpu_products-sm_90-") and kept.read_bytes() == elf(4096, 4096)
+        gpu_products.machine_code.cache_clear()  # as a new process
+        assert gpu_products.machine_code() == elf(4096, 4096) and compiled == ["sm_90"]
+        kept.write_bytes(elf(4096, 4096)[:1000])  # cut short
+        gpu_products.machine_code.cache_clear()
+        assert gpu_products.machine_code() == elf(4096, 4096) and compiled == ["sm_90", "sm_90"]
+        assert kept.read_bytes() == elf(4096, 4096)
+    finally:
+        gpu_products.machine_code.cache_clear()
