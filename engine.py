@@ -380,6 +380,23 @@ def draw_rows(logits: mx.array, rows: list[Row], ahead: list[int], last: mx.arra
             for i, row in enumerate(rows)]
 
 
+def verifier_draws(logits: mx.array, row: Row, proposal: list[int]) -> list[Draw]:
+    """A verifier step's draws for one row, logits [k + 1, V]: position i as plain decoding draws it after the
+    first i proposals. A greedy row's positions are drawn in one graph, as greedy rows in a batch are (one graph
+    of draws, not k + 1: on a GPU each graph is its kernels' launches); other rows one by one."""
+    positions = range(len(proposal) + 1)
+    if not plainly_greedy(row):
+        return [draw(logits[i : i + 1], row, row.window(proposal[:i]), len(row.tokens) + i) for i in positions]
+    windows = penalties = None
+    if row.penalized:  # each position's window, a shorter one padded with its last id (seen twice: penalized once)
+        recent = [(row.tokens + proposal[:i])[-row.request.sampling.repetition_context :] for i in positions]
+        n = max(map(len, recent))
+        windows = mx.array([w + w[-1:] * (n - len(w)) for w in recent], mx.int32)  # [k + 1, n]
+        penalties = mx.full((len(recent), 1), row.request.sampling.repetition_penalty, logits.dtype)
+    tokens, logprobs = greedy_draws(logits, windows, penalties)
+    return [Draw(tokens[i : i + 1], logprobs[i : i + 1], None) for i in positions]
+
+
 # ---------------------------------------------------------------------------------------------
 # The engine
 # ---------------------------------------------------------------------------------------------
@@ -624,8 +641,7 @@ class Engine:
         tokens = mx.array([[row.tokens[-1], *verified]])  # [1, k + 1]
         logits, self.cache = q.compiled_decode_step(self.params, self.config, tokens, self.cache, self.kernels,
                                                     self.rows_for(1 + len(verified)))
-        drawn = [draw(logits[:, i], row, row.window(proposal[:i]), len(row.tokens) + i)
-                 for i in range(len(proposal) + 1)]
+        drawn = verifier_draws(logits[0, : len(proposal) + 1], row, proposal)
         mx.eval(drawn)
         new = speculative.accept(proposal, [d.token.item() for d in drawn])
         if proposal:

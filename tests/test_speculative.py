@@ -126,6 +126,21 @@ def test_greedy_equals_plain_greedy_with_every_proposer():
     assert last.stats.proposed > 0 and (last.stats.accepted + last.stats.verify_steps) / last.stats.verify_steps > 1.3
 
 
+@pytest.mark.parametrize("context", [4, 1000])
+def test_penalized_greedy_equals_plain_penalized_greedy(context):
+    """A greedy row under a repetition penalty (the packaged model's default) draws its verifier step's positions in
+    one graph, each with its own window: the tokens of plain decoding; windows shorter than the context (1000: the
+    whole sequence) are padded."""
+    params, config = target()
+    greedy = q.Sampling(temp=0, repetition_penalty=1.3, repetition_context=context)
+    truth, _ = plain(params, config, PROMPT, max_tokens=N, sampling=greedy)
+    assert truth != plain(params, config, PROMPT, max_tokens=N)[0]  # the penalty matters here
+    for propose in (Oracle(len(PROMPT), truth), Oracle(len(PROMPT), truth, wrong_every=3), sp.Lookup(min_ngram=1)):
+        tokens, last = speculative(params, config, PROMPT, propose, max_tokens=N, sampling=greedy, k=4)
+        assert tokens == truth, f"{type(propose).__name__}: {tokens} != {truth}"
+        assert last.stats.verify_steps > 0
+
+
 SAMPLED = q.Sampling(temp=0.8, top_k=6, repetition_penalty=1.3, repetition_context=4)
 
 
