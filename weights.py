@@ -344,7 +344,9 @@ def load_params(folder: Path, dtype=mx.float32) -> tuple[dict, Config]:
             raise refuse_pickle(pickles[0])
         raise ModelError(f"{folder}: no *.safetensors files")
     nbytes = sum(math.prod(shape) for shape in expected_shapes(config).values()) * dtype.size
-    with blas.huge_pages_for(nbytes if mx.default_device() == mx.cpu else 0):  # decode streams them all
+    # decode streams them all; in MLX's CPU build only, whose arrays come from malloc's heap (a CUDA build's from CUDA)
+    in_heap = mx.default_device() == mx.cpu and not mx.cuda.is_available() and not mx.metal.is_available()
+    with blas.huge_pages_for(nbytes if in_heap else 0):
         flat = {}
         for f in files:
             flat.update(read_safetensors(f))

@@ -964,11 +964,13 @@ def test_keys_from_the_environment_each_with_a_prompt_cache_of_its_own(tiny_fold
     cached_tokens would tell one client what another sent."""
     s = Served("--model", str(tiny_folder), env={"QWEN2_SCRATCH_API_KEYS": f"{KEY} {KEY2}"})
     try:
-        prompt = "a document only the first key's client has seen " * 8
+        # more than one prefill chunk (64 tokens on the CPU, 2,048 on a GPU, which reuses whole chunks only)
+        prompt = "a document only the first key's client has seen " * (q.prefill_chunk() // 6)
 
         def cached(key):
             r = s.post("/v1/completions", {"prompt": prompt, "max_tokens": 1, "temperature": 0}, key=key)
             assert r.status_code == 200, r.text
+            assert r.json()["usage"]["prompt_tokens"] > q.prefill_chunk()
             return r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
 
         assert cached(KEY) == 0
