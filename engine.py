@@ -78,10 +78,11 @@ class Event(NamedTuple):
     token: int | None
     text: str
     logprob: float | None  # the model's log-probability of token: before bias, penalty, filters and grammar
-    finish_reason: str | None = None  # "stop", "length", "context" or "cancelled", on the last event
+    finish_reason: str | None = None  # "stop", "length", "context", "cancelled" or "grammar", on the last event
     usage: Usage | None = None
     stats: Stats | None = None
     top_logprobs: tuple[tuple[int, float], ...] = ()  # the likeliest tokens there and their log-probabilities
+    error: str | None = None  # why a "grammar" finish: the grammar engine gave up on the request's grammar
 
 
 def stats_line(stats: Stats, usage: Usage) -> str:
@@ -266,6 +267,7 @@ class Row:
         self.generated = 0
         self.proposed = self.accepted = self.verify_steps = 0
         self.misses = self.rest = 0  # speculation: fruitless verifier steps in a row, plain steps left
+        self.error: str | None = None  # why it ended early, when its grammar gave up
 
     @property
     def position(self) -> int:
@@ -668,8 +670,8 @@ class Engine:
         for d in draws:
             token, logprob = d.token.item(), d.logprob.item()
             top = tuple(zip(d.top[0].tolist(), d.top[1].tolist(), strict=True)) if d.top is not None else ()
-            if row.grammar is not None:
-                grammar.advance(row.grammar, token)
+            if row.grammar is not None and not self.advanced(row, token):
+                return
             row.tokens.append(token)
             row.generated += 1
             ended = self.ending(row, token)
@@ -683,6 +685,17 @@ class Engine:
             if ended:
                 self.retire([row], ended)
                 return
+
+    def advanced(self, row: Row, token: int) -> bool:
+        """Move the row's grammar past token; if the grammar engine gives up (a schema that grows too complex as
+        it goes), the row ends with its reason, and the other rows go on."""
+        try:
+            grammar.advance(row.grammar, token)
+        except ValueError as e:
+            row.error = str(e)
+            self.retire([row], "grammar")
+            return False
+        return True
 
     def ending(self, row: Row, token: int) -> str | None:
         if token in row.eos:
@@ -742,5 +755,5 @@ class Engine:
                       peak_memory=mx.get_peak_memory() / 1e9, prefill_seconds=row.t_prefill, decode_seconds=elapsed,
                       proposed=row.proposed, accepted=row.accepted, verify_steps=row.verify_steps)
         usage = Usage(len(row.request.prompt), n, row.reused)
-        row.handle.deliver(Event(None, "", None, reason, usage, stats))
+        row.handle.deliver(Event(None, "", None, reason, usage, stats, error=row.error))
         row.handle.done.set()

@@ -156,7 +156,8 @@ def mask_logits(logits: mx.array, mask: mx.array) -> mx.array:
 def advance(state: State, token: int) -> None:
     """Move the state past the chosen token; a ValueError if the grammar does not allow it."""
     if not state.matcher.consume_token(int(token)):
-        raise ValueError(f"token {int(token)} breaks the grammar: {first_line(state.matcher.get_error())}")
+        reason = first_line(state.matcher.get_error()).partition(" <state>")[0]  # not its state and whole grammar
+        raise ValueError(f"token {int(token)} breaks the grammar: {reason}")
 
 
 def is_done(state: State) -> bool:

@@ -127,6 +127,11 @@ def short(v) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+def short_line(text: str, most: int = 300) -> str:
+    """A message from elsewhere (the grammar engine's) cut to most characters."""
+    return text if len(text) <= most else text[: most - 3] + "..."
+
+
 def flag(body: dict, name: str, default: bool = False) -> bool:
     v = body.get(name)
     if v is None:
@@ -385,6 +390,9 @@ class Engine:
             watch.cancel()
         if event.finish_reason == "cancelled":
             raise ApiError(503, "the server is stopping, or the request was cancelled")
+        if event.finish_reason == "grammar":  # the request's schema or tools, too complex to follow to the end
+            raise ApiError(400, f"the answer cannot follow its grammar: {short_line(event.error)}", None,
+                           "grammar_too_complex")
         usage, stats = event.usage, event.stats
         yield {"finish_reason": "length" if event.finish_reason == "context" else event.finish_reason,
                "usage": {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,

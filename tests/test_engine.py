@@ -352,6 +352,24 @@ def test_a_grammar_constrains_every_row_of_a_batch(tiny_folder):
     assert results[3][1].finish_reason == "length"  # this model never ends an answer by itself
 
 
+def test_a_grammar_that_gives_up_mid_answer_ends_its_row_only(tiny_folder):
+    """A schema that refers to itself under a required key passes the checks at submission, then llguidance gives
+    up at its first token ("Too many items"): the ValueError ended the engine's thread (a server that never
+    answered again). Now that row ends with finish_reason "grammar" and the message; the others go on."""
+    from qwen2s import grammar, weights
+
+    params, config, tokenizer = weights.load(str(tiny_folder))
+    runner = E.Engine(params, config, tokenizer, max_batch=4)
+    schema = {"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}
+    constraint = grammar.from_response_format({"type": "json_schema", "json_schema": {"name": "t", "schema": schema}})
+    prompt = tuple(tokenizer.encode("the quick brown fox"))
+    results = run_together(runner, [E.Request(prompt, GREEDY, 5, constraint=constraint), E.Request(prompt, GREEDY, 5)])
+    (_, broken), (tokens, plain) = results
+    assert broken.finish_reason == "grammar" and "Too many items" in broken.error and "\n" not in broken.error
+    assert plain.finish_reason == "length" and len(tokens) == 5
+    assert runner.rows == [] and runner.cache is None
+
+
 def test_the_prompt_cache_holds_at_most_its_number_of_entries():
     """A lookup compares a prompt with every entry: their number is bounded too (many short chats stay fast)."""
     cache = E.PromptCache(max_bytes=1 << 40, max_entries=3)

@@ -1040,3 +1040,18 @@ def test_a_client_that_sends_its_next_request_then_leaves_frees_the_model(tiny_s
     while metric("qwen2_scratch_requests_running") > 0 and time.time() < end:
         time.sleep(0.2)
     assert metric("qwen2_scratch_generated_tokens_total") == generated  # cancelled: the 30,000 were never finished
+
+
+def test_a_schema_the_grammar_engine_gives_up_on_is_a_400_and_the_server_goes_on(tiny_served):
+    """A schema that refers to itself under a required key passes at submission, then llguidance gives up at the
+    answer's first token: the ValueError ended the engine's thread, and no request was answered again."""
+    schema = {"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}
+    body = {"model": TINY, "messages": MESSAGES, "max_tokens": 5,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "loop", "schema": schema}}}
+    error = error_of(tiny_served.post("/v1/chat/completions", body), 400)
+    assert error["code"] == "grammar_too_complex" and "Too many items" in error["message"], error
+    r = tiny_served.post("/v1/chat/completions", {**body, "stream": True})
+    data = [line.removeprefix("data: ") for line in r.text.splitlines() if line.startswith("data: ")]
+    assert json.loads(data[-2])["error"]["code"] == "grammar_too_complex" and data[-1] == "[DONE]", r.text
+    r = tiny_served.post("/v1/completions", {"model": TINY, "prompt": "hello", "max_tokens": 2})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2, r.text
