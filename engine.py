@@ -34,6 +34,7 @@ from typing import NamedTuple
 import mlx.core as mx
 
 from qwen2s import grammar, speculative
+from qwen2s.say import say
 
 __all__ = ["Request", "Event", "Usage", "Stats", "Handle", "Engine", "PromptCache", "StopMatcher", "stats_line"]
 
@@ -78,11 +79,11 @@ class Event(NamedTuple):
     token: int | None
     text: str
     logprob: float | None  # the model's log-probability of token: before bias, penalty, filters and grammar
-    finish_reason: str | None = None  # "stop", "length", "context", "cancelled" or "grammar", on the last event
+    finish_reason: str | None = None  # "stop", "length", "context", "cancelled", "grammar" or "error", last
     usage: Usage | None = None
     stats: Stats | None = None
     top_logprobs: tuple[tuple[int, float], ...] = ()  # the likeliest tokens there and their log-probabilities
-    error: str | None = None  # why a "grammar" finish: the grammar engine gave up on the request's grammar
+    error: str | None = None  # why a "grammar" finish (the grammar engine gave up) or an "error" (a step failed)
 
 
 def stats_line(stats: Stats, usage: Usage) -> str:
@@ -267,7 +268,7 @@ class Row:
         self.generated = 0
         self.proposed = self.accepted = self.verify_steps = 0
         self.misses = self.rest = 0  # speculation: fruitless verifier steps in a row, plain steps left
-        self.error: str | None = None  # why it ended early, when its grammar gave up
+        self.error: str | None = None  # why it ended early: its grammar gave up, or a step failed
 
     @property
     def position(self) -> int:
@@ -480,15 +481,17 @@ class Engine:
             if not handle.done.is_set():  # closed early, or interrupted (perhaps halfway through a step)
                 self.reset()
 
-    def reset(self) -> None:
-        """Cancel every request and empty the batch (after a step was interrupted halfway)."""
+    def reset(self, reason: str = "cancelled", error: str | None = None) -> None:
+        """End every request (cancelled, or with an error) and empty the batch (after a step was interrupted or
+        failed halfway)."""
         rows, self.rows, self.cache, self.pending = self.rows + self.waiting, [], None, {}
         self.waiting = []
         while not self.incoming.empty():
             rows.append(Row(self.incoming.get(), self.tokenizer, self.eos, 0))  # only to finish it
         for row in rows:
             if not row.handle.done.is_set():
-                self.finish(row, "cancelled")
+                row.error = error
+                self.finish(row, reason)
 
     def start(self) -> None:
         """Step in a worker thread of its own until close() (the server)."""
@@ -499,9 +502,20 @@ class Engine:
 
     def work(self) -> None:
         while True:
-            if not self.step():
+            if not self.guarded_step():
                 self.wake.wait(0.5)
                 self.wake.clear()
+
+    def guarded_step(self) -> bool:
+        """step(), for the worker: a step that fails ends every request with an "error" finish, not the thread
+        (no request would end again)."""
+        try:
+            return self.step()
+        except Exception as e:
+            error = f"a generation step failed: {type(e).__name__}: {' '.join(str(e).split())}"
+            say(f"error: {error}")
+            self.reset("error", error)
+            return True
 
     def close(self) -> None:
         """Stop: every request, running or waiting, ends as cancelled at the next step."""

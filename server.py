@@ -393,6 +393,8 @@ class Engine:
         if event.finish_reason == "grammar":  # the request's schema or tools, too complex to follow to the end
             raise ApiError(400, f"the answer cannot follow its grammar: {short_line(event.error)}", None,
                            "grammar_too_complex")
+        if event.finish_reason == "error":  # the engine's step failed (logged there); the server goes on
+            raise ApiError(500, "internal error: the generation step failed")
         usage, stats = event.usage, event.stats
         yield {"finish_reason": "length" if event.finish_reason == "context" else event.finish_reason,
                "usage": {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,

@@ -370,6 +370,30 @@ def test_a_grammar_that_gives_up_mid_answer_ends_its_row_only(tiny_folder):
     assert runner.rows == [] and runner.cache is None
 
 
+def test_a_step_that_fails_ends_its_requests_not_the_engines_thread(monkeypatch):
+    """Any exception in a worker's step ended its thread: every request then and after waited for ever."""
+    params, config = model()
+    runner = new_engine(params, config)
+    real, failures = runner.prefill_chunk, [RuntimeError("the device\nis gone")]
+
+    def prefill_chunk(row):
+        if failures:
+            raise failures.pop()
+        return real(row)
+
+    monkeypatch.setattr(runner, "prefill_chunk", prefill_chunk)
+    first = runner.submit(E.Request(prompts()[0], GREEDY, 4))
+    while runner.guarded_step():  # what the worker's thread runs (a thread here would abort pytest's exit: MLX)
+        pass
+    last = drained(first)[-1]
+    assert last.finish_reason == "error" and last.error == "a generation step failed: RuntimeError: the device is gone"
+    assert runner.rows == runner.waiting == [] and runner.cache is None
+    second = runner.submit(E.Request(prompts()[0], GREEDY, 4))
+    while runner.guarded_step():
+        pass
+    assert tokens_of(drained(second)) == alone(params, config, E.Request(prompts()[0], GREEDY, 4))
+
+
 def test_the_prompt_cache_holds_at_most_its_number_of_entries():
     """A lookup compares a prompt with every entry: their number is bounded too (many short chats stay fast)."""
     cache = E.PromptCache(max_bytes=1 << 40, max_entries=3)
