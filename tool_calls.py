@@ -164,8 +164,9 @@ def tool_plan(tools, tool_choice, tokenizer: grammar.GrammarTokenizer, parallel_
     functions = [t["function"] for t in tools]
     if choice == "required":
         return ToolPlan(tools, calls_constraint(functions, parallel_tool_calls, tokenizer))
-    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
-    if not isinstance(choice, dict) or choice.get("type") != "function" or not isinstance(name, str):
+    function = choice.get("function") if isinstance(choice, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
+    if not isinstance(name, str) or choice.get("type") != "function":  # a name only in a dict's function dict
         raise RequestError('tool_choice must be "none", "auto", "required" or '
                            '{"type": "function", "function": {"name": ...}}', "tool_choice")
     chosen = [f for f in functions if f["name"] == name]

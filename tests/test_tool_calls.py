@@ -114,6 +114,8 @@ def test_arguments_may_come_as_an_object():
     ([{"type": "function", "function": {"name": "bad name"}}], "auto", "tools[0].function.name"),
     ([{"type": "retrieval"}], "auto", "tools[0]"),
     ([{"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}], "required", "tools"),
+    ([WEATHER], {"type": "function", "function": "get_weather"}, "tool_choice"),  # an AttributeError: a 500
+    ([WEATHER], {"type": "function", "function": ["get_weather"]}, "tool_choice"),
 ])
 def test_bad_tool_choices_are_one_line_errors(tiny_gt, tools, choice, param):
     with pytest.raises(ValueError) as e:
