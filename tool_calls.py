@@ -52,6 +52,8 @@ def call_arguments(arguments, param: str) -> dict:
             arguments = json.loads(arguments)
         except json.JSONDecodeError as e:
             raise RequestError(f"arguments must be a JSON object ({e.msg} at character {e.pos})", param) from None
+        except RecursionError:  # "[" * 100_000
+            raise RequestError("arguments must be a JSON object (nested too deeply)", param) from None
     if not isinstance(arguments, dict):
         raise RequestError("arguments must be a JSON object", param)
     return arguments
@@ -198,7 +200,7 @@ def parse_call(body: str) -> ToolCall | None:
     """The JSON inside a <tool_call> block -> a call, or None if it is not {"name": str, "arguments": object}."""
     try:
         call = json.loads(body)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # a model may write thousands of brackets
         return None
     if not isinstance(call, dict) or not isinstance(call.get("name"), str) or not call["name"]:
         return None
@@ -206,7 +208,7 @@ def parse_call(body: str) -> ToolCall | None:
     if isinstance(arguments, str):  # some models write the arguments as a JSON string, as OpenAI sends them
         try:
             arguments = json.loads(arguments)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             return None
     if not isinstance(arguments, dict):
         return None

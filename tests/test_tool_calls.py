@@ -93,6 +93,8 @@ def test_rendered_calls_parse_back_to_the_same_calls():
     ([{"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "[1]"}}]}],
      "messages[0].tool_calls[0].function.arguments"),
     ([{"role": "tool", "content": {"a": 1}}], "messages[0].content"),
+    ([{"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "[" * 100_000}}]}],
+     "messages[0].tool_calls[0].function.arguments"),  # nested past the recursion limit: a RecursionError, a 500
 ])
 def test_malformed_messages_are_one_line_errors_naming_the_field(messages, param):
     with pytest.raises(ValueError) as e:
@@ -167,6 +169,14 @@ def test_parser_gives_the_same_answer_at_every_split(name):
     for cut in range(len(text) + 1):
         for second in (cut, (cut + len(text)) // 2):
             check(*run_parser([text[:cut], text[cut:second], text[second:]]), content, calls)
+
+
+def test_a_block_nested_past_the_recursion_limit_stays_content():
+    """A model may write a call's JSON thousands of brackets deep: json.loads raised a RecursionError mid-answer."""
+    for body in ("[" * 100_000, '{"name": "f", "arguments": "' + "[" * 100_000 + '"}'):
+        text = f"{tc.OPEN}\n{body}\n{tc.CLOSE}"
+        parser, deltas = run_parser([text])
+        assert parser.tool_calls == [] and parser.content == text
 
 
 def test_message_shape():
