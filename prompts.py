@@ -257,8 +257,11 @@ def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = T
         template = compiled(tokenizer.chat_template)
     except jinja2.TemplateError as e:
         raise PromptError(f"the model's chat template does not compile: {one_line(e)}") from None
-    return render(template.template, template_context(tokenizer, template.literal_text, messages,
-                                                      add_generation_prompt, tools))
+    try:  # transformers' helpers walk the messages and tools recursively
+        context = template_context(tokenizer, template.literal_text, messages, add_generation_prompt, tools)
+    except RecursionError:
+        raise PromptError("the messages or tools are nested too deeply to render") from None
+    return render(template.template, context)
 
 
 def encode_rendered(tokenizer, text: str) -> list[int]:

@@ -107,6 +107,21 @@ def test_a_hostile_template_is_stopped_with_one_line(tiny_tokenizer_dir, templat
     assert words in str(error.value) and "\n" not in str(error.value)
 
 
+def test_messages_and_tools_nested_too_deep_to_prepare_are_one_line(tiny_tokenizer):
+    """A request's JSON may nest 600 levels (read_json allows what json.loads does), and preparing it for the
+    template recursed past Python's limit: a RecursionError, a 500."""
+    deep = {}
+    for _ in range(5000):
+        deep = {"a": deep}
+    call = {"type": "function", "function": {"name": "f", "arguments": deep}}
+    tools = [{"type": "function", "function": {"name": "f", "parameters": deep}}]
+    for messages, tools in [([{"role": "assistant", "content": "", "tool_calls": [call]}], None),
+                            ([{"role": "user", "content": "hi"}], tools)]:
+        with pytest.raises(prompts.PromptError) as error:
+            prompts.encode_chat(tiny_tokenizer, messages, tools=tools)
+        assert "nested too deeply" in str(error.value) and "\n" not in str(error.value)
+
+
 def test_the_command_line_and_the_chat_report_a_hostile_template(tmp_path, tiny_folder):
     folder = folder_with_template(tmp_path, tiny_folder, "huge", "{{ 'x' * 3000000000 }}")
     one_line_error(invoke("generate", "-m", str(folder), "--prompt", "hi"), "size too large")
