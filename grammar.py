@@ -130,6 +130,9 @@ def start(constraint: Constraint, tokenizer: GrammarTokenizer) -> State:
     matcher = llguidance.LLMatcher(tokenizer.llg, constraint.grammar, log_level=0)
     if matcher.is_error():
         raise ValueError(f"cannot constrain the output to {constraint.what}: {first_line(matcher.get_error())}")
+    matcher.compute_bitmask()  # computing the first mask tells whether the grammar has stopped already
+    if matcher.is_stopped():  # ({"$ref": "#"}) only EOS may come: an empty answer, which matches nothing
+        raise ValueError(f"cannot constrain the output to {constraint.what}: it allows no output")
     return State(matcher, tokenizer.vocab)
 
 

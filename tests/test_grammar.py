@@ -116,6 +116,15 @@ def test_bad_formats_are_one_line_value_errors(response_format, message):
     assert "\n" not in str(e.value)
 
 
+def test_a_grammar_that_allows_no_output_cannot_start(tiny_grammar_tokenizer):
+    """{"$ref": "#"} compiles, but its matcher has stopped before the first token: only EOS, an empty answer that
+    is no JSON, sent with finish_reason "stop" (a 200 whose content is "")."""
+    _, gt = tiny_grammar_tokenizer
+    with pytest.raises(ValueError, match="allows no output") as e:
+        grammar.start(grammar.from_response_format(as_format({"$ref": "#"})), gt)
+    assert "\n" not in str(e.value)
+
+
 def test_text_and_absent_formats_are_unconstrained():
     assert grammar.from_response_format(None) is None
     assert grammar.from_response_format({"type": "text"}) is None
