@@ -255,6 +255,24 @@ def unsupported(options: Options, body: dict, features: frozenset) -> None:
             raise ApiError(400, f"{name} is not supported by this server yet", name)
 
 
+# OpenAI's fields that an endpoint does not honour, each with the one value that changes nothing: any other is a 400
+NOT_HONOURED = {
+    "text": {"echo": False, "best_of": 1, "suffix": "", "tools": None, "tool_choice": None, "functions": None,
+             "function_call": None, "top_logprobs": None},  # (completions spell top log-probabilities logprobs)
+    "chat": {"functions": None, "function_call": None},  # the legacy spelling of tools and tool_choice
+}
+
+
+def not_honoured(body: dict, kind: str) -> None:
+    """Refuse (400) a field of OpenAI's that this endpoint would otherwise ignore (echo, best_of, tools on
+    completions...): the client would take the answer for one that honoured it."""
+    path = "/v1/completions" if kind == "text" else "/v1/chat/completions"
+    for name, neutral in NOT_HONOURED[kind].items():
+        value = body.get(name)
+        if value is not None and (type(value) is not type(neutral) or value != neutral):  # True == 1: not best_of
+            raise ApiError(400, f"{name} is not supported on {path}", name)
+
+
 def chat_messages(body: dict) -> list[dict]:
     """The request's messages in the chat template's shapes (tool calls and results included); 400 if malformed."""
     try:
@@ -711,6 +729,7 @@ def envelope(ctx: Context, kind):
 
 def request_options(ctx: Context, body: dict, kind: str) -> Options:
     check_model(ctx.settings.names, body)
+    not_honoured(body, kind)
     options = parse_options(body, kind, ctx.settings.defaults)
     unsupported(options, body, getattr(ctx.engine, "features", frozenset()))
     return options

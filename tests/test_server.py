@@ -187,6 +187,21 @@ def test_a_field_the_engine_cannot_honour_is_refused_not_ignored():
         server.unsupported(options, body, frozenset({name}))  # an engine that can: accepted
 
 
+@pytest.mark.parametrize("kind, field", [
+    ("text", {"echo": True}), ("text", {"best_of": 3}), ("text", {"best_of": True}), ("text", {"suffix": "}"}),
+    ("text", {"tools": [{"type": "function", "function": {"name": "f"}}]}), ("text", {"tool_choice": "required"}),
+    ("text", {"top_logprobs": 3}), ("chat", {"functions": [{"name": "f"}]}), ("chat", {"function_call": "auto"}),
+])
+def test_a_field_this_endpoint_does_not_honour_is_refused_not_ignored(kind, field):
+    """These were answered 200 as if absent: completions with echo, best_of, a suffix or tools; chat with the legacy
+    functions."""
+    with pytest.raises(server.ApiError) as e:
+        server.not_honoured(field, kind)
+    assert (e.value.status, e.value.param) == (400, next(iter(field)))
+    for neutral in ({"echo": False, "best_of": 1, "suffix": "", "tools": None}, {"functions": None}):
+        server.not_honoured(neutral, "text" if "echo" in neutral else "chat")  # what changes nothing: accepted
+
+
 # ---------------------------------------------------------------------------------------------
 # Who may call: Host names (DNS rebinding)
 # ---------------------------------------------------------------------------------------------
