@@ -227,8 +227,9 @@ def parse_options(body: dict, kind: str, defaults: Defaults) -> Options:
         presence_penalty=number(body, "presence_penalty", None, low=-2, high=2),  # OpenAI's range
         frequency_penalty=number(body, "frequency_penalty", None, low=-2, high=2),
     )
-    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = number(body, name, defaults.max_tokens, low=1, high=MAX_INT, integer=True)
+    max_tokens = number(body, "max_tokens", defaults.max_tokens, low=1, high=MAX_INT, integer=True)
+    # OpenAI's newer name wins; both are checked (a bad max_tokens beside it was ignored)
+    max_tokens = number(body, "max_completion_tokens", max_tokens, low=1, high=MAX_INT, integer=True)
     stream = flag(body, "stream")
     stream_options = body.get("stream_options")
     if stream_options is not None and (not stream or not isinstance(stream_options, dict)):

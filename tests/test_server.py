@@ -169,6 +169,8 @@ def test_the_defaults_fill_what_a_request_leaves_out():
     ({"logit_bias": {"300": 1}}, "logit_bias"), ({"logit_bias": {"5": 101}}, "logit_bias"),
     ({"logit_bias": {"-1": 1}}, "logit_bias"), ({"top_logprobs": 2}, "top_logprobs"),
     ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"), ({"presence_penalty": 10**400}, "presence_penalty"),
+    ({"max_completion_tokens": 5, "max_tokens": "x"}, "max_tokens"),  # was ignored beside the newer name
+    ({"max_completion_tokens": 0, "max_tokens": 5}, "max_completion_tokens"),
 ])
 def test_each_bad_field_is_a_400_naming_it(field, param):
     with pytest.raises(server.ApiError) as e:
