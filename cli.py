@@ -207,15 +207,18 @@ def utf8_prompt(prompt: str | None, prompt_file) -> str:
         raise click.UsageError("give the prompt with --prompt or --prompt-file (one of them)")
     if prompt == "-" and stdin_closed():
         raise click.BadParameter("--prompt - reads standard input, which is closed", param_hint="--prompt")
+    hint = "--prompt" if prompt_file is None else "--prompt-file"
     try:
         if prompt_file is not None:
-            return bounded_read(prompt_file, "--prompt-file").decode("utf-8")
-        text = bounded_read(sys.stdin.buffer, "--prompt").decode("utf-8") if prompt == "-" else prompt
+            return bounded_read(prompt_file, hint).decode("utf-8")
+        text = bounded_read(sys.stdin.buffer, hint).decode("utf-8") if prompt == "-" else prompt
         text.encode("utf-8")  # argv arrives with undecodable bytes as lone surrogates
         return text
     except (UnicodeDecodeError, UnicodeEncodeError):
-        hint = "--prompt" if prompt_file is None else "--prompt-file"
         raise click.BadParameter("the prompt is not valid UTF-8", param_hint=hint) from None
+    except OSError as e:  # a read error, not standard output's (main's guess for an OSError without a file name)
+        source = "standard input" if prompt_file is None else prompt_file.name
+        raise click.BadParameter(f"cannot read {source}: {e.strerror or e}", param_hint=hint) from None
 
 
 def templated(tokenizer, messages: list[dict]) -> list[int]:

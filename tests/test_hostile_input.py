@@ -560,6 +560,14 @@ def test_endless_input_is_read_only_up_to_a_limit(tiny_folder, command):
     one_error_line(done, "larger than 16 MiB", returncode=2)
 
 
+def test_a_prompt_file_that_cannot_be_read_is_named(tiny_folder):
+    """Its read error reached main, which blamed standard output: "cannot write to standard output: Input/output
+    error" (reading /proc/self/mem at offset 0 is an EIO, as a failing disk's file is)."""
+    line = one_line_error(invoke("generate", "-m", str(tiny_folder), "--prompt-file", "/proc/self/mem"),
+                          "--prompt-file", "/proc/self/mem", "Input/output error", exit_code=2)
+    assert "standard output" not in line
+
+
 def test_a_deleted_working_directory_is_named(tmp_path, tiny_folder):
     done = shell(f'mkdir gone && cd gone && rmdir ../gone && "$Q" generate -m {tiny_folder} --prompt hi', cwd=tmp_path)
     one_error_line(done, "working directory no longer exists")
