@@ -131,7 +131,9 @@ PACKAGED_NAME = "qwen2.5-coder-0.5b-instruct"  # the packaged model's id (the se
 
 def resolve(model: str | None) -> Path:
     """A model name -> the local folder it loads from: a path first, then an alias, then a hub id."""
-    if model is None or model == "" or (model == PACKAGED_NAME and not expand_user(model).exists()):
+    if model == "":  # -m "$MODEL" with MODEL unset: not a request for the packaged model
+        raise ModelError("the model is an empty name; leave --model out for the packaged model, or name one")
+    if model is None or (model == PACKAGED_NAME and not expand_user(model).exists()):
         return packaged_folder(check_converted)
     path = expand_user(model)
     if path.exists():

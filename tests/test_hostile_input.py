@@ -320,6 +320,12 @@ def test_path_like_hub_ids_are_refused_before_the_hub(tmp_path, monkeypatch, nam
     one_line_error(invoke("generate", "-m", name, "--prompt", "hi"), "not an existing path, an alias or a hub id")
 
 
+def test_an_empty_model_name_is_not_the_packaged_model(monkeypatch):
+    """-m "$MODEL" with MODEL unset ran the packaged model (converting it first, if it was not yet), exit 0."""
+    monkeypatch.setattr(weights, "packaged_folder", lambda *a: pytest.fail("the packaged model was loaded"))
+    one_line_error(invoke("generate", "-m", "", "--prompt", "hi"), "empty name", "leave --model out")
+
+
 def test_a_forged_completion_marker_does_not_skip_the_finite_check(tmp_path, tiny_tokenizer_dir):
     """Only our own conversions, in our cache, are trusted as checked: a folder's own complete.json is not."""
     model, raw = tiny_model(tie=False)
