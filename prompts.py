@@ -251,10 +251,8 @@ def encode_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = T
 def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = True,
                 tools: list[dict] | None = None) -> str:
     """The chat template applied to the messages, as text whose control tokens are marked (see encode_rendered)."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise PromptError("this model has no chat template")
     try:
-        template = compiled(tokenizer.chat_template)
+        template = compiled(template_source(tokenizer, tools))
     except jinja2.TemplateError as e:
         raise PromptError(f"the model's chat template does not compile: {one_line(e)}") from None
     try:  # transformers' helpers walk the messages and tools recursively
@@ -262,6 +260,22 @@ def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = T
     except RecursionError:
         raise PromptError("the messages or tools are nested too deeply to render") from None
     return render(template.template, context)
+
+
+def template_source(tokenizer, tools: list[dict] | None) -> str:
+    """The chat template's text. A model may name several (transformers' list form, loaded as a dict): "tool_use"
+    with tools when there is one, else "default", as transformers picks."""
+    source = getattr(tokenizer, "chat_template", None)
+    if isinstance(source, dict):
+        names = ", ".join(map(repr, source))
+        source = source.get("tool_use" if tools is not None and "tool_use" in source else "default")
+        if source is None:
+            raise PromptError(f"the model's chat templates are named {names}, with no 'default'")
+    if not source:
+        raise PromptError("this model has no chat template")
+    if not isinstance(source, str):
+        raise PromptError(f"the model's chat template is not text but {type(source).__name__}")
+    return source
 
 
 def encode_rendered(tokenizer, text: str) -> list[int]:

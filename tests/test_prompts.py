@@ -122,6 +122,23 @@ def test_messages_and_tools_nested_too_deep_to_prepare_are_one_line(tiny_tokeniz
         assert "nested too deeply" in str(error.value) and "\n" not in str(error.value)
 
 
+def test_named_templates_render_their_default_and_a_template_not_text_is_one_line(tiny_tokenizer_dir):
+    """transformers' list of named templates ({"name", "template"} in tokenizer_config.json, loaded as a dict) was
+    a TypeError traceback; a number as the template (5) rendered "5" in place of the messages, exit 0."""
+    tokenizer = weights.load_tokenizer(tiny_tokenizer_dir)
+    plain, messages = tokenizer.chat_template, [{"role": "user", "content": "hi"}]
+    want = prompts.encode_chat(tokenizer, messages)
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+    tokenizer.chat_template = {"default": plain, "tool_use": "{{ tools[0].function.name }}: {{ messages[0].content }}"}
+    assert prompts.encode_chat(tokenizer, messages) == want
+    assert prompts.render_chat(tokenizer, messages, tools=tools) == "f: hi"  # with tools: "tool_use", as transformers
+    for template, words in [({"rag": plain}, "no 'default'"), (5, "not text"), ({"default": ["x"]}, "not text")]:
+        tokenizer.chat_template = template
+        with pytest.raises(prompts.PromptError, match=words) as error:
+            prompts.encode_chat(tokenizer, messages)
+        assert "\n" not in str(error.value)
+
+
 def test_the_command_line_and_the_chat_report_a_hostile_template(tmp_path, tiny_folder):
     folder = folder_with_template(tmp_path, tiny_folder, "huge", "{{ 'x' * 3000000000 }}")
     one_line_error(invoke("generate", "-m", str(folder), "--prompt", "hi"), "size too large")
