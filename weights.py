@@ -368,6 +368,8 @@ def read_safetensors(path: Path) -> dict:
     (of at most 100 MB), each tensor's dtype, shape and offsets consistent, and the file whole."""
     from safetensors import SafetensorError, safe_open
 
+    if not path.is_file():  # a FIFO would be waited on for ever, a device read without end
+        raise ModelError(f"{path}: not a regular file (a FIFO, a device or a folder); download the weights again")
     try:
         with safe_open(str(path), "numpy"):
             pass

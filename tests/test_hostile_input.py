@@ -283,6 +283,14 @@ def test_hostile_safetensors_headers_are_refused(tmp_path, tiny_folder, name):
     one_line_error(invoke("generate", "-m", str(folder), "--prompt", "hi"), "truncated or corrupt safetensors")
 
 
+def test_a_weights_file_that_is_a_fifo_is_refused_not_waited_on(tmp_path, tiny_folder):
+    """A FIFO named model.safetensors (in the folder, or linked from it): opening it waited for a writer for ever."""
+    folder = copy_with_config(tmp_path, tiny_folder, "fifo")
+    (folder / "model.safetensors").unlink()
+    os.mkfifo(folder / "model.safetensors")
+    one_line_error(invoke("generate", "-m", str(folder), "--prompt", "hi"), "model.safetensors", "not a regular file")
+
+
 def test_safetensors_headers_load_or_give_one_model_error(tmp_path):
     """Property: any header (any JSON, tensors with any dtype, shape and offsets) and any bytes after it
     load, or fail with one ModelError line."""
