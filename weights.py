@@ -220,6 +220,10 @@ def hub_cache_dir() -> str:
 EOS_RULE = Rule(lambda v: is_whole(v) and v >= 0 or isinstance(v, list) and all(is_whole(i) and i >= 0 for i in v),
                 "a token id or a list of token ids")
 OBJECT_RULE = Rule(lambda v: isinstance(v, dict), "an object")
+# mlx_lm and transformers scale RoPE as rope_scaling says (YaRN, linear...); our RoPE has no scaling: refused, not ignored
+UNSCALED_RULE = Rule(lambda v: isinstance(v, dict) and v.get("rope_type", v.get("type")) == "default",
+                     "null: this project's RoPE has no scaling (remove it: contexts up to max_position_embeddings "
+                     "need none)")
 # generation_config.json's values that we use (null: not set)
 GENERATION_RULES = {
     "temperature": Rule(lambda v: is_number(v) and 0 <= v < math.inf, "a number of at least 0"),
@@ -325,6 +329,7 @@ def check_config(raw: dict, where) -> Config:
     for key in ("quantization", "quantization_config"):
         check_value(raw, key, OBJECT_RULE, where)
     check_value(raw, "eos_token_id", EOS_RULE, where)
+    check_value(raw, "rope_scaling", UNSCALED_RULE, where)
     config = config_from_dict(raw)
     E, H, K = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
     if E % H or (E // H) % 2:

@@ -112,6 +112,9 @@ BAD_CONFIGS = [
     ({"eos_token_id": {"id": 2}}, 'eos_token_id is {"id": 2}'),
     ({"eos_token_id": [2, "x"]}, 'eos_token_id is [2, "x"]'),
     ({"num_hidden_layers": [2] * 1000}, "num_hidden_layers is [2, 2, 2"),
+    # mlx_lm scales RoPE so; ours has no scaling, and the answers differed from the reference's, exit 0
+    ({"rope_scaling": {"type": "yarn", "factor": 4.0}}, 'rope_scaling is {"type": "yarn", "factor": 4.0}'),
+    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "has no scaling"),
 ]
 
 
