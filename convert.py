@@ -269,6 +269,7 @@ WHOLE = Rule(is_whole, "a whole number")
 NUMBER = Rule(is_number, "a number")
 TEXT = Rule(lambda v: isinstance(v, str), "a string")
 TEXTS = Rule(lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings")
+UNSCALED = Rule(lambda v: v == "none", '"none": this project\'s RoPE has no scaling (YaRN, linear...)')
 WHOLES = Rule(lambda v: isinstance(v, list) and all(is_whole(x) for x in v), "a list of whole numbers")
 
 
@@ -325,6 +326,7 @@ def gguf_config(reader, path: Path, eos: list[int] | None) -> dict:
     def field(key, kind=WHOLE, default=None):
         return gguf_field(reader, path, key, kind, default)
 
+    field("qwen2.rope.scaling.type", UNSCALED)  # llama.cpp would scale RoPE so: refused, not ignored
     tokens = field("tokenizer.ggml.tokens", TEXTS, [])
     vocab = {t: i for i, t in enumerate(tokens)}
     eos_ids = eos or [i for i in [field("tokenizer.ggml.eos_token_id"), vocab.get("<|im_end|>"),

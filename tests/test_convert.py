@@ -147,6 +147,8 @@ def rewrite_gguf(source, out, drop=None, fields=None):
         if name in fields:
             value, kind, sub = fields[name] if isinstance(fields[name], tuple) else (fields[name], kind, sub)
         writer.add_key_value(name, value, kind, sub_type=sub)
+    for name in fields.keys() - reader.fields.keys():  # a field the file lacks: (value, type, sub_type)
+        writer.add_key_value(name, fields[name][0], fields[name][1], sub_type=fields[name][2])
     for t in reader.tensors:
         if t.name != drop:
             writer.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
@@ -187,6 +189,7 @@ BAD_METADATA = {  # key -> (value, type, sub_type), the words of its error
     "a token not UTF-8": ("tokenizer.ggml.tokens", lambda T: ([b"\xff\xfe", "a"], T.ARRAY, T.STRING),
                           "cannot be read"),
     "context length negative": ("qwen2.context_length", lambda T: (-5, T.INT32, None), "max_position_embeddings is -5"),
+    "rope scaled (YaRN)": ("qwen2.rope.scaling.type", lambda T: ("yarn", T.STRING, None), "has no scaling"),
 }
 
 
