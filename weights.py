@@ -220,7 +220,7 @@ def hub_cache_dir() -> str:
 EOS_RULE = Rule(lambda v: is_whole(v) and v >= 0 or isinstance(v, list) and all(is_whole(i) and i >= 0 for i in v),
                 "a token id or a list of token ids")
 OBJECT_RULE = Rule(lambda v: isinstance(v, dict), "an object")
-# mlx_lm and transformers scale RoPE as rope_scaling says (YaRN, linear...); our RoPE has no scaling: refused, not ignored
+# mlx_lm and transformers scale RoPE as rope_scaling says (YaRN, linear...); ours has no scaling: refused, not ignored
 UNSCALED_RULE = Rule(lambda v: isinstance(v, dict) and v.get("rope_type", v.get("type")) == "default",
                      "null: this project's RoPE has no scaling (remove it: contexts up to max_position_embeddings "
                      "need none)")

@@ -114,9 +114,9 @@ def test_messages_and_tools_nested_too_deep_to_prepare_are_one_line(tiny_tokeniz
     for _ in range(5000):
         deep = {"a": deep}
     call = {"type": "function", "function": {"name": "f", "arguments": deep}}
-    tools = [{"type": "function", "function": {"name": "f", "parameters": deep}}]
+    deep_tools = [{"type": "function", "function": {"name": "f", "parameters": deep}}]
     for messages, tools in [([{"role": "assistant", "content": "", "tool_calls": [call]}], None),
-                            ([{"role": "user", "content": "hi"}], tools)]:
+                            ([{"role": "user", "content": "hi"}], deep_tools)]:
         with pytest.raises(prompts.PromptError) as error:
             prompts.encode_chat(tiny_tokenizer, messages, tools=tools)
         assert "nested too deeply" in str(error.value) and "\n" not in str(error.value)

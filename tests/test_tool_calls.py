@@ -93,7 +93,7 @@ def test_rendered_calls_parse_back_to_the_same_calls():
     ([{"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "[1]"}}]}],
      "messages[0].tool_calls[0].function.arguments"),
     ([{"role": "tool", "content": {"a": 1}}], "messages[0].content"),
-    ([{"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "[" * 100_000}}]}],
+    ([{"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "[" * 10**5}}]}],
      "messages[0].tool_calls[0].function.arguments"),  # nested past the recursion limit: a RecursionError, a 500
 ])
 def test_malformed_messages_are_one_line_errors_naming_the_field(messages, param):
