@@ -352,6 +352,13 @@ def run(model=None, shape=None, dtype=None, kernels=("reference", "fast"), lengt
     dtype = dtype or ("bfloat16" if mx.default_device() == mx.gpu else "float32")
     lengths = sorted(set(lengths))
     params, config, reference, source = bench_weights(model, shape, dtype)
+    positions = config.max_position_embeddings
+    if lengths[-1] >= positions:  # the engine would refuse the prompt mid-run
+        raise BenchError(f"--prompt-tokens {lengths[-1]} is beyond the model's {positions} positions "
+                         "(max_position_embeddings)")
+    if lengths[0] + gen_tokens > positions:  # ours would stop at the context, mlx_lm would go on
+        raise BenchError(f"--prompt-tokens {lengths[0]} and --gen-tokens {gen_tokens} are beyond the model's "
+                         f"{positions} positions (max_position_embeddings)")
     runs = {f"ours-{k}": run_ours(params, config, k) for k in kernels} | {"mlx_lm": run_mlx_lm(reference)}
     key = mx.random.key(0)
     prompts = {n: mx.random.randint(0, config.vocab_size, (n,), key=key).tolist() for n in lengths}

@@ -486,11 +486,11 @@ def bench_command(model, dtype, kernels, shape, prompt_tokens, gen_tokens, trial
       qwen2-scratch bench --shape qwen2-7b --prompt-tokens 128,2048 --no-int4
     """
     lengths = whole_numbers(prompt_tokens, "--prompt-tokens", "128,512")
-    ks = whole_numbers(num_drafts, "--num-draft", "4,8")
+    ks = whole_numbers(num_drafts, "--num-draft", "4,8", most=q.EXACT_ROWS - 1)  # as generate's --num-draft
     if json_path and not os.path.isdir(os.path.dirname(os.path.abspath(json_path))):
         raise click.BadParameter(f"the folder {os.path.dirname(os.path.abspath(json_path))} does not exist",
                                  param_hint="--json")
-    levels = whole_numbers(clients, "--clients", "1,8,32")
+    levels = whole_numbers(clients, "--clients", "1,8,32", most=server.MAX_CONNECTIONS)  # beyond: 503s
     try:
         if serve:
             report = bench.run_serve(model, dtype, levels, gen_tokens, trials, parallel,
@@ -629,14 +629,16 @@ def serve_command(model, dtype, kernels, host, port, api_keys, max_kv_size, para
     server.serve(backend, sock, settings)
 
 
-def whole_numbers(text: str, flag: str, example: str) -> list[int]:
-    """'128,512' -> [128, 512], sorted, each at least 1; else a one-line usage error."""
+def whole_numbers(text: str, flag: str, example: str, most: int = 2**63 - 1) -> list[int]:
+    """'128,512' -> [128, 512], sorted, each from 1 to most; else a one-line usage error."""
     try:
         numbers = sorted({int(n) for n in text.split(",")})
     except ValueError:
         raise click.BadParameter(f"give whole numbers separated by commas, like {example}", param_hint=flag) from None
     if not numbers or numbers[0] < 1:
         raise click.BadParameter("each number must be at least 1 (prompt lengths, proposals)", param_hint=flag)
+    if numbers[-1] > most:
+        raise click.BadParameter(f"each number must be at most {most}, not {numbers[-1]}", param_hint=flag)
     return numbers
 
 

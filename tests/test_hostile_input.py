@@ -504,6 +504,23 @@ def test_bench_json_into_a_missing_folder_fails_before_the_run(tmp_path):
     one_line_error(result, str(tmp_path / "nope"), exit_code=2)
 
 
+@pytest.mark.parametrize("args, words", [
+    (["--prompt-tokens", "40000"], ["40000", "32768 positions"]),  # was the engine's ValueError, a traceback
+    (["--prompt-tokens", "8", "--gen-tokens", "32761"], ["--gen-tokens 32761", "32768 positions"]),
+])
+def test_bench_lengths_beyond_the_positions_are_refused(tiny_folder, args, words):
+    one_line_error(invoke("bench", "-m", str(tiny_folder), "--no-int4", "--one-kernel", "--trials", "1", *args), *words)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--prompt-tokens", "9" * 23], ["--prompt-tokens", str(2**63 - 1)]),  # was a TypeError from mx.random.randint
+    (["--speculative", "--num-draft", "4," + "9" * 13], ["--num-draft", "at most 63"]),  # an OverflowError in MLX
+    (["--serve", "--clients", "8,65"], ["--clients", "at most 64"]),  # beyond 64 ours answers 503: 0 tokens timed
+])
+def test_bench_lists_beyond_their_limits_are_usage_errors(tiny_folder, args, words):
+    one_line_error(invoke("bench", "-m", str(tiny_folder), "--trials", "1", *args), *words, exit_code=2)
+
+
 
 
 # ---------------------------------------------------------------------------------------------
