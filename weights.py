@@ -373,6 +373,9 @@ def read_safetensors(path: Path) -> dict:
     (of at most 100 MB), each tensor's dtype, shape and offsets consistent, and the file whole."""
     from safetensors import SafetensorError, safe_open
 
+    if not path.exists():  # a link to nothing (a hub snapshot's blob deleted) or a loop of links
+        raise ModelError(f"{path}: a link to a file that does not exist ({os.path.realpath(path)}); "
+                         "download the weights again")
     if not path.is_file():  # a FIFO would be waited on for ever, a device read without end
         raise ModelError(f"{path}: not a regular file (a FIFO, a device or a folder); download the weights again")
     try:

@@ -294,6 +294,17 @@ def test_a_weights_file_that_is_a_fifo_is_refused_not_waited_on(tmp_path, tiny_f
     one_line_error(invoke("generate", "-m", str(folder), "--prompt", "hi"), "model.safetensors", "not a regular file")
 
 
+@pytest.mark.parametrize("target", ["/nonexistent/blob", "model.safetensors"])
+def test_a_weights_link_to_nothing_is_named_as_such(tmp_path, tiny_folder, target):
+    """A hub snapshot whose blob is gone (or a link to itself) was called "a FIFO, a device or a folder"."""
+    folder = copy_with_config(tmp_path, tiny_folder, "dangling")
+    (folder / "model.safetensors").unlink()
+    (folder / "model.safetensors").symlink_to(target)
+    result = invoke("generate", "-m", str(folder), "--prompt", "hi")
+    line = one_line_error(result, "model.safetensors", "does not exist")
+    assert "FIFO" not in line
+
+
 def test_safetensors_headers_load_or_give_one_model_error(tmp_path):
     """Property: any header (any JSON, tensors with any dtype, shape and offsets) and any bytes after it
     load, or fail with one ModelError line."""
