@@ -24,7 +24,7 @@ from qwen2s import prompts
 from qwen2s.engine import Engine, Event, Request, stats_line
 from qwen2s.say import say
 
-__all__ = ["Chat", "repl", "ctrl_c_through_python"]
+__all__ = ["Chat", "repl", "ctrl_c_through_python", "InputTooLong"]
 
 CHAT_HELP = """Commands:
   /reset, /clear  forget the conversation (the system message stays)
@@ -281,6 +281,24 @@ def prompt(text: str) -> str:
         raise
 
 
+INPUT_LIMIT = 16 * 2**20  # characters of a piped line or a """ block (cli's limit on a prompt): short of /dev/zero
+
+
+class InputTooLong(Exception):
+    """A piped line or a \"\"\" block beyond INPUT_LIMIT: the chat ends (where the message ends is unknown)."""
+
+    def __init__(self):
+        super().__init__(f"a message on standard input is larger than {INPUT_LIMIT // 2**20} MiB, the most read")
+
+
+def piped_lines(stream):
+    """The stream's lines, each read only up to INPUT_LIMIT (iter(stream) read /dev/zero into memory without end)."""
+    while line := stream.readline(INPUT_LIMIT + 1):
+        if len(line) > INPUT_LIMIT and not line.endswith("\n"):
+            raise InputTooLong
+        yield line
+
+
 def read_line(lines, ctrl_c: CtrlC, text: str = "> ") -> str | None:
     """The next line: from the terminal's prompt when lines is None; None at the end or on Ctrl-C."""
     try:
@@ -315,9 +333,12 @@ def read_message(first: str, read) -> str:
     a """ elsewhere in a line (foo"""bar) is text. Input that ends inside a block sends what was typed.'''
     if not first.startswith(MULTILINE):
         return first
-    lines, line = [], first[len(MULTILINE):]
+    lines, line, size = [], first[len(MULTILINE):], 0
     while not line.rstrip().endswith(MULTILINE):
         lines.append(line)
+        size += len(line) + 1
+        if size > INPUT_LIMIT:  # a block that never closes (`yes` after \"\"\")
+            raise InputTooLong
         line = read()
         if line is None:
             return "\n".join(lines).strip()
@@ -380,7 +401,7 @@ def talk(chat: Chat, interactive: bool, ctrl_c: CtrlC, quiet: bool) -> None:
     config = chat.engine.config
     say(f"qwen2-scratch chat ({config.num_hidden_layers} layers, {len(chat.tokenizer.vocab)} tokens); "
            "/help for commands, Ctrl-D or /quit to leave")
-    lines = None if interactive else iter(sys.stdin)
+    lines = None if interactive else piped_lines(sys.stdin)
     while True:
         if ctrl_c.pressed:  # after the answer's last token, before the prompt
             ctrl_c.pressed = False

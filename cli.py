@@ -365,6 +365,8 @@ def chat_command(model, dtype, kernels, system, quiet, **o):
     sys.stdin.reconfigure(errors="surrogateescape")  # a line that is not UTF-8 is refused, not fatal
     try:
         chat.repl(session, interactive=sys.stdin.isatty(), quiet=quiet)
+    except chat.InputTooLong as e:
+        raise click.ClickException(str(e)) from None
     except BrokenPipeError:
         quiet_broken_pipe()
 

@@ -605,6 +605,16 @@ def test_endless_input_is_read_only_up_to_a_limit(tiny_folder, command):
     one_error_line(done, "larger than 16 MiB", returncode=2)
 
 
+@pytest.mark.parametrize("command", ['"$Q" chat -m {m} --max-tokens 2 < /dev/zero',
+                                     '{{ echo hi; echo \'"""\'; yes hello; }} | "$Q" chat -m {m} --max-tokens 2'])
+def test_endless_chat_input_is_read_only_up_to_a_limit(tiny_folder, command):
+    """A piped line without end (/dev/zero) or a \"\"\" block that never closes was read into memory without
+    bound: 7.6 GB resident in 25 s."""
+    done = shell(f"ulimit -v {mapped_by_a_run(tiny_folder) // 1024 + HEADROOM}; " + command.format(m=tiny_folder),
+                 timeout=60)
+    one_error_line(done, "larger than 16 MiB")
+
+
 def test_a_prompt_file_that_cannot_be_read_is_named(tiny_folder):
     """Its read error reached main, which blamed standard output: "cannot write to standard output: Input/output
     error" (reading /proc/self/mem at offset 0 is an EIO, as a failing disk's file is)."""
