@@ -46,16 +46,23 @@ def load(model: str | None = None, dtype: str | None = None, kernels: str = "ref
 def prompt_ids(model: Model, prompt: str | list[dict]) -> tuple[int, ...]:
     """Text is text (a control token's name in it is not the control token); messages go through the template."""
     if isinstance(prompt, str):
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("the prompt is not valid Unicode text (it holds a lone surrogate)") from None
         return tuple(prompts.encode_text(model.tokenizer, prompt))
+    if not isinstance(prompt, list) or not all(isinstance(m, dict) for m in prompt):
+        raise TypeError(f"the prompt is a {type(prompt).__name__}: give a string or a list of chat messages (dicts)")
     return tuple(prompts.encode_chat(model.tokenizer, prompt))
 
 
 def stream_generate(model: Model, prompt: str | list[dict], max_tokens: int = 256, seed: int | None = 0,
-                    stop: tuple[str, ...] = (), **sampling) -> Iterator[Event]:
+                    stop: str | tuple[str, ...] = (), **sampling) -> Iterator[Event]:
     """The answer as typed events: text pieces with their token and log-probability, then the finish
     reason with usage and stats. sampling: temp, top_p, top_k, min_p, repetition_penalty, repetition_context."""
+    stops = (stop,) if isinstance(stop, str) else tuple(stop or ())  # one string is one stop, not its letters
     request = Request(prompt_ids(model, prompt), weights.sampling_for(model.defaults, **sampling), max_tokens,
-                      tuple(stop), seed)
+                      stops, seed)
     yield from model.engine.generate(request)
 
 

@@ -23,6 +23,7 @@ draw equals it.
 from qwen2s import qwen2_scratch as q  # first: the model loads the fast BLAS before MLX
 
 # isort: split
+import math
 import os
 import queue
 import threading
@@ -405,6 +406,42 @@ def verifier_draws(logits: mx.array, row: Row, proposal: list[int]) -> list[Draw
 # ---------------------------------------------------------------------------------------------
 
 
+def is_whole(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_finite(v) -> bool:
+    return (is_whole(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+# A request's options and the values they may take: the server and the command line check theirs first, with
+# their own messages; these are what reaches the engine from anywhere else (the Python API).
+OPTION_RULES = {
+    "temp": (is_finite, lambda v: v >= 0, "a number of at least 0"),
+    "top_p": (is_finite, lambda v: 0 < v <= 1, "a number above 0 and at most 1"),
+    "top_k": (is_whole, lambda v: v >= 0, "a whole number of at least 0 (0 is off)"),
+    "min_p": (is_finite, lambda v: 0 <= v <= 1, "a number from 0 to 1"),
+    "repetition_penalty": (is_finite, lambda v: v > 0, "a number above 0 (1 is off)"),
+    "repetition_context": (is_whole, lambda v: v >= 0, "a whole number of at least 0"),
+    "presence_penalty": (is_finite, lambda v: -2 <= v <= 2, "a number from -2 to 2"),
+    "frequency_penalty": (is_finite, lambda v: -2 <= v <= 2, "a number from -2 to 2"),
+}
+
+
+def check_options(request: Request) -> None:
+    """A ValueError naming the first option of the request that is not of its kind or out of its range."""
+    for name, (kind, within, expected) in OPTION_RULES.items():
+        value = getattr(request.sampling, name)
+        if not (kind(value) and within(value)):
+            raise ValueError(f"{name} is {value!r}: expected {expected}")
+    if not is_whole(request.max_tokens):
+        raise ValueError(f"max_tokens is {request.max_tokens!r}: expected a whole number of at least 1")
+    if request.seed is not None and not is_whole(request.seed):
+        raise ValueError(f"seed is {request.seed!r}: expected a whole number, or None for a fresh one")
+    if not isinstance(request.stops, tuple) or not all(isinstance(s, str) and s for s in request.stops):
+        raise ValueError(f"stop is {request.stops!r}: expected non-empty strings")
+
+
 class Engine:
     """The model, its prompt cache and the rows being decoded; `step()` moves every row one token on.
 
@@ -415,6 +452,10 @@ class Engine:
     def __init__(self, params, config, tokenizer, kernels: str = "reference", max_batch: int = 8,
                  max_kv_size: int | None = None, prompt_cache_bytes: int = 1 << 30, proposer=None,
                  num_draft: int = 8, chunk: int | None = None, step_rows: int | None = -1):
+        if kernels not in q.KERNELS:
+            raise ValueError(f"kernels is {kernels!r}: expected one of {', '.join(q.KERNELS)}")
+        if max_kv_size is not None and not (is_whole(max_kv_size) and max_kv_size >= 1):
+            raise ValueError(f"max_kv_size is {max_kv_size!r}: expected a whole number of at least 1, or None")
         self.params, self.config, self.tokenizer, self.kernels = params, config, tokenizer, kernels
         self.max_batch, self.proposer, self.num_draft = max_batch, proposer, num_draft
         self.max_kv = max_kv_size or config.max_position_embeddings
@@ -440,6 +481,7 @@ class Engine:
 
     def check(self, request: Request) -> None:
         """A ValueError for a request that cannot run (the front ends turn it into their own error)."""
+        check_options(request)
         if not request.prompt:
             raise ValueError("the prompt is empty: give at least one token")
         if len(request.prompt) >= self.max_kv:

@@ -37,3 +37,40 @@ def test_the_readme_python_api_example_runs_as_written(packaged):
     assert re.search(r"prefill: \d+ tokens", out), out
     assert "Ada" in re.search(r"What is my name\? -> (.*)", out).group(1), "the chat keeps its history: " + out
     assert re.search(r"perplexity=\d+\.\d+", out), out
+
+
+# Options the Python API passes on unchecked (the server and the command line check theirs first): each out of its
+# kind or range is a ValueError naming it, where NaN, a negative temperature or a penalty of 0 ran and drew garbage.
+BAD_OPTIONS = [({"temp": float("nan")}, "temp"), ({"temp": -1}, "temp"), ({"top_p": 2}, "top_p"),
+               ({"top_k": -5}, "top_k"), ({"top_k": 2.5}, "top_k"), ({"min_p": 1.5}, "min_p"),
+               ({"repetition_penalty": 0}, "repetition_penalty"), ({"seed": "x"}, "seed"),
+               ({"max_tokens": 2.5}, "max_tokens"), ({"stop": ("", "a")}, "stop")]
+
+
+def test_the_api_refuses_options_out_of_their_range_naming_them(tiny_folder):
+    from qwen2s import api
+
+    model = api.load(str(tiny_folder))
+    for options, name in BAD_OPTIONS:
+        with pytest.raises(ValueError, match=f"^{name} is "):
+            api.generate(model, "hello", **{"max_tokens": 2, **options})
+    assert api.generate(model, "hello", max_tokens=2, temp=0, top_k=3, seed=7)  # in range: it runs
+    for kernels, max_kv_size, name in [("x", None, "kernels"), ("reference", -1, "max_kv_size")]:
+        with pytest.raises(ValueError, match=f"^{name} is "):
+            api.load(str(tiny_folder), kernels=kernels, max_kv_size=max_kv_size)
+
+
+def test_the_api_takes_one_stop_string_whole_and_refuses_prompts_of_other_kinds(tiny_folder, monkeypatch):
+    from qwen2s import api
+
+    model = api.load(str(tiny_folder))
+    sent = []
+    monkeypatch.setattr(model.engine, "generate", lambda request: iter(sent.append(request) or ()))
+    api.generate(model, "hello", stop="ab")
+    api.generate(model, "hello", stop=None)
+    assert [r.stops for r in sent] == [("ab",), ()]  # "ab" had been the two stops "a" and "b"
+    for prompt in (123, b"hi", ["hi"], None):
+        with pytest.raises(TypeError, match="string or a list of chat messages"):
+            api.generate(model, prompt)
+    with pytest.raises(ValueError, match="lone surrogate"):
+        api.generate(model, "hi \ud800")
