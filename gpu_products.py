@@ -19,6 +19,11 @@ Built once per machine: NVRTC (CUDA's runtime compiler, which MLX's CUDA backend
 for this GPU, and the machine code is kept in ~/.cache/qwen2-scratch/cuda, as blas.py keeps its adapter; a process
 then loads it in milliseconds. (Through `mx.fast.cuda_kernel`, MLX compiled it again in every process: 1.4-2.4 s
 of a one-shot command's first decode step on the H200, benchmarks/README.md; MLX keeps only its own kernels.)
+
+One cubin per dtype and number of rows a block (1 for a one-row product, else 8), each holding one kernel: MLX
+names a precompiled kernel's module by a hash of the whole cubin, computed at every launch (CustomKernel::eval_gpu,
+MLX 0.32.4), and its time is the cubin's size: the first build's one cubin of three kernels (57 KB) cost about
+10 us a product, doubling a one-row decode step on the H200 (benchmarks/README.md, "Our kernel's launch").
 """
 
 import ctypes
@@ -54,16 +59,16 @@ __device__ __forceinline__ u16 to_float16(float f) {  // to nearest, ties to eve
 __device__ __forceinline__ float from_float32(float f) { return f; }
 __device__ __forceinline__ float to_float32(float f) { return f; }
 
-// y [R, N] = x [R, K] @ w [N, K].T, each output one dot product in one fixed order
-#define FEW_ROWS_PRODUCT(NAME, T, EIGHT)                                                                  \
-extern "C" __global__ void few_rows_product_##NAME(const T* x, const T* w, T* y, int R, int K, int N) {   \
+// y [R, N] = x [R, K] @ w [N, K].T, each output one dot product in one fixed order; J rows of x a block
+#define FEW_ROWS_PRODUCT(NAME, T, EIGHT, J)                                                               \
+extern "C" __global__ void few_rows_product(const T* x, const T* w, T* y, int R, int K, int N) {          \
     const int lane = threadIdx.x & 31;                                                                    \
     const int n = blockIdx.y * (blockDim.x >> 5) + (threadIdx.x >> 5);                                    \
-    const int r0 = blockIdx.x * 8;                                                                        \
+    const int r0 = blockIdx.x * J;                                                                        \
     if (n >= N || r0 >= R) return;                                                                        \
     const T* wn = w + (size_t)n * K;                                                                      \
-    float acc[8];                                                                                         \
-    _Pragma("unroll") for (int j = 0; j < 8; j++) acc[j] = 0.0f;                                          \
+    float acc[J];                                                                                         \
+    _Pragma("unroll") for (int j = 0; j < J; j++) acc[j] = 0.0f;                                          \
     for (int k0 = lane * 8; k0 < K; k0 += 1024) {                                                         \
         EIGHT wq[4];                                                                                      \
         _Pragma("unroll") for (int u = 0; u < 4; u++) {                                                   \
@@ -72,7 +77,7 @@ extern "C" __global__ void few_rows_product_##NAME(const T* x, const T* w, T* y,
         _Pragma("unroll") for (int u = 0; u < 4; u++) {                                                   \
             const int k = k0 + u * 256;                                                                   \
             if (k < K) {                                                                                  \
-                _Pragma("unroll") for (int j = 0; j < 8; j++) {                                           \
+                _Pragma("unroll") for (int j = 0; j < J; j++) {                                           \
                     if (r0 + j < R) {                                                                     \
                         const EIGHT xq = *reinterpret_cast<const EIGHT*>(x + (size_t)(r0 + j) * K + k);   \
                         _Pragma("unroll") for (int t = 0; t < 8; t++) {                                   \
@@ -83,17 +88,16 @@ extern "C" __global__ void few_rows_product_##NAME(const T* x, const T* w, T* y,
             }                                                                                             \
         }                                                                                                 \
     }                                                                                                     \
-    _Pragma("unroll") for (int j = 0; j < 8; j++) {                                                       \
+    _Pragma("unroll") for (int j = 0; j < J; j++) {                                                       \
         float s = acc[j];                                                                                 \
         _Pragma("unroll") for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);       \
         if (lane == 0 && r0 + j < R) y[(size_t)(r0 + j) * N + n] = to_##NAME(s);                          \
     }                                                                                                     \
 }
-FEW_ROWS_PRODUCT(bfloat16, u16, eight_u16)
-FEW_ROWS_PRODUCT(float16, u16, eight_u16)
-FEW_ROWS_PRODUCT(float32, float, eight_f32)
 """
-DTYPES = {mx.bfloat16: "bfloat16", mx.float16: "float16", mx.float32: "float32"}
+# the kernel's instance for each dtype: the macro's NAME, T and EIGHT
+DTYPES = {mx.bfloat16: ("bfloat16", "u16", "eight_u16"), mx.float16: ("float16", "u16", "eight_u16"),
+          mx.float32: ("float32", "float", "eight_f32")}
 NVRTC = "libnvrtc.so.13"  # the CUDA 13 runtime compiler, as mlx-cuda-13 uses
 
 
@@ -110,11 +114,17 @@ def nvrtc() -> ctypes.CDLL:
     raise RuntimeError(f"{NVRTC} (CUDA's runtime compiler, which MLX's CUDA backend needs) cannot be loaded")
 
 
-def compile_for(lib: ctypes.CDLL, arch: str) -> bytes:
-    """SOURCE compiled by NVRTC into machine code (a cubin) for arch, e.g. "sm_90"."""
+def instance(dtype: mx.Dtype, rows_per_block: int) -> str:
+    """SOURCE with the one kernel `few_rows_product` for dtype and J = rows_per_block."""
+    name, t, eight = DTYPES[dtype]
+    return f"{SOURCE}FEW_ROWS_PRODUCT({name}, {t}, {eight}, {rows_per_block})\n"
+
+
+def compile_for(lib: ctypes.CDLL, arch: str, source: str) -> bytes:
+    """source compiled by NVRTC into machine code (a cubin) for arch, e.g. "sm_90"."""
     program = ctypes.c_void_p()
     check = functools.partial(checked, lib, program)
-    check(lib.nvrtcCreateProgram(ctypes.byref(program), SOURCE.encode(), b"gpu_products.cu", 0, None, None))
+    check(lib.nvrtcCreateProgram(ctypes.byref(program), source.encode(), b"gpu_products.cu", 0, None, None))
     try:
         options = [f"--gpu-architecture={arch}".encode()]
         check(lib.nvrtcCompileProgram(program, len(options), (ctypes.c_char_p * len(options))(*options)))
@@ -158,20 +168,22 @@ def is_elf(data: bytes) -> bool:
 
 
 @functools.cache
-def machine_code() -> bytes:
-    """The kernels' cubin for this GPU: from the cache folder, else compiled now and kept there (written to a
-    temporary name, then renamed: a concurrent build writes the same file; a broken file is built again)."""
+def machine_code(dtype: mx.Dtype, rows_per_block: int) -> bytes:
+    """The kernel's cubin for this GPU, dtype and rows a block: from the cache folder, else compiled now and kept
+    there (written to a temporary name, then renamed: a concurrent build writes the same file; a broken file is
+    built again). One small cubin each, since MLX hashes the whole cubin at every launch (see `product`)."""
     lib = nvrtc()
     arch = mx.device_info()["architecture"]  # "sm_90" on an H200
-    key = hashlib.sha256(f"{SOURCE}\0{arch}\0{nvrtc_version(lib)}".encode()).hexdigest()[:16]
-    path = blas.cache_folder("cuda") / f"gpu_products-{arch}-{key}.cubin"
+    source = instance(dtype, rows_per_block)
+    key = hashlib.sha256(f"{source}\0{arch}\0{nvrtc_version(lib)}".encode()).hexdigest()[:16]
+    path = blas.cache_folder("cuda") / f"gpu_products-{arch}-{DTYPES[dtype][0]}-{rows_per_block}-{key}.cubin"
     try:
         data = path.read_bytes()
         if is_elf(data):
             return data
     except OSError:
         pass
-    data = compile_for(lib, arch)
+    data = compile_for(lib, arch, source)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -202,10 +214,11 @@ def product(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.a
     for d in lead:
         rows *= d
     N = weight.shape[0]
+    J = 1 if rows == 1 else 8  # rows a block; each row's bits are the same in both (the same sums in order)
     y = mx.fast.precompiled_cuda_kernel(
-        name=f"few_rows_product_{DTYPES[x.dtype]}", compiled_source=machine_code(),
+        name="few_rows_product", compiled_source=machine_code(x.dtype, J),
         inputs=[x.reshape(rows, E), weight], output_shapes=[(rows, N)], output_dtypes=[x.dtype],
-        scalars=[rows, E, N], grid=((rows + 7) // 8 * 256, (N + 7) // 8, 1), threadgroup=(256, 1, 1),
+        scalars=[rows, E, N], grid=((rows + J - 1) // J * 256, (N + 7) // 8, 1), threadgroup=(256, 1, 1),
         ensure_row_contiguous=True)[0]
     y = y.reshape(*lead, N)
     return y if bias is None else y + bias

@@ -68,18 +68,31 @@ def test_the_kernels_are_compiled_once_per_machine_and_kept(tmp_path, monkeypatc
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(gpu_products, "nvrtc", lambda: None)
     monkeypatch.setattr(gpu_products, "nvrtc_version", lambda lib: "13.0")
-    monkeypatch.setattr(gpu_products, "compile_for", lambda lib, arch: compiled.append(arch) or elf(4096, 4096))
+    monkeypatch.setattr(gpu_products, "compile_for",
+                        lambda lib, arch, source: compiled.append(arch) or elf(4096, 4096))
     monkeypatch.setattr(gpu_products.mx, "device_info", lambda: {"architecture": "sm_90"})
     gpu_products.machine_code.cache_clear()
     try:
-        assert gpu_products.machine_code() == elf(4096, 4096) and compiled == ["sm_90"]
+        assert gpu_products.machine_code(mx.bfloat16, 8) == elf(4096, 4096) and compiled == ["sm_90"]
         [kept] = (tmp_path / "qwen2-scratch" / "cuda").iterdir()
-        assert kept.name.startswith("gpu_products-sm_90-") and kept.read_bytes() == elf(4096, 4096)
+        assert kept.name.startswith("gpu_products-sm_90-bfloat16-8-") and kept.read_bytes() == elf(4096, 4096)
         gpu_products.machine_code.cache_clear()  # as a new process
-        assert gpu_products.machine_code() == elf(4096, 4096) and compiled == ["sm_90"]
+        assert gpu_products.machine_code(mx.bfloat16, 8) == elf(4096, 4096) and compiled == ["sm_90"]
         kept.write_bytes(elf(4096, 4096)[:1000])  # cut short
         gpu_products.machine_code.cache_clear()
-        assert gpu_products.machine_code() == elf(4096, 4096) and compiled == ["sm_90", "sm_90"]
+        assert gpu_products.machine_code(mx.bfloat16, 8) == elf(4096, 4096) and compiled == ["sm_90", "sm_90"]
         assert kept.read_bytes() == elf(4096, 4096)
     finally:
         gpu_products.machine_code.cache_clear()
+
+
+def test_each_cubin_is_small_since_mlx_hashes_it_at_every_launch():
+    """One kernel a cubin, of one dtype and one number of rows a block: MLX hashes the whole cubin at each launch
+    (about 7 us for the first build's 57 KB of three kernels here). Compiled by the real NVRTC where MLX's CUDA
+    backend runs; elsewhere the kernel is never taken."""
+    if not (mx.default_device() == mx.gpu and mx.cuda.is_available()):
+        assert not gpu_products.takes(mx.zeros((1, 16), mx.bfloat16), mx.zeros((8, 16), mx.bfloat16))
+        return
+    for dtype in gpu_products.DTYPES:
+        assert len(gpu_products.machine_code(dtype, 1)) < 10_000
+        assert len(gpu_products.machine_code(dtype, 8)) < 26_000

@@ -1,13 +1,14 @@
-"""What launching our products kernel costs on a CUDA GPU: `mx.fast.precompiled_cuda_kernel` (gpu_products.py now)
-against `mx.fast.cuda_kernel` (the same kernel as launched before commit ea089e6) and MLX's own product.
+"""What launching our products kernel costs on a CUDA GPU: gpu_products.py now against earlier versions of it and
+MLX's own product.
 
-    python tools/gpu_launch_cost.py    (on a CUDA GPU, in a git checkout: the old module is read from git)
+    python tools/gpu_launch_cost.py [FILE ...]    (on a CUDA GPU; FILEs: earlier gpu_products.py to compare, by
+                                                   default read from git: 2fe0ef4's and ea089e6^'s)
 
-Per product: a compiled chain of 200 independent one-row products of one weight, evaluated at once (the median of 7
-evaluations, divided by 200). Per step: the 0.5B shape's compiled decode step (random weights, `fast` kernels, the
-engine's fixed shape of 64 rows) for 1 and 32 rows with each launch, three rounds alternated, medians of 40.
-Measured 2026-12-02 on the H200 (benchmarks/README.md): 17.5-19 us a product precompiled against 6.8-9 us, a one-row
-step 7.4-9.8 ms against 4.8-5.2 ms.
+2fe0ef4's: one cubin of three kernels through `mx.fast.precompiled_cuda_kernel`; ea089e6^'s: the kernel compiled by
+MLX in each process through `mx.fast.cuda_kernel`. Per product: a compiled chain of 200 independent one-row products
+of one weight, evaluated at once (the median of 7 evaluations, divided by 200). Per step: the 0.5B shape's compiled
+decode step (random weights, `fast` kernels, the engine's fixed shape of 64 rows) for 1 and 32 rows with each
+version, three rounds alternated, medians of 40. Results: benchmarks/README.md, "Our kernel's launch".
 """
 
 from qwen2s import qwen2_scratch as q  # first: the fast BLAS before MLX
@@ -15,6 +16,7 @@ from qwen2s import qwen2_scratch as q  # first: the fast BLAS before MLX
 # isort: split
 import statistics
 import subprocess
+import sys
 import time
 import types
 from pathlib import Path
@@ -23,16 +25,19 @@ import mlx.core as mx
 
 from qwen2s import bench, gpu_products
 
-BEFORE = "ea089e6^"  # the last commit whose kernel went through mx.fast.cuda_kernel
+BEFORE = ("2fe0ef4", "ea089e6^")  # one cubin of three kernels; the last kernel through mx.fast.cuda_kernel
 
 
-def module_at(commit: str) -> types.ModuleType:
-    """gpu_products.py as it was at commit, as a module."""
-    source = subprocess.run(["git", "show", f"{commit}:gpu_products.py"], capture_output=True, text=True, check=True,
-                            cwd=Path(__file__).resolve().parent.parent).stdout
-    module = types.ModuleType("gpu_products_before")
-    exec(compile(source, f"gpu_products.py@{commit}", "exec"), module.__dict__)
+def module_from(name: str, source: str) -> types.ModuleType:
+    """An earlier gpu_products.py's source, as a module."""
+    module = types.ModuleType(f"gpu_products_{name}")
+    exec(compile(source, name, "exec"), module.__dict__)
     return module
+
+
+def at_commit(commit: str) -> str:
+    return subprocess.run(["git", "show", f"{commit}:gpu_products.py"], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).resolve().parent.parent).stdout
 
 
 def per_product(product, x, w, n=200) -> float:
@@ -70,8 +75,12 @@ def step_ms(product, params, config, rows: int, reps=40) -> float:
 def main():
     if not gpu_products.cuda():
         raise SystemExit("gpu_launch_cost: needs a CUDA GPU")
-    now, before = gpu_products.product, module_at(BEFORE).product
-    launches = {"precompiled": now, "cuda_kernel": before, "MLX": lambda x, w: x @ w.T}
+    now = gpu_products.product
+    files = sys.argv[1:]
+    earlier = ({Path(f).name: Path(f).read_text() for f in files} if files
+               else {commit: at_commit(commit) for commit in BEFORE})
+    versions = {"now": now} | {name: module_from(name, source).product for name, source in earlier.items()}
+    launches = versions | {"MLX": lambda x, w: x @ w.T}
     for name, (N, K) in {"q_proj": (896, 896), "down_proj": (896, 4864), "lm_head": (151936, 896)}.items():
         w = (mx.random.normal((N, K)) * 0.02).astype(mx.bfloat16)
         x = mx.random.normal((1, K)).astype(mx.bfloat16)
@@ -82,8 +91,8 @@ def main():
     params, config, _, _ = bench.bench_weights(None, "qwen2-0.5b", "bfloat16")
     for round_ in range(3):
         for rows in (1, 32):
-            print(f"round {round_ + 1}, a {rows}-row step: precompiled {step_ms(now, params, config, rows):.2f} ms, "
-                  f"cuda_kernel {step_ms(before, params, config, rows):.2f} ms")
+            print(f"round {round_ + 1}, a {rows}-row step: " + ", ".join(
+                f"{name} {step_ms(p, params, config, rows):.2f} ms" for name, p in versions.items()), flush=True)
     gpu_products.product = now
 
 
