@@ -10,7 +10,8 @@ libraries MLX links: no LD_PRELOAD, no re-execution, no change to the environmen
 
 Every failure is one warning line on stderr, and MLX keeps its own BLAS: no C compiler, a
 cache folder that cannot be written, a broken cached file (rebuilt), the library missing.
-macOS keeps Accelerate; QWEN2_SCRATCH_BLAS=reference opts out.
+macOS keeps Accelerate; QWEN2_SCRATCH_BLAS=reference opts out (openblas, or unset, opts in; any other value
+is a warning line, then OpenBLAS).
 
 `load()` also tells glibc's malloc to keep freed memory for reuse (`keep_freed_memory`): by default it
 hands each large freed buffer back to the kernel, so an array of more than a million floats (attention's
@@ -191,8 +192,11 @@ def find_or_build() -> State:
     """What runs MLX's matmuls: the adapter and OpenBLAS, loaded now (built first if need be), or why not."""
     if sys.platform == "darwin":
         return State("accelerate")
-    if sys.platform != "linux" or os.environ.get("QWEN2_SCRATCH_BLAS") == "reference":
+    chosen = os.environ.get("QWEN2_SCRATCH_BLAS", "")
+    if sys.platform != "linux" or chosen == "reference":
         return State("reference", "QWEN2_SCRATCH_BLAS=reference" if sys.platform == "linux" else sys.platform)
+    if chosen not in ("", "openblas"):  # a typo must not pass for a choice
+        say(f"warning: QWEN2_SCRATCH_BLAS={chosen[:40]!r} is neither 'reference' nor 'openblas': using openblas")
     if "mlx.core" in sys.modules:
         say("warning: MLX was imported before qwen2_scratch, so it keeps its slow reference BLAS; "
              "import qwen2_scratch (or any module of ours) before mlx")

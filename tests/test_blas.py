@@ -332,6 +332,13 @@ def test_opting_out_is_quiet():
     assert seen["kind"] == "reference" and seen["in_use"] == "reference" and warnings == []
 
 
+@pytest.mark.parametrize("value", ["refrence", "x" * 1000])
+def test_an_unknown_choice_is_one_warning_then_openblas(value):
+    seen, warnings = probe(env={"QWEN2_SCRATCH_BLAS": value})
+    assert seen["kind"] == "openblas" and seen["in_use"] == "openblas", seen
+    assert len(warnings) == 1 and warnings[0].startswith("warning: QWEN2_SCRATCH_BLAS=") and len(warnings[0]) < 160
+
+
 @pytest.mark.parametrize("damage", ["truncated", "foreign"])
 def test_a_broken_cached_adapter_is_rebuilt(tmp_path, damage):
     env = {"XDG_CACHE_HOME": str(tmp_path)}
