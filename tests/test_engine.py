@@ -190,6 +190,26 @@ def test_a_cancelled_request_frees_its_row_and_the_others_go_on():
     assert runner.rows == [] and runner.cache is None
 
 
+def test_close_returns_once_the_worker_has_stepped_for_the_last_time():
+    """The server stops with close(), then the process exits: the worker must be out of MLX by then (on the H200 a
+    process that exited mid-step aborted, exit -6). close() waits until the worker has ended every request and
+    parked; it steps no more after that."""
+    params, config = model()
+    runner = new_engine(params, config, max_batch=4)
+    steps, step = [], runner.step
+    runner.step = lambda: steps.append(1) or step()
+    handles = [runner.submit(E.Request(p, GREEDY, 10_000)) for p in prompts(3)]
+    runner.start()
+    assert handles[0].queue.get(timeout=60).token is not None  # decoding
+    runner.close()
+    assert runner.parked.is_set() and all(h.done.is_set() for h in handles)
+    assert [drained(h)[-1].finish_reason for h in handles] == ["cancelled"] * 3
+    taken = len(steps)
+    handle = runner.submit(E.Request(prompts()[0], GREEDY, 5))  # after close: never stepped
+    runner.wake.set()
+    assert not handle.done.wait(1.0) and len(steps) == taken and runner.worker.is_alive()
+
+
 def test_closing_the_generator_early_leaves_a_clean_engine():
     params, config = model()
     runner = new_engine(params, config)
