@@ -738,13 +738,15 @@ def test_a_request_starts_while_ten_others_stream(tiny_folder):
     to end)."""
     s = Served("--model", str(tiny_folder), "--api-key", KEY)
     try:
-        first, last = {}, {}
+        first, last, eleventh_ended = {}, {}, threading.Event()
 
         def one(i, max_tokens=4000):
-            stream = s.client().chat.completions.create(model=str(tiny_folder), messages=MESSAGES, logprobs=True,
-                                                        max_tokens=max_tokens, stream=True, temperature=0)
-            for _chunk in stream:  # a chunk a token (the tiny model's text is held back as incomplete UTF-8)
-                first.setdefault(i, time.monotonic())
+            with s.client().chat.completions.create(model=str(tiny_folder), messages=MESSAGES, logprobs=True,
+                                                    max_tokens=max_tokens, stream=True, temperature=0) as stream:
+                for _chunk in stream:  # a chunk a token (the tiny model's text is held back as incomplete UTF-8)
+                    first.setdefault(i, time.monotonic())
+                    if eleventh_ended.is_set():
+                        break  # read no further: closing the stream frees the row
             last[i] = time.monotonic()
 
         threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(10)]
@@ -755,9 +757,12 @@ def test_a_request_starts_while_ten_others_stream(tiny_folder):
             time.sleep(0.01)
         assert len(first) == 10 and not last, "the ten did not all start before one ended"
         one(10, max_tokens=2)
+        still_streaming = 10 - (len(last) - 1)
+        eleventh_ended.set()
         for t in threads:
             t.join(TIMEOUT)
-        assert len(last) == 11 and last[10] < min(last[i] for i in range(10)), "it waited for the others to end"
+        assert still_streaming == 10, "it waited for the others to end"
+        assert len(last) == 11, "a stream did not end once its client left"
     finally:
         assert s.stop() == 0, s.stderr
 
