@@ -806,6 +806,18 @@ def test_stopping_ends_the_running_streams_at_once(tiny_folder, signals):
     assert "Traceback" not in "".join(s.stderr) and "Cancel" not in "".join(s.stderr), "".join(s.stderr)
 
 
+def test_an_ipv6_server_prints_a_url_that_works(tiny_folder):
+    """--host ::1 printed http://::1:PORT/v1, which no client parses."""
+    proc = subprocess.Popen([str(COMMAND), "serve", "--model", str(tiny_folder), "--host", "::1", "--port", "0"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        url = re.search(r"on (\S+)/v1 ", proc.stderr.readline()).group(1)
+        assert url.startswith("http://[::1]:") and httpx.get(f"{url}/health", timeout=TIMEOUT).status_code == 200
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+
+
 def test_serve_speculates_and_answers_as_without(tiny_folder, tiny_served):
     """serve --speculate lookup (or --draft-model): a request alone is verified k tokens at a time, and
     its answer is the one the server without speculation gives."""
