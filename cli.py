@@ -627,7 +627,8 @@ def serve_command(model, dtype, kernels, host, port, api_keys, max_kv_size, para
     if warning := server.exposure_warning(host):
         click.echo(warning, err=True)
     address = sock.getsockname()
-    click.echo(f"serving {backend.name} on http://{host}:{address[1]}/v1 (Ctrl-C to stop)", err=True)
+    shown = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL is bracketed
+    click.echo(f"serving {backend.name} on http://{shown}:{address[1]}/v1 (Ctrl-C to stop)", err=True)
     server.serve(backend, sock, settings)
 
 

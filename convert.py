@@ -303,7 +303,11 @@ def convert_gguf(path: Path, out: Path, check: Check, eos: list[int] | None = No
     say(f"converting {path.name} into {out.parent} (once) ...")
     tensors = {}
     for i, t in enumerate(reader.tensors):
-        data = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        try:
+            data = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        except NotImplementedError:  # F64, I32, Q8_K...: it had reached the caller as a disk that cannot be written
+            raise ModelError(f"{path}: tensor {t.name} is of type {t.tensor_type.name}, which cannot be converted") \
+                from None
         if not np.isfinite(data).all():
             raise ModelError(f"{path}: tensor {t.name} holds values that are not finite (NaN or Inf); "
                              "the file is damaged")

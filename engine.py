@@ -478,6 +478,8 @@ class Engine:
         self.worker: threading.Thread | None = None
         self.grammar_vocab: grammar.GrammarTokenizer | None = None
         self.grammar_lock = threading.Lock()
+        self.driver, self.drivers = None, 0  # the thread stepping for generate(), and its calls running (claim)
+        self.driver_lock = threading.Lock()
 
     # -- the front ends' side ------------------------------------------------------------------
 
@@ -513,17 +515,35 @@ class Engine:
 
         Closing the iterator early (or Ctrl-C) cancels the request and frees its row.
         """
-        handle = self.submit(request)
+        self.claim()
         try:
-            while not handle.done.is_set():
-                self.step()
+            handle = self.submit(request)
+            try:
+                while not handle.done.is_set():
+                    self.step()
+                    while not handle.queue.empty():
+                        yield handle.queue.get()
                 while not handle.queue.empty():
                     yield handle.queue.get()
-            while not handle.queue.empty():
-                yield handle.queue.get()
+            finally:
+                if not handle.done.is_set():  # closed early, or interrupted (perhaps halfway through a step)
+                    self.reset()
         finally:
-            if not handle.done.is_set():  # closed early, or interrupted (perhaps halfway through a step)
-                self.reset()
+            self.release()
+
+    def claim(self) -> None:
+        """Make this thread the one that steps the engine for generate(), or a RuntimeError if another does: two
+        threads stepping one engine had raised (MLX's streams are per thread, the batch's lists changed under them)
+        or, worse, answered garbage."""
+        with self.driver_lock:
+            if self.drivers and self.driver != threading.get_ident():
+                raise RuntimeError("this model is generating in another thread: a model runs in one thread at a "
+                                   "time; load one model per thread, or serve it (qwen2-scratch serve) to batch")
+            self.driver, self.drivers = threading.get_ident(), self.drivers + 1
+
+    def release(self) -> None:
+        with self.driver_lock:
+            self.drivers -= 1
 
     def reset(self, reason: str = "cancelled", error: str | None = None) -> None:
         """End every request (cancelled, or with an error) and empty the batch (after a step was interrupted or

@@ -27,7 +27,6 @@ import sys
 import threading
 import time
 import uuid
-from contextlib import asynccontextmanager
 from typing import NamedTuple
 
 import h11
@@ -877,11 +876,6 @@ def app(engine: Engine, settings: Settings, metrics: Metrics | None = None) -> S
     ctx = Context(engine, settings, metrics or new_metrics())
     ctx.metrics.queue_length.set_function(lambda: engine.engine.load[1])  # requests waiting for a row
 
-    @asynccontextmanager
-    async def lifespan(_app):
-        yield
-        engine.close()  # stop a running generation at its next token when the server stops
-
     routes = [
         Route("/v1/models", endpoint(models, ctx), methods=["GET"]),
         Route("/v1/chat/completions", endpoint(chat_completions, ctx), methods=["POST"]),
@@ -891,7 +885,7 @@ def app(engine: Engine, settings: Settings, metrics: Metrics | None = None) -> S
         Route("/metrics", endpoint(metrics_text, ctx), methods=["GET"]),
         Route("/health", endpoint(health, ctx, keyed=False), methods=["GET"]),
     ]
-    return Starlette(routes=routes, exception_handlers={HTTPException: http_error}, lifespan=lifespan,
+    return Starlette(routes=routes, exception_handlers={HTTPException: http_error},
                      middleware=[Middleware(Guard, settings=settings)])
 
 
@@ -994,12 +988,27 @@ class HeaderDeadline(H11Protocol):
         super().connection_lost(exc)
 
 
+class Stopping(uvicorn.Server):
+    """uvicorn's server, ending every generation as it begins to stop (Ctrl-C, SIGTERM). uvicorn waited up to its
+    graceful timeout for the answers still streaming, then cancelled them, each a traceback in the log; and a
+    second Ctrl-C skipped the lifespan's close (the worker stepping as Python exited) and cancelled the lifespan's
+    task, with a traceback: so no lifespan, and the engine closed here."""
+
+    def __init__(self, config: uvicorn.Config, engine: Engine):
+        super().__init__(config)
+        self.engine = engine
+
+    async def shutdown(self, sockets=None) -> None:
+        self.engine.close()  # running and queued answers end now, as the server stopping (a 503)
+        await super().shutdown(sockets)
+
+
 def serve(engine: Engine, sock: socket.socket, settings: Settings, metrics: Metrics | None = None) -> None:
     """Answer on sock until Ctrl-C; uvicorn's own logging only for warnings and errors."""
-    config = uvicorn.Config(app(engine, settings, metrics), log_level="warning", access_log=False,
+    config = uvicorn.Config(app(engine, settings, metrics), log_level="warning", access_log=False, lifespan="off",
                             timeout_graceful_shutdown=2, timeout_keep_alive=KEEP_ALIVE_SECONDS,
                             http=type("Deadlines", (HeaderDeadline,), {"write_seconds": settings.write_seconds}))
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        Stopping(config, engine).run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down: stopping is the normal end
         pass

@@ -354,9 +354,7 @@ def load_params(folder: Path, dtype=mx.float32) -> tuple[dict, Config]:
     # decode streams them all; in MLX's CPU build only, whose arrays come from malloc's heap (a CUDA build's from CUDA)
     in_heap = mx.default_device() == mx.cpu and not mx.cuda.is_available() and not mx.metal.is_available()
     with blas.huge_pages_for(nbytes if in_heap else 0):
-        flat = {}
-        for f in files:
-            flat.update(read_safetensors(f))
+        flat = read_files(files)
         flat = sanitize(flat, config)
         flat = dequantize(flat, raw.get("quantization") or raw.get("quantization_config"), folder)
         check_shapes(flat, config, folder)
@@ -366,6 +364,19 @@ def load_params(folder: Path, dtype=mx.float32) -> tuple[dict, Config]:
         params = tree_unflatten(list(flat.items()))
         mx.eval(params)
     return params, config
+
+
+def read_files(files: list[Path]) -> dict:
+    """Every file's tensors in one dict. A name in two files is an error: the last file's had replaced the other's
+    silently, two checkpoints' weights mixed (a stale model.safetensors beside new shards), an exit 0 with garbage."""
+    flat, source = {}, {}
+    for f in files:
+        for key, value in read_safetensors(f).items():
+            if key in source:
+                raise ModelError(f"{f}: {key} is in {source[key].name} too (two checkpoints in one folder?); "
+                                 "keep one checkpoint's files")
+            flat[key], source[key] = value, f
+    return flat
 
 
 def read_safetensors(path: Path) -> dict:

@@ -246,6 +246,25 @@ def test_non_finite_weights_in_a_gguf_are_refused_at_conversion(tmp_path, tiny_t
     one_line_error(invoke("pull", "-m", str(tmp_path / "nan.gguf")), "output_norm.weight", "not finite")
 
 
+def test_a_gguf_tensor_of_a_type_gguf_cannot_dequantize_is_named(tmp_path, tiny_tokenizer_dir, monkeypatch):
+    """F64 (or I32, Q8_K): gguf's NotImplementedError had been reported as a cache that cannot be written."""
+    import gguf
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    add = gguf.GGUFWriter.add_tensor
+
+    def as_f64(writer, name, tensor, raw_dtype=None, **kw):
+        if name == "output_norm.weight":
+            return add(writer, name, tensor.astype(np.float64), raw_dtype=gguf.GGMLQuantizationType.F64)
+        return add(writer, name, tensor, raw_dtype=raw_dtype, **kw)
+
+    monkeypatch.setattr(gguf.GGUFWriter, "add_tensor", as_f64)
+    model, raw = tiny_model(tie=False)
+    write_gguf(tmp_path / "f64.gguf", model, raw, tiny_tokenizer_dir)
+    one_line_error(invoke("pull", "-m", str(tmp_path / "f64.gguf")), "output_norm.weight is of type F64",
+                   "cannot be converted")
+
+
 def test_read_only_cache_and_a_file_size_limit_during_conversion(tmp_path, tiny_tokenizer_dir):
     model, raw = tiny_model(tie=False)
     write_gguf(tmp_path / "m.gguf", model, raw, tiny_tokenizer_dir)

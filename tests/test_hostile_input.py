@@ -125,6 +125,15 @@ def test_bad_config_values_are_named(tmp_path, tiny_folder, changes, words):
     assert "expected" in line
 
 
+def test_a_weight_in_two_files_is_refused(tmp_path, tiny_folder):
+    """A stale checkpoint beside another (model.safetensors and shards): the last file's weights had replaced the
+    first's silently, two models mixed, exit 0."""
+    folder = copy_with_config(tmp_path, tiny_folder, "two")
+    (folder / "model-00001-of-00001.safetensors").symlink_to(tiny_folder / "model.safetensors")
+    one_line_error(invoke("generate", "-m", str(folder), "--prompt", "hi"), "model.safetensors:", "is in",
+                   "model-00001-of-00001.safetensors too")
+
+
 def test_quantization_bits_that_do_not_match_the_data(tmp_path, tiny_tokenizer_dir):
     model, raw = tiny_model(quantize=(4, 64))
     folder = write_checkpoint(tmp_path / "q4", model, raw, tiny_tokenizer_dir)

@@ -74,3 +74,22 @@ def test_the_api_takes_one_stop_string_whole_and_refuses_prompts_of_other_kinds(
             api.generate(model, prompt)
     with pytest.raises(ValueError, match="lone surrogate"):
         api.generate(model, "hi \ud800")
+
+
+def test_a_second_thread_generating_with_the_same_model_is_refused(tiny_folder):
+    """Two threads stepping one engine had raised (MLX's streams are per thread, list.remove) or answered garbage."""
+    import threading
+
+    from qwen2s import api
+
+    model = api.load(str(tiny_folder))
+    alone = api.generate(model, "hello world", max_tokens=12, temp=0)
+    first = api.stream_generate(model, "hello world", max_tokens=12, temp=0)
+    pieces = [next(first).text]  # this thread is stepping the engine
+    errors = []
+    other = threading.Thread(target=lambda: errors.append(pytest.raises(RuntimeError, api.generate, model, "hi")))
+    other.start()
+    other.join()
+    assert "generating in another thread" in str(errors[0].value)
+    assert "".join(pieces + [e.text for e in first]) == alone  # the first answer is untouched
+    assert api.generate(model, "hello world", max_tokens=12, temp=0) == alone  # and the model free again

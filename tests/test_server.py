@@ -778,6 +778,46 @@ def test_ctrl_c_during_a_streamed_answer_stops_the_server_cleanly(tiny_folder):
     assert "Traceback" not in "".join(s.stderr), "".join(s.stderr)
 
 
+@pytest.mark.parametrize("signals", [[signal.SIGINT], [signal.SIGINT, signal.SIGINT], [signal.SIGTERM]],
+                         ids=["ctrl-c", "ctrl-c twice", "sigterm"])
+def test_stopping_ends_the_running_streams_at_once(tiny_folder, signals):
+    """Stopped while three answers stream: each ends now with the stopping error and [DONE], and the log holds no
+    traceback. uvicorn waited 2 s for them, then cancelled each with a traceback; a second Ctrl-C, a traceback too."""
+    s = Served("--model", str(tiny_folder), "--api-key", KEY)
+    streams = [s.client().completions.create(model=str(tiny_folder), prompt="hello", max_tokens=20000, stream=True,
+                                             temperature=0) for _ in range(3)]
+    for stream in streams:
+        next(iter(stream))  # each answer is under way
+    def end(stream):
+        try:
+            list(stream)
+        except openai.APIError as e:
+            return e.message
+    with ThreadPoolExecutor(3) as pool:
+        ends = pool.map(end, streams)
+        start = time.time()
+        for sig in signals:
+            s.proc.send_signal(sig)
+        code = s.proc.wait(timeout=60)
+        stopped = time.time() - start
+        ends = list(ends)
+        assert all("the server is stopping" in str(e) for e in ends), ends
+    assert code in (0, -signal.SIGTERM) and stopped < 1.5, (code, stopped)
+    assert "Traceback" not in "".join(s.stderr) and "Cancel" not in "".join(s.stderr), "".join(s.stderr)
+
+
+def test_an_ipv6_server_prints_a_url_that_works(tiny_folder):
+    """--host ::1 printed http://::1:PORT/v1, which no client parses."""
+    proc = subprocess.Popen([str(COMMAND), "serve", "--model", str(tiny_folder), "--host", "::1", "--port", "0"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        url = re.search(r"on (\S+)/v1 ", proc.stderr.readline()).group(1)
+        assert url.startswith("http://[::1]:") and httpx.get(f"{url}/health", timeout=TIMEOUT).status_code == 200
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+
+
 def test_serve_speculates_and_answers_as_without(tiny_folder, tiny_served):
     """serve --speculate lookup (or --draft-model): a request alone is verified k tokens at a time, and
     its answer is the one the server without speculation gives."""
