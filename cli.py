@@ -132,7 +132,10 @@ def speculation_options(f):
 
 def chosen_speculation(o: dict) -> str:
     """--speculate as given or defaulted, checked against --draft-model."""
-    speculate = o["speculate"] or ("draft" if o["draft_model"] else speculative.DEFAULT)
+    if o["draft_model"] == "":  # --draft-model "$DRAFT" with DRAFT unset: it had run without speculation
+        raise click.BadParameter("the draft model is an empty name; leave --draft-model out, or name one",
+                                 param_hint="--draft-model")
+    speculate = o["speculate"] or ("draft" if o["draft_model"] is not None else speculative.DEFAULT)
     if speculate == "draft" and not o["draft_model"]:
         raise click.UsageError("--speculate draft needs --draft-model M")
     if speculate != "draft" and o["draft_model"]:

@@ -22,11 +22,13 @@ import ipaddress
 import json
 import math
 import re
+import signal
 import socket
 import sys
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import h11
@@ -1001,6 +1003,18 @@ class Stopping(uvicorn.Server):
     async def shutdown(self, sockets=None) -> None:
         self.engine.close()  # running and queued answers end now, as the server stopping (a 503)
         await super().shutdown(sockets)
+
+    @contextmanager
+    def capture_signals(self):
+        """SIGHUP (the terminal closed) stops the server as SIGTERM does, answers ended with the stopping error;
+        uvicorn takes only SIGINT and SIGTERM, and SIGHUP had ended the process with the streams cut off. Once
+        stopped, uvicorn raises the signal again: the process ends by it, as by SIGTERM."""
+        with super().capture_signals():
+            previous = signal.signal(signal.SIGHUP, self.handle_exit)
+            try:
+                yield
+            finally:
+                signal.signal(signal.SIGHUP, previous)
 
 
 def serve(engine: Engine, sock: socket.socket, settings: Settings, metrics: Metrics | None = None) -> None:

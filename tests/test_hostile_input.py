@@ -357,6 +357,12 @@ def test_an_empty_model_name_is_not_the_packaged_model(monkeypatch):
     one_line_error(invoke("generate", "-m", "", "--prompt", "hi"), "empty name", "leave --model out")
 
 
+def test_an_empty_draft_model_name_is_an_error_not_plain_decoding(monkeypatch):
+    """--draft-model "$DRAFT" with DRAFT unset had decoded without speculation, exit 0."""
+    monkeypatch.setattr(weights, "packaged_folder", lambda *a: pytest.fail("the model was loaded"))
+    one_line_error(invoke("generate", "--draft-model", "", "--prompt", "hi"), "empty name", exit_code=2)
+
+
 def test_a_forged_completion_marker_does_not_skip_the_finite_check(tmp_path, tiny_tokenizer_dir):
     """Only our own conversions, in our cache, are trusted as checked: a folder's own complete.json is not."""
     model, raw = tiny_model(tie=False)
