@@ -103,7 +103,10 @@ static inline __attribute__((always_inline)) float lanes_sum(v8 v) {
 
 /* C[i:i+ROWS, j:j+COLS] (ROWS, COLS <= 4), ROWS x COLS dot products at once: each B load serves ROWS rows, each A load COLS
  * columns. ROWS and COLS are constants where it is inlined, so the accumulators live in registers. With `ahead` (the
- * first rows of a block) it also prefetches the next block's weight rows from memory: 15-18% faster for 4-16 rows. */
+ * first rows of a block) it also prefetches the next block's weight rows from memory into every cache level: 15-18%
+ * faster for 4-16 rows on an AMD EPYC. Not as non-temporal (into L1 alone): on an Intel Xeon the rows of a block,
+ * fetched once and read again for each group of rows, were then evicted before use, and 2-8 rows streamed 9-12 GB/s
+ * against 20-28 with every level (benchmarks/README.md, "The prefetch's cache level"). */
 static inline __attribute__((always_inline)) void dots(const struct product *p, int i, int j, int ROWS, int COLS,
                                                        int ahead, int FUSED) {
     v8 acc[4][4] = {{{0}}};
@@ -113,7 +116,7 @@ static inline __attribute__((always_inline)) void dots(const struct product *p, 
     for (int k = 0; k < K8; k += 8) {
         v8 b[4];
         if (more && (k & 15) == 0)  /* one cache line of each of the next block's rows */
-            for (int c = 0; c < COLS; c++) __builtin_prefetch(next + (size_t)c * p->ldb + k, 0, 0);
+            for (int c = 0; c < COLS; c++) __builtin_prefetch(next + (size_t)c * p->ldb + k, 0, 3);
 #pragma GCC unroll 4
         for (int c = 0; c < COLS; c++) b[c] = *(const v8u *)(p->B + (size_t)(j + c) * p->ldb + k);
 #pragma GCC unroll 4
