@@ -10,6 +10,9 @@ A prompt is a string (continued as it is) or a list of chat messages (run throug
 chat template). Sampling options not given come from the model's generation_config.json.
 Importing this module (or any of ours) before MLX loads the fast BLAS; where MLX came first,
 one warning line says that MLX keeps its slow reference BLAS.
+
+A model may be used from any number of threads at once: one worker thread of the model's engine computes every
+request, several in one batch (each answer the one it gets alone), and is stopped before the process exits.
 """
 
 from qwen2s import qwen2_scratch as q  # first: the model loads the fast BLAS before MLX
@@ -39,8 +42,9 @@ def load(model: str | None = None, dtype: str | None = None, kernels: str = "ref
     """A model by name (a folder, a .gguf file, an alias, a hub id, or None: the packaged model)."""
     params, config, tokenizer = weights.load(model, dtype)
     defaults = weights.sampling_defaults(weights.resolve(model))
-    return Model(params, config, tokenizer, defaults, Engine(params, config, tokenizer, kernels,
-                                                             max_kv_size=max_kv_size))
+    engine = Engine(params, config, tokenizer, kernels, max_kv_size=max_kv_size)
+    engine.start()  # one worker computes every thread's requests, in one batch (see Engine.start)
+    return Model(params, config, tokenizer, defaults, engine)
 
 
 def prompt_ids(model: Model, prompt: str | list[dict]) -> tuple[int, ...]:

@@ -23,11 +23,13 @@ draw equals it.
 from qwen2s import qwen2_scratch as q  # first: the model loads the fast BLAS before MLX
 
 # isort: split
+import atexit
 import math
 import os
 import queue
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
@@ -442,6 +444,29 @@ def check_options(request: Request) -> None:
         raise ValueError(f"stop is {request.stops!r}: expected non-empty strings")
 
 
+def work(engine_ref: Callable) -> None:
+    """A worker's loop: step while there is work, else wait to be woken; at close, end every request and park for
+    good (see Engine.start). It holds the engine only while it steps, so that an engine no one uses any more (a
+    Python API model let go) is freed."""
+    while (engine := engine_ref()) is not None and not engine.closing:
+        busy, wake = engine.guarded_step(), engine.wake
+        del engine
+        if not busy:
+            wake.wait(0.5)
+            wake.clear()
+    if engine is not None:
+        engine.guarded_step()  # every request ends, cancelled
+        engine.parked.set()
+        del engine
+    threading.Event().wait()
+
+
+def close_if_alive(engine_ref: Callable) -> None:
+    """At exit: the worker's last step taken before Python exits (see Engine.close)."""
+    if (engine := engine_ref()) is not None:
+        engine.close()
+
+
 class Engine:
     """The model, its prompt cache and the rows being decoded; `step()` moves every row one token on.
 
@@ -511,10 +536,14 @@ class Engine:
         return handle
 
     def generate(self, request: Request) -> Iterator[Event]:
-        """Run one request in this thread, stepping the engine until it ends; its events as they come.
+        """Run one request in this thread, stepping the engine until it ends; its events as they come. With a
+        worker (start), the worker steps it, beside any other thread's requests, and this thread reads its events.
 
         Closing the iterator early (or Ctrl-C) cancels the request and frees its row.
         """
+        if self.worker is not None:
+            yield from self.events(self.submit(request))
+            return
         self.claim()
         try:
             handle = self.submit(request)
@@ -530,6 +559,18 @@ class Engine:
                     self.reset()
         finally:
             self.release()
+
+    def events(self, handle: Handle) -> Iterator[Event]:
+        """A submitted request's events as the worker delivers them, up to its last; closed early (or Ctrl-C), the
+        request is cancelled and its row freed at the worker's next step."""
+        try:
+            while True:
+                event = handle.queue.get()
+                yield event
+                if event.finish_reason is not None:
+                    return
+        finally:
+            handle.cancel()
 
     def claim(self) -> None:
         """Make this thread the one that steps the engine for generate(), or a RuntimeError if another does: two
@@ -558,21 +599,14 @@ class Engine:
                 self.finish(row, reason)
 
     def start(self) -> None:
-        """Step in a worker thread of its own until close() (the server)."""
+        """Step in a worker thread of its own until close() (the server, the Python API): every thread's requests
+        are then computed in that one thread, in one batch, and closed before the process exits."""
         mx.eval(self.params)  # MLX streams are per thread: leave the worker nothing to compute twice
         # a daemon thread that never ends: MLX aborts the process at exit when a thread that ran
         # computations has ended (measured with MLX 0.32.4: "terminate called without an active exception")
-        self.worker = threading.Thread(target=self.work, name="engine", daemon=True)
+        self.worker = threading.Thread(target=work, args=(weakref.ref(self),), name="engine", daemon=True)
         self.worker.start()
-
-    def work(self) -> None:
-        while not self.closing:
-            if not self.guarded_step():
-                self.wake.wait(0.5)
-                self.wake.clear()
-        self.guarded_step()  # every request ends, cancelled
-        self.parked.set()
-        threading.Event().wait()  # parked for good (see start)
+        atexit.register(close_if_alive, weakref.ref(self))
 
     def guarded_step(self) -> bool:
         """step(), for the worker: a step that fails ends every request with an "error" finish, not the thread
