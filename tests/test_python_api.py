@@ -78,7 +78,7 @@ def test_the_api_takes_one_stop_string_whole_and_refuses_prompts_of_other_kinds(
 
 def test_threads_share_one_model_and_the_process_exits_cleanly(tiny_folder):
     """Several threads generating with one model each get the answer they get alone (one worker computes them all,
-    in one batch), and the process exits 0. Two threads stepping one engine had raised or answered garbage, and a
+    in one batch), a model let go is freed, and the process exits 0. Two threads stepping one engine had raised or answered garbage, and a
     thread that generated and ended made MLX abort the process at exit ("terminate called without an active
     exception", exit -6)."""
     code = f"""
@@ -99,6 +99,16 @@ next(stream)
 stream.close()  # closed early: its row is freed
 assert together == alone, (together, alone)
 print("same answers")
+import gc, time, weakref
+engine = weakref.ref(model.engine)
+del model, stream
+for _ in range(100):  # the worker lets go of the engine within its half-second wait
+    gc.collect()
+    if engine() is None:
+        print("freed")
+        break
+    time.sleep(0.1)
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "same answers" in result.stdout, (result.returncode, result.stderr[-2000:])
+    assert "freed" in result.stdout, "a model let go is freed (its worker holds it only while it steps)"
