@@ -501,6 +501,7 @@ class Engine:
         self.closing = False
         self.parked = threading.Event()  # the worker, closing, computes nothing more
         self.worker: threading.Thread | None = None
+        self.pipelined = True  # decode steps sent off before the last one's tokens are handed out (see start)
         self.grammar_vocab: grammar.GrammarTokenizer | None = None
         self.grammar_lock = threading.Lock()
         self.driver, self.drivers = None, 0  # the thread stepping for generate(), and its calls running (claim)
@@ -604,6 +605,11 @@ class Engine:
         mx.eval(self.params)  # MLX streams are per thread: leave the worker nothing to compute twice
         # a daemon thread that never ends: MLX aborts the process at exit when a thread that ran
         # computations has ended (measured with MLX 0.32.4: "terminate called without an active exception")
+        # requests now arrive while rows decode, and one arriving during step n would wait for step n + 1 too, sent
+        # off before it: on the CPU, where a step is long (0.1-0.2 s) and Python's share of it 2-3%, each step is
+        # waited for instead (a short request's first token while 8 stream: 1.3-1.5x its time alone against
+        # 2.5-2.8x pipelined, `docs/engine.md`); on a GPU a step is short and mostly the host's: pipelined
+        self.pipelined = mx.default_device() == mx.gpu
         self.worker = threading.Thread(target=work, args=(weakref.ref(self),), name="engine", daemon=True)
         self.worker.start()
         atexit.register(close_if_alive, weakref.ref(self))
@@ -710,16 +716,17 @@ class Engine:
     def decode(self) -> None:
         """One step for every row: a batched decode step, or a verifier step for a row alone that speculates.
 
-        Pipelined: the step is sent off (mx.async_eval) before the previous step's tokens are handed out, so
-        that the device computes while Python detokenizes and builds the next graph (as mlx_lm does). A row's
-        next input is then its last draw, still an array, and so is the end of its penalties' window. Where the
-        next step needs the last token's value (speculation's proposals, a grammar's mask) or a row's last draw
-        ends it by length, the earlier draws are handed out first (`drain`) and the step waits for itself.
+        Pipelined (unless `start` chose otherwise): the step is sent off (mx.async_eval) before the previous
+        step's tokens are handed out, so that the device computes while Python detokenizes and builds the next
+        graph (as mlx_lm does). A row's next input is then its last draw, still an array, and so is the end of its
+        penalties' window. Where the next step needs the last token's value (speculation's proposals, a grammar's
+        mask) or a row's last draw ends it by length, the earlier draws are handed out first (`drain`) and the
+        step waits for itself.
         """
         if len(self.rows) == 1 and not self.waiting and self.proposer is not None and self.rows[0].grammar is None:
             self.drain()
             return self.speculate(self.rows[0]) if self.rows else None
-        waits = any(row.grammar is not None for row in self.rows)
+        waits = not self.pipelined or any(row.grammar is not None for row in self.rows)
         if waits or any(self.ended_by_next(row) for row in self.pending):
             self.drain()
             if not self.rows:

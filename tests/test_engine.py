@@ -460,6 +460,28 @@ def test_pipelined_and_waiting_steps_and_batched_greedy_draws_agree():
     assert [t for t, _ in together] == [tokens_of(events), alone(params, config, penalized), tokens_of(events)]
 
 
+def test_a_worker_on_the_cpu_waits_for_each_step_with_the_same_tokens(monkeypatch):
+    """With a worker (the server, the Python API) requests arrive while rows decode; on the CPU each step is then
+    waited for, so that one arriving during step n is prefilled right after it, not after a step n + 1 sent off
+    meanwhile (Engine.start). Caller-driven, steps are sent off ahead. The same tokens either way."""
+    params, config = model()
+    request = E.Request(prompts()[1], GREEDY._replace(repetition_penalty=1.3), 12, seed=1)
+    sent_off = []
+    async_eval = mx.async_eval
+    monkeypatch.setattr(mx, "async_eval", lambda *a: sent_off.append(threading.current_thread()) or async_eval(*a))
+    caller = tokens_of(new_engine(params, config).generate(request))
+    assert sent_off and len(caller) == 12
+    sent_off.clear()
+    engine = new_engine(params, config)
+    engine.start()
+    try:
+        assert tokens_of(engine.generate(request)) == caller
+    finally:
+        engine.close()
+    on_the_cpu = mx.default_device() == mx.cpu  # a GPU's steps are short: sent off ahead there too
+    assert engine.pipelined != on_the_cpu and (sent_off == []) == on_the_cpu
+
+
 def penalized_greedy_by_hand(params, config, prompt, n, penalty, context):
     """A greedy row with a repetition penalty, one step at a time: the window built from Python ids, the penalty
     and argmax in numpy, every step waited for (what the engine did before it pipelined penalized rows)."""
