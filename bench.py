@@ -15,6 +15,7 @@ import ctypes
 import functools
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -646,12 +647,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def ended_with_parent() -> None:
+    """In a server's process before it runs (Linux): SIGTERM once the bench's process ends, however it ends. A bench
+    killed (by `timeout`, or a test's time limit) had left both servers running, decoding for clients long gone."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def start_server(argv: list[str], port: int, env: dict) -> subprocess.Popen:
     """A server in a process of its own, once /v1/models answers."""
     import httpx
 
     log = tempfile.TemporaryFile()  # not a pipe: a server that logs every request would fill it and stall
-    proc = subprocess.Popen(argv, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=log)
+    proc = subprocess.Popen(argv, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=log,
+                            preexec_fn=ended_with_parent if sys.platform == "linux" else None)
     for _ in range(600):
         if proc.poll() is not None:
             log.seek(0)
@@ -673,24 +681,32 @@ def mlx_lm_folder(folder, dtype: str) -> str:
     return str(out)
 
 
-def one_client(port: int, question: str, max_tokens: int, started: threading.Event | None = None) -> dict:
-    """One streamed greedy chat completion: time to first token, latency, tokens (started is set at the first)."""
+def one_client(port: int, question: str, max_tokens: int, started: threading.Event | None = None,
+               until: threading.Event | None = None) -> dict:
+    """One streamed greedy chat completion: time to first token, latency, tokens (started is set at the first; the
+    client leaves once `until` is set)."""
     import httpx
 
     body = {"messages": [{"role": "user", "content": question}], "temperature": 0,  # each server's own model
             "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True}}
     tic, first, chunks, usage = time.perf_counter(), None, 0, None
-    with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=3600) as r:
-        for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            data = json.loads(line[6:])
-            usage = data.get("usage") or usage
-            if data.get("choices") and data["choices"][0].get("delta", {}).get("content"):
-                first = first or time.perf_counter()
-                chunks += 1
-                if started is not None:
-                    started.set()
+    try:
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=3600) as r:
+            for line in r.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                data = json.loads(line[6:])
+                usage = data.get("usage") or usage
+                if data.get("choices") and data["choices"][0].get("delta", {}).get("content"):
+                    first = first or time.perf_counter()
+                    chunks += 1
+                    if started is not None:
+                        started.set()
+                if until is not None and until.is_set():
+                    break
+    finally:
+        if started is not None:  # an answer without content, or a failed request, keeps no one waiting
+            started.set()
     tokens = usage["completion_tokens"] if usage else chunks
     return {"ttft": (first or time.perf_counter()) - tic, "latency": time.perf_counter() - tic, "tokens": tokens}
 
@@ -719,22 +735,46 @@ def burst(port: int, clients: int, max_tokens: int) -> dict:
             "latency_p50": pct("latency", 50), "latency_p95": pct("latency", 95)}
 
 
-def short_request_ttft(port: int, streams: int = 8, max_tokens: int = 48) -> dict:
-    """Time to first token of a short request alone, and while `streams` others are decoding (all started)."""
+SHORT = ("alone", "while_streaming", "ratio", "restarts")  # a short request's figures, medians over trials
+
+
+def stream_until(port: int, question: str, started: threading.Event, done: threading.Event) -> int:
+    """A client streaming an answer until done is set, asking again whenever one ends (some greedy answers of the
+    packaged model end within 14 tokens): -> how many answers ended before done."""
+    ended = -1
+    while not done.is_set():
+        one_client(port, question, 16384, started, done)
+        ended += 1
+    return ended
+
+
+def short_request_ttft(port: int, streams: int = 8, samples: int = 3, seed: int = 0) -> dict:
+    """Time to first token of a short request alone, and while `streams` others decode: medians of `samples`. Each
+    request while they decode is sent after a random pause (up to half a second), since a request arrives at any
+    moment of a step, not just as one begins: sent as the last stream's first token came, it had always waited for
+    a whole step. Each stream asks again when its answer ends (`restarts` counts those), and all leave once the
+    samples are done."""
+    import random
     from concurrent.futures import ThreadPoolExecutor
 
-    question = "Say hi."
-    alone = one_client(port, question, 4)["ttft"]
-    events = [threading.Event() for _ in range(streams)]
+    question, pause = "Say hi.", random.Random(seed)
+    alone = [one_client(port, question, 4)["ttft"] for _ in range(samples)]
+    started, done = [threading.Event() for _ in range(streams)], threading.Event()
     with ThreadPoolExecutor(streams) as pool:
-        running = [pool.submit(one_client, port, SERVE_QUESTIONS[i % len(SERVE_QUESTIONS)], max_tokens, events[i])
+        running = [pool.submit(stream_until, port, SERVE_QUESTIONS[i % len(SERVE_QUESTIONS)], started[i], done)
                    for i in range(streams)]
-        for event in events:
+        for event in started:
             event.wait(600)
-        loaded = one_client(port, question, 4)["ttft"]
-        for future in running:
-            future.result()
-    return {"alone": alone, "while_streaming": loaded, "ratio": loaded / alone}
+        loaded = []
+        for _ in range(samples):
+            time.sleep(pause.uniform(0, 0.5))
+            loaded.append(one_client(port, question, 4)["ttft"])
+        done.set()
+        restarts = sum(future.result() for future in running)
+    time.sleep(1)  # the streams left: both servers free their rows at their next step
+    return {"alone": statistics.median(alone), "while_streaming": statistics.median(loaded),
+            "ratio": statistics.median(loaded) / statistics.median(alone), "restarts": restarts,
+            "alone_samples": alone, "while_streaming_samples": loaded}
 
 
 def run_serve(model=None, dtype=None, levels=(1, 8, 32), max_tokens=48, trials=1, parallel=None, command="") -> dict:
@@ -768,7 +808,7 @@ def run_serve(model=None, dtype=None, levels=(1, 8, 32), max_tokens=48, trials=1
                     say(f"  serve, trial {trial + 1}/{trials}, {n} clients, {name}: "
                         f"{results[name][n][-1]['tokens_per_s']:.2f} tok/s")
             for name, port in ports.items():
-                short[name].append(short_request_ttft(port, 8, max_tokens))
+                short[name].append(short_request_ttft(port, 8, seed=trial))
                 say(f"  serve, trial {trial + 1}/{trials}, a short request while 8 stream, {name}: time to first "
                     f"token {short[name][-1]['while_streaming']:.2f} s ({short[name][-1]['ratio']:.2f}x alone)")
     finally:
@@ -781,7 +821,7 @@ def run_serve(model=None, dtype=None, levels=(1, 8, 32), max_tokens=48, trials=1
     return {"command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "source": str(folder), "dtype": dtype,
             "device": device_name(), "blas": blas.describe(), "mlx": mx.__version__,
             "mlx_lm": package_version("mlx-lm"), "max_tokens": max_tokens, "trials": trials, "results": medians,
-            "runs": results, "short_request": {name: {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+            "runs": results, "short_request": {name: {k: statistics.median(r[k] for r in runs) for k in SHORT}
                                                for name, runs in short.items()}, "short_request_runs": short}
 
 

@@ -8,6 +8,10 @@ import json
 import os
 import re
 import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import mlx.core as mx
 import pytest
@@ -162,10 +166,28 @@ def test_the_table_shows_llama_cpp_beside_the_others(tiny_bench):
     assert any(x.startswith("llama.cpp F32: version: 0.5.0-dev, llama-bench -r 1 a trial on F32.gguf") for x in lines)
 
 
-def test_bench_serve_end_to_end_on_a_tiny_model(tiny_folder, tmp_path):
+@pytest.fixture
+def talking_folder(tiny_folder, tmp_path):
+    """The tiny model answering "o" at every step (its lm_head row of "o" follows the constant feature that keeps
+    it from ending), so that a stream's text comes token by token: the tiny model's own tokens are stray bytes
+    of UTF-8, held back until the answer ends."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "talking"
+    shutil.copytree(tiny_folder, folder)
+    (o,) = AutoTokenizer.from_pretrained(str(folder)).encode("o")
+    weights = mx.load(str(folder / "model.safetensors"))
+    weights["lm_head.weight"][o, 0] = 60.0
+    mx.save_safetensors(str(folder / "model.safetensors"), weights, metadata={"format": "mlx"})
+    return folder
+
+
+def test_bench_serve_end_to_end_on_a_tiny_model(talking_folder, tmp_path):
     """Both servers answer every level's burst, and a short request is timed alone and while 8 stream."""
     out = tmp_path / "serve.json"
-    result = run_cli("bench", "--serve", "--model", str(tiny_folder), "--clients", "1,3", "--gen-tokens", "4",
+    result = run_cli("bench", "--serve", "--model", str(talking_folder), "--clients", "1,3", "--gen-tokens", "4",
                      "--trials", "1", "--json", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -176,6 +198,8 @@ def test_bench_serve_end_to_end_on_a_tiny_model(tiny_folder, tmp_path):
             assert 0 < figures["ttft_p50"] <= figures["ttft_p95"] <= figures["latency_p95"]
         short = report["short_request"][name]
         assert short["alone"] > 0 and short["ratio"] == pytest.approx(short["while_streaming"] / short["alone"])
+        assert short["restarts"] == 0  # the tiny model never ends: every sample was taken while the 8 streams ran
+        assert len(report["short_request_runs"][name][0]["while_streaming_samples"]) == 3
     assert "while 8 stream" in result.stdout
 
 
@@ -183,3 +207,31 @@ def test_bench_rejects_bad_prompt_lengths():
     result = invoke("bench", "--prompt-tokens", "12,abc")
     assert result.exit_code == 2 and "whole numbers separated by commas" in result.output
 
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a process's end signalled to its children is Linux's prctl")
+def test_a_bench_killed_takes_its_servers_with_it(tiny_folder):
+    """bench --serve's servers end when the bench's process ends, even by SIGKILL (a killed bench had left both
+    running, decoding for clients long gone)."""
+    port = bench.free_port()
+    script = (f"import sys, time\nfrom qwen2s import bench\n"
+              f"p = bench.start_server([sys.executable, '-m', 'qwen2s.cli', 'serve', '--port', '{port}', '--model', "
+              f"{str(tiny_folder)!r}], {port}, {{}})\nprint(p.pid, flush=True)\ntime.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    server = int(parent.stdout.readline())
+    parent.kill()
+    parent.wait()
+
+    def running() -> bool:  # an ended server not yet reaped by init is a zombie ("Z")
+        try:
+            return Path(f"/proc/{server}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    for _ in range(300):
+        if not running():
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(server, 9)
+        pytest.fail("the server outlived the bench by 30 s")
