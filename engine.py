@@ -723,16 +723,22 @@ class Engine:
         mask) or a row's last draw ends it by length, the earlier draws are handed out first (`drain`) and the
         step waits for itself.
         """
-        if len(self.rows) == 1 and not self.waiting and self.proposer is not None and self.rows[0].grammar is None:
+        if (len(self.rows) == 1 and not self.waiting and self.proposer is not None and self.rows[0].grammar is None
+                and self.rows[0].rest == 0):
             self.drain()
             return self.speculate(self.rows[0]) if self.rows else None
+        for row in self.rows:  # a row backing off from speculation steps plainly, pipelined (see speculate)
+            row.rest = max(row.rest - 1, 0)
         waits = not self.pipelined or any(row.grammar is not None for row in self.rows)
         if waits or any(self.ended_by_next(row) for row in self.pending):
             self.drain()
             if not self.rows:
                 return
         ahead = [int(row in self.pending) for row in self.rows]  # a draw not yet handed out: one token further
-        last = [self.pending[row].token if row in self.pending else mx.array([row.tokens[-1]]) for row in self.rows]
+        # uint32, the draws' own type: a step whose inputs are all ids from Python then has the type of one whose
+        # inputs are draws, and is not traced again (int32 against uint32 made two traces of each step's shape)
+        last = [self.pending[row].token if row in self.pending else mx.array([row.tokens[-1]], mx.uint32)
+                for row in self.rows]
         tokens = mx.concatenate(last)[:, None]  # [B, 1]
         self.cache = q.reserve(self.cache, max(row.position + a for row, a in zip(self.rows, ahead, strict=True)) + 1)
         logits, self.cache = q.compiled_decode_step(self.params, self.config, tokens, self.cache, self.kernels,
@@ -763,23 +769,23 @@ class Engine:
     def speculate(self, row: Row) -> None:
         """Verify k proposals in one step; keep those equal to the row's own draws, and the first draw that differs."""
         k = min(self.num_draft, row.request.max_tokens - row.generated - 1, self.max_kv - row.position - 1)
-        proposal = self.proposer(row.tokens, k) if k > 0 and row.rest == 0 else []
-        row.rest = max(row.rest - 1, 0)
+        proposal = self.proposer(row.tokens, k) if k > 0 else []
         # a short proposal is padded with dummies, whose draws are not looked at, to num_draft: every verifier step
         # then has one shape, traced once (each new length was a trace, 70-120 ms on the CPU, and the first time on
         # a machine a compile of MLX's fused CPU kernels, 1.4-3 s)
         verified = proposal + proposal[-1:] * (self.num_draft - len(proposal))
         pos = row.position
         self.cache = q.reserve(self.cache, pos + 1 + len(verified))
-        tokens = mx.array([[row.tokens[-1], *verified]])  # [1, k + 1]
+        tokens = mx.array([[row.tokens[-1], *verified]], mx.uint32)  # [1, k + 1], as a plain step's (decode)
         logits, self.cache = q.compiled_decode_step(self.params, self.config, tokens, self.cache, self.kernels,
                                                     self.rows_for(1 + len(verified)))
         drawn = verifier_draws(logits[0, : len(proposal) + 1], row, proposal)
         mx.eval(drawn)
         new = speculative.accept(proposal, [d.token.item() for d in drawn])
-        if proposal:
+        if k > 0:  # a step that kept no proposal, none found or none right, backs off (speculative.BACKOFF_MAX)
             row.misses = 0 if len(new) > 1 else row.misses + 1
             row.rest = min(2 ** (row.misses - 1), speculative.BACKOFF_MAX) if row.misses else 0
+        if proposal:
             row.proposed, row.accepted, row.verify_steps = (row.proposed + len(proposal),
                                                             row.accepted + len(new) - 1, row.verify_steps + 1)
         # the cache keeps the last token and the accepted proposals; the rest is rolled back

@@ -482,6 +482,27 @@ def test_a_worker_on_the_cpu_waits_for_each_step_with_the_same_tokens(monkeypatc
     assert engine.pipelined != on_the_cpu and (sent_off == []) == on_the_cpu
 
 
+def test_a_plain_row_traces_its_step_once_per_cache_block(monkeypatch, on_cpu):
+    """The first decode step's input is an id from Python, the next ones draws still on the device: both uint32,
+    so the compiled step is traced once per cache block (int32 ids had made two traces of each shape)."""
+    _, params, config, _ = reference_model(tie=False, hidden_size=48, num_attention_heads=6, num_key_value_heads=2,
+                                           intermediate_size=80, vocab_size=130)  # a config no other test uses
+    traces = []
+    original = q.forward
+
+    def counting(params, config, tokens, cache=None, kernels="reference"):
+        traces.append((tokens.shape, tokens.dtype, q.cache_capacity(cache)))
+        return original(params, config, tokens, cache, kernels)
+
+    monkeypatch.setattr(q, "forward", counting)
+    monkeypatch.setattr(q, "CACHE_BLOCK", 32)
+    engine = new_engine(params, config)
+    for sampling in (GREEDY, SAMPLED):
+        assert len(tokens_of(engine.generate(E.Request(prompts()[1], sampling, 70, seed=3)))) == 70
+    steps = [t for t in traces if t[0] == (1, 1)]  # the decode steps' traces (prefill's have the prompt's shape)
+    assert len(steps) == 3 and len(set(steps)) == 3 and {t[1] for t in steps} == {mx.uint32}, steps  # 3 blocks
+
+
 def penalized_greedy_by_hand(params, config, prompt, n, penalty, context):
     """A greedy row with a repetition penalty, one step at a time: the window built from Python ids, the penalty
     and argmax in numpy, every step waited for (what the engine did before it pipelined penalized rows)."""

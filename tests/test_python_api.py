@@ -78,9 +78,9 @@ def test_the_api_takes_one_stop_string_whole_and_refuses_prompts_of_other_kinds(
 
 def test_threads_share_one_model_and_the_process_exits_cleanly(tiny_folder):
     """Several threads generating with one model each get the answer they get alone (one worker computes them all,
-    in one batch), a model let go is freed, and the process exits 0. Two threads stepping one engine had raised or answered garbage, and a
-    thread that generated and ended made MLX abort the process at exit ("terminate called without an active
-    exception", exit -6)."""
+    in one batch), a model let go is freed, and the process exits 0. Two threads stepping one engine had raised or
+    answered garbage, and a thread that generated and ended made MLX abort the process at exit ("terminate called
+    without an active exception", exit -6)."""
     code = f"""
 import threading
 from qwen2s import api

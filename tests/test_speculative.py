@@ -146,13 +146,15 @@ SAMPLED = q.Sampling(temp=0.8, top_k=6, repetition_penalty=1.3, repetition_conte
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_sampled_tokens_equal_plain_sampling_with_the_same_seed(seed):
-    """A proposal is kept only where the row's own draw (its seed, its position) equals it: the same tokens."""
+    """A proposal is kept only where the row's own draw (its seed, its position) equals it: the same tokens. The
+    prompt said twice, so that the lookup finds proposals in sampled text too (lookups finding none back off)."""
     params, config = target()
-    truth, _ = plain(params, config, PROMPT, max_tokens=N, sampling=SAMPLED, seed=seed)
-    assert truth != plain(params, config, PROMPT, max_tokens=N, sampling=SAMPLED, seed=seed + 10)[0]
-    for propose in (Oracle(len(PROMPT), truth), Oracle(len(PROMPT), truth, wrong_every=3), sp.Lookup(min_ngram=1),
+    prompt = PROMPT * 2
+    truth, _ = plain(params, config, prompt, max_tokens=N, sampling=SAMPLED, seed=seed)
+    assert truth != plain(params, config, prompt, max_tokens=N, sampling=SAMPLED, seed=seed + 10)[0]
+    for propose in (Oracle(len(prompt), truth), Oracle(len(prompt), truth, wrong_every=3), sp.Lookup(min_ngram=1),
                     sp.DraftModel(params, config, config.vocab_size)):
-        tokens, last = speculative(params, config, PROMPT, propose, max_tokens=N, sampling=SAMPLED, seed=seed, k=4)
+        tokens, last = speculative(params, config, prompt, propose, max_tokens=N, sampling=SAMPLED, seed=seed, k=4)
         assert tokens == truth, f"{type(propose).__name__}: {tokens} != {truth}"
         assert last.stats.verify_steps > 0
 
@@ -237,6 +239,27 @@ def test_proposals_of_any_length_are_verified_at_one_shape(monkeypatch, on_cpu):
     verifier = [n for n in lengths if n > 1]
     assert len(verifier) == len([n for _, n in proposed if n]) and set(verifier) == {5}, (lengths, proposed)
     assert min(k for k, _ in proposed) < 4  # the last steps, near max_tokens, propose fewer: padded all the same
+
+
+def test_lookups_that_find_nothing_back_off_to_pipelined_plain_steps(monkeypatch):
+    """A lookup that finds no proposal counts as a fruitless one: after n in a row, the next 2^(n-1) steps (at most
+    BACKOFF_MAX) are plain decode steps, sent off pipelined, where every step had looked up and waited for the one
+    before (free text, where most lookups find nothing, was slower than plain decoding on the H200)."""
+    params, config = target()
+    expected, _ = run(params, config, PROMPT, max_tokens=40)
+    looked_up, sent_off = [], []
+    async_eval = mx.async_eval
+    monkeypatch.setattr(mx, "async_eval", lambda *a: sent_off.append(1) or async_eval(*a))
+    tokens, last = run(params, config, PROMPT, lambda context, k: looked_up.append(len(context)) or [],
+                       max_tokens=40)
+    assert tokens == expected and last.stats.proposed == 0
+    # 39 steps after the prefill's token: lookups at steps 1, 3, 6, 11, 20 and 37 (backing off 1, 2, 4, 8, 16)
+    assert [n - len(PROMPT) for n in looked_up] == [1, 3, 6, 11, 20, 37]
+    assert len(sent_off) >= 39 - 6 - 5  # the rest pipelined (a step before a lookup waits for itself)
+    found = []  # a lookup that keeps proposals resets the backoff: one in every step
+    oracle = Oracle(len(PROMPT), expected)
+    tokens, last = run(params, config, PROMPT, lambda c, k: found.append(len(c)) or oracle(c, k), max_tokens=40)
+    assert tokens == expected and acceptance(last) == 1 and len(found) == last.stats.verify_steps
 
 
 # ---------------------------------------------------------------------------------------------
