@@ -711,6 +711,10 @@ def one_client(port: int, question: str, max_tokens: int, started: threading.Eve
     return {"ttft": (first or time.perf_counter()) - tic, "latency": time.perf_counter() - tic, "tokens": tokens}
 
 
+def failed(port: int, e: Exception) -> BenchError:
+    return BenchError(f"the server on port {port} failed a request: {type(e).__name__}: {e}")
+
+
 def burst(port: int, clients: int, max_tokens: int) -> dict:
     """`clients` requests at once: aggregate tokens/s, and time-to-first-token and latency percentiles."""
     from concurrent.futures import ThreadPoolExecutor
@@ -723,7 +727,7 @@ def burst(port: int, clients: int, max_tokens: int) -> dict:
             runs = list(pool.map(lambda i: one_client(port, SERVE_QUESTIONS[i % len(SERVE_QUESTIONS)], max_tokens),
                                  range(clients)))
     except httpx.HTTPError as e:
-        raise BenchError(f"the server on port {port} failed a request: {type(e).__name__}: {e}") from None
+        raise failed(port, e) from None
     wall = time.perf_counter() - tic
 
     def pct(key, p):
@@ -757,20 +761,27 @@ def short_request_ttft(port: int, streams: int = 8, samples: int = 3, seed: int 
     import random
     from concurrent.futures import ThreadPoolExecutor
 
+    import httpx
+
     question, pause = "Say hi.", random.Random(seed)
-    alone = [one_client(port, question, 4)["ttft"] for _ in range(samples)]
     started, done = [threading.Event() for _ in range(streams)], threading.Event()
-    with ThreadPoolExecutor(streams) as pool:
-        running = [pool.submit(stream_until, port, SERVE_QUESTIONS[i % len(SERVE_QUESTIONS)], started[i], done)
-                   for i in range(streams)]
-        for event in started:
-            event.wait(600)
-        loaded = []
-        for _ in range(samples):
-            time.sleep(pause.uniform(0, 0.5))
-            loaded.append(one_client(port, question, 4)["ttft"])
-        done.set()
-        restarts = sum(future.result() for future in running)
+    try:
+        alone = [one_client(port, question, 4)["ttft"] for _ in range(samples)]
+        with ThreadPoolExecutor(streams) as pool:
+            running = [pool.submit(stream_until, port, SERVE_QUESTIONS[i % len(SERVE_QUESTIONS)], started[i], done)
+                       for i in range(streams)]
+            try:
+                for event in started:
+                    event.wait(600)
+                loaded = []
+                for _ in range(samples):
+                    time.sleep(pause.uniform(0, 0.5))
+                    loaded.append(one_client(port, question, 4)["ttft"])
+            finally:
+                done.set()  # the streams leave, whatever happened
+            restarts = sum(future.result() for future in running)
+    except httpx.HTTPError as e:
+        raise failed(port, e) from None
     time.sleep(1)  # the streams left: both servers free their rows at their next step
     return {"alone": statistics.median(alone), "while_streaming": statistics.median(loaded),
             "ratio": statistics.median(loaded) / statistics.median(alone), "restarts": restarts,

@@ -235,3 +235,9 @@ def test_a_bench_killed_takes_its_servers_with_it(tiny_folder):
     else:
         os.kill(server, 9)
         pytest.fail("the server outlived the bench by 30 s")
+
+
+def test_a_short_request_to_a_server_gone_is_a_bench_error():
+    """The short request's timing, like the bursts, reports a server that does not answer as one BenchError line."""
+    with pytest.raises(bench.BenchError, match="failed a request: ConnectError"):
+        bench.short_request_ttft(bench.free_port(), streams=2, samples=1)
