@@ -603,13 +603,13 @@ class Engine:
         """Step in a worker thread of its own until close() (the server, the Python API): every thread's requests
         are then computed in that one thread, in one batch, and closed before the process exits."""
         mx.eval(self.params)  # MLX streams are per thread: leave the worker nothing to compute twice
-        # a daemon thread that never ends: MLX aborts the process at exit when a thread that ran
-        # computations has ended (measured with MLX 0.32.4: "terminate called without an active exception")
         # requests now arrive while rows decode, and one arriving during step n would wait for step n + 1 too, sent
         # off before it: on the CPU, where a step is long (0.1-0.2 s) and Python's share of it 2-3%, each step is
         # waited for instead (a short request's first token while 8 stream: 1.3-1.5x its time alone against
         # 2.5-2.8x pipelined, `docs/engine.md`); on a GPU a step is short and mostly the host's: pipelined
         self.pipelined = mx.default_device() == mx.gpu
+        # a daemon thread that never ends: MLX aborts the process at exit when a thread that ran
+        # computations has ended (measured with MLX 0.32.4: "terminate called without an active exception")
         self.worker = threading.Thread(target=work, args=(weakref.ref(self),), name="engine", daemon=True)
         self.worker.start()
         atexit.register(close_if_alive, weakref.ref(self))
