@@ -469,7 +469,9 @@ def pull_command(model):
               help="With --speculative: the proposals per verifier step to try, comma-separated.")
 @click.option("--serve", "serve", is_flag=True,
               help="Instead: our server against mlx_lm.server (same weights and BLAS), with --clients clients at once "
-                   "each asking for --gen-tokens greedy tokens; aggregate tok/s, time to first token and latency.")
+                   "each asking for --gen-tokens greedy tokens; aggregate tok/s, time to first token and latency; "
+                   "then a short request's time to first token alone and while 8 others stream (three of each, "
+                   "sent at random moments, medians).")
 @click.option("--clients", default="1,8,32", show_default=True, help="With --serve: client counts, comma-separated.")
 @click.option("--parallel", type=click.IntRange(1, 64), default=None, help="With --serve: our server's --parallel.")
 @click.option("--llama-bench", "llama_bench", type=click.Path(exists=True, dir_okay=False), default=None,
