@@ -724,7 +724,7 @@ class Engine:
         step waits for itself.
         """
         if (len(self.rows) == 1 and not self.waiting and self.proposer is not None and self.rows[0].grammar is None
-                and self.rows[0].rest == 0):
+                and self.rows[0].rest == 0 and self.may_propose(self.rows[0])):
             self.drain()
             return self.speculate(self.rows[0]) if self.rows else None
         for row in self.rows:  # a row backing off from speculation steps plainly, pipelined (see speculate)
@@ -754,6 +754,11 @@ class Engine:
         for row, d in earlier.items():
             if row in self.rows:
                 self.emit(row, [d])  # may retire it: its draw just sent off is then dropped
+
+    def may_propose(self, row: Row) -> bool:
+        """Whether the proposer could propose after the row's next token (the one drawn last, perhaps not yet
+        handed out): where it cannot, the step stays a plain one, pipelined, instead of waiting for that token."""
+        return speculative.may_propose(self.proposer, row.tokens if row in self.pending else row.tokens[:-1])
 
     def ended_by_next(self, row: Row) -> bool:
         """Whether the row's next token ends it whatever it is (max_tokens, or the context)."""

@@ -18,9 +18,12 @@ the same random key for that position), so the tokens are plain decoding's, gree
 from qwen2s import qwen2_scratch as q  # first: the model loads the fast BLAS before MLX
 
 # isort: split
+from array import array
+
 import mlx.core as mx
 
-__all__ = ["lookup_proposal", "Lookup", "DraftModel", "accept", "NUM_DRAFT", "DEFAULT", "BACKOFF_MAX"]
+__all__ = ["lookup_proposal", "lookup_possible", "may_propose", "Lookup", "DraftModel", "accept", "NUM_DRAFT",
+           "DEFAULT", "BACKOFF_MAX"]
 
 NUM_DRAFT = 8  # proposals per verifier step (--num-draft), measured: see benchmarks/README.md
 DEFAULT = "none"  # what --speculate defaults to: see docs/decisions.md
@@ -50,6 +53,30 @@ def lookup_proposal(context: list[int], k: int, max_ngram: int = 3, min_ngram: i
     return []
 
 
+def lookup_possible(known: list[int], min_ngram: int) -> bool:
+    """Whether lookup_proposal(known + [t], ..., min_ngram) can propose anything, whatever the next token t is.
+
+    Its final n-gram (n >= min_ngram) occurs earlier, followed by a token, only if known's last min_ngram - 1
+    tokens occur earlier too, ending before known's last token. So the engine needs t's value (waits for the
+    step that draws it) only where this holds; in free text it mostly does not.
+    """
+    m = min_ngram - 1
+    if len(known) < min_ngram or m <= 0:
+        return len(known) >= max(min_ngram, 1)
+    words, tail = array("I", known[:-1]).tobytes(), array("I", known[-m:]).tobytes()  # 4 bytes a token
+    at = words.find(tail)
+    while at != -1 and at % 4:  # a match must start at a token's first byte
+        at = words.find(tail, at + 1)
+    return at != -1
+
+
+def may_propose(proposer, known: list[int]) -> bool:
+    """Whether the proposer could propose after known + [one more token]: its `possible(known)` where it has one
+    (Lookup), else yes (a draft model always proposes)."""
+    possible = getattr(proposer, "possible", None)
+    return possible is None or possible(known)
+
+
 class Lookup:
     """Prompt lookup as a proposer: (tokens so far, k) -> up to k proposed ids."""
 
@@ -61,6 +88,9 @@ class Lookup:
 
     def __call__(self, context: list[int], k: int) -> list[int]:
         return lookup_proposal(context, k, self.max_ngram, self.min_ngram)
+
+    def possible(self, known: list[int]) -> bool:
+        return lookup_possible(known, self.min_ngram)
 
 
 class DraftModel:

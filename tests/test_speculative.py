@@ -91,6 +91,29 @@ def test_lookup_proposes_what_followed_the_longest_recent_ngram():
     assert sp.Lookup()([1, 2, 3, 9, 8, 1, 2, 3], 3) == [9, 8, 1]
 
 
+def test_lookup_possible_is_false_only_where_no_next_token_lets_the_lookup_propose():
+    """Property: where `lookup_possible(known, n)` says no, a lookup after known and any one more token finds
+    nothing (so the engine need not wait for that token); ids past 255 cannot match across their bytes."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    alphabet = [0, 1, 2, 256, 513]
+
+    @settings(max_examples=300, deadline=None, derandomize=True)
+    @given(st.lists(st.sampled_from(alphabet), max_size=14), st.integers(1, 4), st.integers(0, 2), st.integers(1, 4))
+    def holds(known, min_ngram, more, k):
+        if not sp.lookup_possible(known, min_ngram):
+            for t in alphabet:
+                assert sp.lookup_proposal(known + [t], k, min_ngram + more, min_ngram) == [], (known, t)
+
+    holds()
+    assert sp.lookup_possible([1, 2, 3, 1, 2], 3) and not sp.lookup_possible([1, 2, 3, 4, 5], 3)
+    assert not sp.lookup_possible([1, 2, 9, 1], 3) and sp.lookup_possible([1, 9, 1, 9], 3)  # "9 1" is new; "1 9" not
+    assert not sp.lookup_possible([256, 0, 7, 1], 2)  # 1's bytes sit inside 256's and 0's, not at a token's start
+    assert sp.Lookup().possible([5, 6, 9, 5, 6]) and not sp.Lookup().possible([5, 6, 9, 6, 5])
+    assert sp.may_propose(lambda context, k: [], [1]) and not sp.may_propose(sp.Lookup(), [1])
+
+
 # ---------------------------------------------------------------------------------------------
 # Greedy: token for token what plain greedy decoding gives
 # ---------------------------------------------------------------------------------------------
@@ -260,6 +283,37 @@ def test_lookups_that_find_nothing_back_off_to_pipelined_plain_steps(monkeypatch
     oracle = Oracle(len(PROMPT), expected)
     tokens, last = run(params, config, PROMPT, lambda c, k: found.append(len(c)) or oracle(c, k), max_tokens=40)
     assert tokens == expected and acceptance(last) == 1 and len(found) == last.stats.verify_steps
+
+
+class Impossible:
+    """A lookup that says it can never propose, counting the lookups made all the same."""
+
+    def __init__(self):
+        self.looked_up = 0
+
+    def __call__(self, context, k):
+        self.looked_up += 1
+        return []
+
+    def possible(self, known):
+        return False
+
+
+def test_a_lookup_that_cannot_propose_never_makes_a_step_wait(monkeypatch):
+    """Where the proposer says no proposal could follow the next token (`possible`), the engine neither looks up
+    nor waits for that token: every step is a plain one, sent off pipelined, and the tokens are plain decoding's."""
+    params, config = target()
+    expected, _ = run(params, config, PROMPT, max_tokens=40)
+    sent_off = []
+    async_eval = mx.async_eval
+    monkeypatch.setattr(mx, "async_eval", lambda *a: sent_off.append(1) or async_eval(*a))
+    proposer = Impossible()
+    tokens, last = run(params, config, PROMPT, proposer, max_tokens=40)
+    assert tokens == expected and proposer.looked_up == 0 and last.stats.verify_steps == 0
+    plain_sent_off = len(sent_off)
+    sent_off.clear()
+    run(params, config, PROMPT, max_tokens=40)
+    assert plain_sent_off == len(sent_off) >= 30  # as many steps sent off as plain decoding sends
 
 
 # ---------------------------------------------------------------------------------------------

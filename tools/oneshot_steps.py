@@ -1,12 +1,14 @@
 """Where a one-shot command's decode time goes: the time between tokens, and the decode step's traces.
 
     python tools/oneshot_steps.py [--model M] [--dtype bfloat16] [--kernels fast] [--workload "code edit"]
-                                  [--speculate none|lookup] [--tokens N]
+                                  [--speculate none|lookup] [--tokens N] [--cache-block N] [--always-wait]
 
 What `qwen2-scratch generate --temp 0` does (cli's load_model and engine_for, the chat template, one request), once,
 in this process: the time from each event to the next, the traces of the compiled step (calls of q.forward, which
 only a trace makes: their count, where they came and their Python time), and the stats line. Run in fresh processes,
-it shows what a one-shot command pays that a warm process does not. Prints one JSON line.
+it shows what a one-shot command pays that a warm process does not. Prints one JSON line. --cache-block sets the
+cache's growth (q.CACHE_BLOCK); --always-wait makes every lookup wait for the token before it, as before the
+engine asked the proposer whether a lookup could find anything (`speculative.may_propose`).
 """
 
 from qwen2s import qwen2_scratch as q  # first: the fast BLAS before MLX
@@ -43,7 +45,12 @@ def main():
     parser.add_argument("--workload", default="code edit", choices=list(bench.WORKLOADS))
     parser.add_argument("--speculate", default="none", choices=["none", "lookup"])
     parser.add_argument("--tokens", type=int, default=None)
+    parser.add_argument("--cache-block", type=int, default=None)
+    parser.add_argument("--always-wait", action="store_true")
     a = parser.parse_args()
+    q.CACHE_BLOCK = a.cache_block or q.CACHE_BLOCK
+    if a.always_wait:
+        engine.Engine.may_propose = lambda self, row: True
     tic = time.perf_counter()
     params, config, tokenizer = cli.load_model(a.model, a.dtype)
     loaded = time.perf_counter() - tic
@@ -63,6 +70,7 @@ def main():
     typical = statistics.median(steps)
     print(json.dumps({
         "device": str(mx.default_device()), "workload": a.workload, "speculate": a.speculate,
+        "cache_block": q.CACHE_BLOCK, "always_wait": a.always_wait,
         "prompt_tokens": len(ids), "load_s": round(loaded, 2), "first_token_s": round(EVENTS[0] - start, 3),
         "tokens": len(EVENTS), "decode_s": round(EVENTS[-1] - EVENTS[0], 3),
         "median_step_ms": round(typical * 1e3, 2),
