@@ -260,7 +260,9 @@ def test_proposals_of_any_length_are_verified_at_one_shape(monkeypatch, on_cpu):
     assert tokens == plain
     assert len({n for _, n in proposed}) >= 3, proposed  # proposals of several lengths
     verifier = [n for n in lengths if n > 1]
-    assert len(verifier) == len([n for _, n in proposed if n]) and set(verifier) == {5}, (lengths, proposed)
+    # one more than the steps that verified: the engine traces the verifier step while the prompt is computed
+    assert len(verifier) == 1 + len([n for _, n in proposed if n]) and set(verifier) == {5}, (lengths, proposed)
+    assert lengths[0] == 5  # (Engine.pretrace), before any step
     assert min(k for k, _ in proposed) < 4  # the last steps, near max_tokens, propose fewer: padded all the same
 
 

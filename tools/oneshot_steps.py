@@ -2,13 +2,15 @@
 
     python tools/oneshot_steps.py [--model M] [--dtype bfloat16] [--kernels fast] [--workload "code edit"]
                                   [--speculate none|lookup] [--tokens N] [--cache-block N] [--always-wait]
+                                  [--no-pretrace]
 
 What `qwen2-scratch generate --temp 0` does (cli's load_model and engine_for, the chat template, one request), once,
 in this process: the time from each event to the next, the traces of the compiled step (calls of q.forward, which
 only a trace makes: their count, where they came and their Python time), and the stats line. Run in fresh processes,
 it shows what a one-shot command pays that a warm process does not. Prints one JSON line. --cache-block sets the
 cache's growth (q.CACHE_BLOCK); --always-wait makes every lookup wait for the token before it, as before the
-engine asked the proposer whether a lookup could find anything (`speculative.may_propose`).
+engine asked the proposer whether a lookup could find anything (`speculative.may_propose`); --no-pretrace leaves the
+first verifier step's trace to that step (`Engine.pretrace`).
 """
 
 from qwen2s import qwen2_scratch as q  # first: the fast BLAS before MLX
@@ -47,10 +49,13 @@ def main():
     parser.add_argument("--tokens", type=int, default=None)
     parser.add_argument("--cache-block", type=int, default=None)
     parser.add_argument("--always-wait", action="store_true")
+    parser.add_argument("--no-pretrace", action="store_true")
     a = parser.parse_args()
     q.CACHE_BLOCK = a.cache_block or q.CACHE_BLOCK
     if a.always_wait:
         engine.Engine.may_propose = lambda self, row: True
+    if a.no_pretrace:
+        engine.Engine.pretrace = lambda self, row: None
     tic = time.perf_counter()
     params, config, tokenizer = cli.load_model(a.model, a.dtype)
     loaded = time.perf_counter() - tic
@@ -70,7 +75,7 @@ def main():
     typical = statistics.median(steps)
     print(json.dumps({
         "device": str(mx.default_device()), "workload": a.workload, "speculate": a.speculate,
-        "cache_block": q.CACHE_BLOCK, "always_wait": a.always_wait,
+        "cache_block": q.CACHE_BLOCK, "always_wait": a.always_wait, "pretrace": not a.no_pretrace,
         "prompt_tokens": len(ids), "load_s": round(loaded, 2), "first_token_s": round(EVENTS[0] - start, 3),
         "tokens": len(EVENTS), "decode_s": round(EVENTS[-1] - EVENTS[0], 3),
         "median_step_ms": round(typical * 1e3, 2),
