@@ -691,8 +691,7 @@ class Engine:
             row.t_prefill += time.perf_counter() - tic
             return piece.shape[1]
         first = draw(logits, row, row.window(), len(prompt))
-        mx.async_eval(first, row.cache)
-        self.pretrace(row)  # while the device computes the prompt
+        self.pretrace(row, first)
         mx.eval(first, row.cache)
         row.t_prefill += time.perf_counter() - tic
         if self.granule != 1:  # where rows are exact, retire keeps the whole row, answer included
@@ -702,13 +701,14 @@ class Engine:
         self.emit(row, [first])
         return piece.shape[1]
 
-    def pretrace(self, row: Row) -> None:
+    def pretrace(self, row: Row, first: Draw) -> None:
         """Trace (and compile) the verifier step a row that will speculate takes first, without running it, while
         its prompt is being computed: a step of a new shape costs its trace once, 40-55 ms on the H200, which a
         one-shot command had paid inside its first verifier step (the plain step's first trace comes before the
         first token too). The step's outputs are dropped unevaluated."""
         if self.proposer is None or self.rows or row.grammar is not None:
             return
+        mx.async_eval(first, row.cache)  # the prompt computes while the step is traced
         n = 1 + self.num_draft
         cache = q.reserve(row.cache, len(row.request.prompt) + n + 1)
         q.compiled_decode_step(self.params, self.config, mx.zeros((1, n), mx.uint32), cache, self.kernels,

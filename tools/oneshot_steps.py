@@ -55,7 +55,7 @@ def main():
     if a.always_wait:
         engine.Engine.may_propose = lambda self, row: True
     if a.no_pretrace:
-        engine.Engine.pretrace = lambda self, row: None
+        engine.Engine.pretrace = lambda self, row, first: None
     tic = time.perf_counter()
     params, config, tokenizer = cli.load_model(a.model, a.dtype)
     loaded = time.perf_counter() - tic
