@@ -55,6 +55,7 @@ MAX_BODY_BYTES = 1 << 20  # a whole 32k-token context is ~130 KB of text; 1 MiB 
 BODY_SECONDS = 30.0  # the most a request body may take to arrive: a client that trickles it is cut off
 HEADER_SECONDS = 10.0  # the most a connection may sit without beginning a request (or trickle its headers)
 WRITE_SECONDS = 60.0  # the most a client may read nothing of an answer that waits for it before it is dropped
+STOP_SECONDS = 5.0  # stopping, the most the answers' clients get to read what was sent before they are cut
 MAX_CONNECTIONS = 64  # a 503 beyond (HeaderDeadline): slow clients cannot take every socket
 KEEP_ALIVE_SECONDS = 5  # an idle kept-alive connection is closed after this
 DEFAULT_MAX_TOKENS = 512  # when a request sets none, as the chat and mlx_lm.server
@@ -399,6 +400,8 @@ class Engine:
                 if event is LEFT:
                     handle.cancel()
                     continue
+                if self.engine.closing and not event.finish_reason:
+                    continue  # stopping: what the client was not sent yet is dropped, the stopping error goes now
                 piece = self.piece(event, options)
                 if piece.text or piece.logprobs:
                     yield piece
@@ -1020,7 +1023,7 @@ class Stopping(uvicorn.Server):
 def serve(engine: Engine, sock: socket.socket, settings: Settings, metrics: Metrics | None = None) -> None:
     """Answer on sock until Ctrl-C; uvicorn's own logging only for warnings and errors."""
     config = uvicorn.Config(app(engine, settings, metrics), log_level="warning", access_log=False, lifespan="off",
-                            timeout_graceful_shutdown=2, timeout_keep_alive=KEEP_ALIVE_SECONDS,
+                            timeout_graceful_shutdown=STOP_SECONDS, timeout_keep_alive=KEEP_ALIVE_SECONDS,
                             http=type("Deadlines", (HeaderDeadline,), {"write_seconds": settings.write_seconds}))
     try:
         Stopping(config, engine).run(sockets=[sock])

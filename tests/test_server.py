@@ -947,14 +947,16 @@ def test_a_client_that_reads_nothing_of_its_answer_is_dropped(tiny_folder):
         return float(found.group(1))
 
     host, port = served.url.removeprefix("http://").split(":")
-    # log-probabilities: a chunk for every token (the tiny model's text is bytes that rarely make a character)
-    body = json.dumps({"model": TINY, "prompt": "hello", "max_tokens": 30000, "stream": True, "logprobs": 5}).encode()
+    # 20 log-probabilities: a chunk of about 3 KB for every token (the tiny model's text is bytes that rarely make a
+    # character), so that the socket's buffers fill in seconds (5 of them: a minute)
+    body = json.dumps({"model": TINY, "messages": MESSAGES, "max_tokens": 30000, "stream": True, "logprobs": True,
+                       "top_logprobs": 20}).encode()
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.settimeout(60)
     try:
         sock.connect((host, int(port)))
-        sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {KEY}\r\n"
+        sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {KEY}\r\n"
                      f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
         end = time.time() + TIMEOUT
         while running() > 0 or time.time() < end - TIMEOUT + 1:  # the answer begins, and is dropped
@@ -1115,3 +1117,36 @@ def test_a_schema_the_grammar_engine_gives_up_on_is_a_400_and_the_server_goes_on
     assert json.loads(data[-2])["error"]["code"] == "grammar_too_complex" and data[-1] == "[DONE]", r.text
     r = tiny_served.post("/v1/completions", {"model": TINY, "prompt": "hello", "max_tokens": 2})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2, r.text
+
+
+def test_a_stopping_server_drops_what_a_stream_was_not_sent_and_ends_it_now():
+    """Stopping, a stream whose client is behind (a fast GPU, a slow reader) skips the tokens still queued for it and
+    sends the stopping error at once. It had sent its whole backlog first, past uvicorn's graceful timeout, which then
+    cut the stream: "Connection error" instead of the stopping error (the H200's suite, SIGTERM, 2026-12-02)."""
+    import asyncio
+
+    class Behind:  # an engine that has made 500 tokens the client has not read yet, then stops
+        closing = False
+
+        def submit(self, request, deliver):
+            self.deliver = deliver
+            for i in range(500):
+                deliver(engine.Event(i, "x", None))
+            return engine.Handle(request, deliver)
+
+    front = server.Engine.__new__(server.Engine)
+    front.engine, front.outbox = Behind(), None
+    options = server.Options(sampling=weights.sampling_for({}, temp=0), max_tokens=1000)
+
+    async def main():
+        pieces = front.generate([1, 2], options, asyncio.Event())
+        assert (await pieces.__anext__()).text == "x"  # the answer is under way
+        front.engine.closing = True
+        front.engine.deliver(engine.Event(None, "", None, "cancelled"))  # as the closing engine ends each request
+        sent = []
+        with pytest.raises(server.ApiError, match="the server is stopping"):
+            async for piece in pieces:
+                sent.append(piece)
+        return sent
+
+    assert asyncio.run(main()) == []
