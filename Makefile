@@ -8,6 +8,7 @@ PIP := $(PY) -m pip install -q --disable-pip-version-check
 MODEL ?=
 ARGS ?=
 PYTEST_ARGS ?=
+TEST_WORKERS ?= 2
 
 .PHONY: install test chat serve bench llama-cpp lint clean
 
@@ -22,9 +23,9 @@ $(VENV)/.installed: requirements.txt requirements-model.txt pyproject.toml
 	$(PY) -c "from qwen2s import blas; print('BLAS:', blas.describe())"
 	touch $@
 
-# Run the test suite (installs first).
+# Run the test suite (installs first), in TEST_WORKERS processes (1: in this one).
 test: install
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS)) $(PYTEST_ARGS)
 
 # Chat with the packaged model, or MODEL=...; ARGS passes options.
 chat: install
