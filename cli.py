@@ -26,7 +26,7 @@ import click
 import jinja2
 import mlx.core as mx
 
-from qwen2s import bench, blas, chat, engine, prompts, server, speculative, weights
+from qwen2s import bench, blas, chat, cpu_attention, engine, prompts, server, speculative, weights
 
 signal.pthread_sigmask(signal.SIG_SETMASK, UNBLOCKED)
 
@@ -256,6 +256,7 @@ def version_text() -> str:
         f"MLX {mx.__version__} ({mx.default_device()}), mlx_lm {version('mlx-lm')}, "
         f"Python {platform.python_version()} ({platform.system()} {platform.machine()})",
         f"BLAS: {blas.describe()}",
+        f"attention on the CPU: {cpu_attention.describe()}",
     ])
 
 

@@ -38,7 +38,7 @@ from typing import NamedTuple
 
 import mlx.core as mx
 
-from qwen2s import gpu_products
+from qwen2s import cpu_attention, gpu_products
 
 __all__ = [
     "Config", "config_from_dict", "forward", "new_cache", "prefill", "decode_step", "Sampling", "sample",
@@ -254,19 +254,32 @@ def fast_attention(q, k, v, scale=None, mask=None):
 
 
 class Kernels(NamedTuple):
-    """The functions a layer can take from mx.fast instead of ours (norm, rope, attention), and how it
-    multiplies by its weights (linear; `rows_alone` in a fixed-shape step)."""
+    """The functions a layer can take from mx.fast instead of ours (norm, rope, attention), how it
+    multiplies by its weights (linear; `rows_alone` in a fixed-shape step), and attention over a cache
+    in one kernel where one runs (cached_attention, see `in_one_kernel`)."""
 
     norm: Callable
     rope: Callable
     attention: Callable
     linear: Callable = linear
+    cached_attention: Callable | None = None
 
 
 KERNELS = {
-    "reference": Kernels(rms_norm, rope, scaled_dot_product_attention),
+    "reference": Kernels(rms_norm, rope, scaled_dot_product_attention, cached_attention=cpu_attention.attention),
     "fast": Kernels(fast_rms_norm, fast_rope, fast_attention),
 }
+
+
+def in_one_kernel(kernels: Kernels, dtype, head_dim: int) -> Kernels:
+    """kernels, keeping cached_attention only where it runs: our CPU kernel (cpu_attention.py), in float32.
+
+    It computes the same softmax(q k^T * scale + causal mask) v as scaled_dot_product_attention, each query
+    alone over the keys up to its position, without the passes of MLX's ops over all of [G * L, S]: over a
+    long cache on the CPU, 4-5x faster (benchmarks/README.md, "Attention in one kernel on the CPU")."""
+    if kernels.cached_attention is cpu_attention.attention and not cpu_attention.runs_here(dtype, head_dim):
+        return kernels._replace(cached_attention=None)
+    return kernels
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,6 +319,7 @@ def self_attention(
     filled: when every row's keys end at the same known position (a prefill of one row), how many
     there are with these: attention reads only those, under the "causal" mask string (aligned
     bottom-right), which mx.fast's kernel applies without a mask array of [L, S] scores.
+    Over a cache on the CPU in float32, attention is one kernel of ours (`in_one_kernel`).
     """
     B, L, _ = x.shape
     H, K, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
@@ -315,17 +329,23 @@ def self_attention(
     v = kernels.linear(x, **v_proj).reshape(B, L, K, D).transpose(0, 2, 1, 3)  # [B, K, L, D]
     q = kernels.rope(q, config.rope_theta, offset)
     k = kernels.rope(k, config.rope_theta, offset)
+    out = None
     if kv is not None:
         slots = cache_slots(offset, k.shape)  # [B, K, L, D]: the keys' and the values' alike
         kv = (write_cache(kv[0], k, slots), write_cache(kv[1], v, slots))  # [B, K, S, D] each
         k, v = kv
-        if filled is not None and isinstance(mask, str):
+        attend = in_one_kernel(kernels, q.dtype, D).cached_attention
+        if attend is not None and isinstance(mask, str):  # one kernel, causal from each row's offset: no mask
+            start = mx.broadcast_to(offset if filled is None else filled - L, (B,)).astype(mx.int32)  # [B]
+            out = attend(q, k, v, start, D**-0.5)  # [B, H, L, D]: query i of row b at position start[b] + i
+        elif filled is not None and isinstance(mask, str):
             k, v = k[:, :, :filled], v[:, :, :filled]  # [B, K, filled, D]
         elif isinstance(mask, str):  # each row's own positions; hides the unfilled slots too
             mask = causal_mask(L, k.shape[2], offset)  # [B, 1, L, S]
     elif isinstance(mask, str) and L == 1:
         mask = None  # one query sees every key
-    out = kernels.attention(q, k, v, scale=D**-0.5, mask=mask)  # [B, H, L, D]
+    if out is None:
+        out = kernels.attention(q, k, v, scale=D**-0.5, mask=mask)  # [B, H, L, D]
     out = out.transpose(0, 2, 1, 3).reshape(B, L, H * D)  # [B, L, E]
     return kernels.linear(out, **o_proj), kv
 
@@ -363,12 +383,13 @@ def hidden_states(
 ) -> tuple[mx.array, dict | None]:
     """Token ids [B, L] -> final-normed hidden states [B, L, E], and the cache with them added (filled: see
     self_attention)."""
-    kernels = KERNELS[kernels] if isinstance(kernels, str) else kernels
     model = params["model"]
     x = model["embed_tokens"]["weight"][tokens]  # [B, L, E]
+    kernels = in_one_kernel(KERNELS[kernels] if isinstance(kernels, str) else kernels, x.dtype, config.head_dim)
     offset = mx.array(0) if cache is None else cache["offset"]  # [B]: each row's next position
     mask = "causal"
-    if cache is not None and filled is None:  # each row's own positions, the same in every layer: built once
+    if cache is not None and filled is None and kernels.cached_attention is None:  # each row's own positions, the
+        # same in every layer: built once
         mask = causal_mask(tokens.shape[1], cache_capacity(cache), offset)  # [B, 1, L, S]
     new_kv = []
     for i, layer in enumerate(model["layers"]):

@@ -4,6 +4,9 @@ modules, samplers, generation and perplexity, with fixed seeds and named toleran
 from qwen2s import qwen2_scratch as q  # noqa: F401  (first: the fast BLAS before MLX)
 
 # isort: split
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -26,7 +29,7 @@ from conftest import (
     rand,
     reference_model,
 )
-from qwen2s import weights
+from qwen2s import cpu_attention, weights
 from qwen2s.engine import Engine, Request
 
 # ---------------------------------------------------------------------------------------------
@@ -387,6 +390,82 @@ def test_attention_layer_takes_the_course_masks(mask):
     assert_close(ours, theirs, *LAYER_TOL[mx.float32], f"attention, mask {mask}")
     ours_block, _ = q.block(x, layer, config, mask=given)
     assert_close(ours_block, model.model.layers[0](x, mask=given), *LAYER_TOL[mx.float32], f"block, mask {mask}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention over a cache in one kernel on the CPU (attention.cpp through cpu_attention.py)
+# ---------------------------------------------------------------------------------------------
+
+CACHED_ATTENTION_CASES = [  # B, H, K, L, S, D, each row's first query's position
+    (1, 4, 2, 1, 300, 32, [250]),  # a decode step of the tests' tiny shape
+    (1, 14, 2, 1, 520, 64, [519]),  # Qwen2-0.5B's heads, the cache full
+    (1, 4, 2, 30, 512, 32, [100]),  # a prefill chunk over a cache
+    (2, 14, 2, 5, 256, 64, [10, 200]),  # a batch's rows at their own positions (a verifier step's shape)
+    (1, 28, 4, 9, 64, 128, [0]),  # Qwen2-7B's heads, a prompt's first chunk
+    (3, 8, 8, 1, 24, 16, [0, 5, 23]),  # one key seen, some, all; no grouping
+]
+
+
+@pytest.mark.parametrize("B,H,K,L,S,D,start", CACHED_ATTENTION_CASES)
+def test_attention_in_one_kernel_is_the_models_attention(on_cpu, B, H, K, L, S, D, start):
+    """cpu_attention.attention computes scaled_dot_product_attention under the causal mask of each row's offset."""
+    assert cpu_attention.runs_here(mx.float32, D), cpu_attention.describe()
+    qs, ks, vs = rand((B, H, L, D), seed=1), rand((B, K, S, D), seed=2), rand((B, K, S, D), seed=3)
+    offsets = mx.array(start, mx.int32)
+    ours = cpu_attention.attention(qs, ks, vs, offsets, 0.3)
+    reference = q.scaled_dot_product_attention(qs, ks, vs, 0.3, q.causal_mask(L, S, offsets))
+    assert ours.shape == (B, H, L, D) and ours.dtype == mx.float32
+    assert_close(ours, reference, *LAYER_TOL[mx.float32], "attention in one kernel")
+
+
+def test_attention_in_one_kernel_gives_a_query_the_same_bits_wherever_it_is_computed(on_cpu):
+    """A query's output depends on its position only: the same bits computed in a chunk of 40 or alone, in a
+    cache of any capacity, beside other rows or not, eagerly or in a compiled step, with any number of threads."""
+    qs, ks, vs = rand((1, 4, 40, 32), seed=1), rand((1, 2, 1024, 32), seed=2), rand((1, 2, 1024, 32), seed=3)
+    chunk = np.array(cpu_attention.attention(qs, ks, vs, mx.array([500], mx.int32), 0.2))
+    for i in (0, 7, 39):
+        alone = cpu_attention.attention(qs[:, :, i : i + 1], ks[:, :, :544], vs[:, :, :544],
+                                        mx.array([500 + i], mx.int32), 0.2)
+        assert np.array_equal(np.array(alone)[:, :, 0], chunk[:, :, i]), f"query {i} alone, a smaller cache"
+    other = rand((1, 4, 1, 32), seed=4), rand((1, 2, 1024, 32), seed=5), rand((1, 2, 1024, 32), seed=6)
+    batch = [mx.concatenate([a[:, :, :1] if a.shape[2] == 40 else a, b]) for a, b in zip((qs, ks, vs), other,
+                                                                                       strict=True)]
+    together = cpu_attention.attention(*batch, mx.array([500, 90], mx.int32), 0.2)
+    assert np.array_equal(np.array(together)[0, :, 0], chunk[0, :, 0]), "beside another row"
+    compiled = mx.compile(lambda a, b, c, s: cpu_attention.attention(a, b, c, s, 0.2))
+    assert np.array_equal(np.array(compiled(qs, ks, vs, mx.array([500], mx.int32))), chunk), "compiled"
+    probe = """
+from qwen2s import qwen2_scratch as q
+import mlx.core as mx, numpy as np
+from qwen2s import cpu_attention
+mx.random.seed(0)
+x, k, v = mx.random.normal((1, 4, 40, 32)), mx.random.normal((1, 2, 1024, 32)), mx.random.normal((1, 2, 1024, 32))
+print(np.array(cpu_attention.attention(x, k, v, mx.array([500], mx.int32), 0.2)).tobytes().hex()[:4000])
+"""
+    runs = {threads: subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=HERE,
+                                    env={**os.environ, "QWEN2_SCRATCH_THREADS": threads}) for threads in "13"}
+    assert all(r.returncode == 0 for r in runs.values()), [r.stderr[-1000:] for r in runs.values()]
+    assert runs["1"].stdout == runs["3"].stdout and len(runs["1"].stdout) > 1000, "one thread against three"
+
+
+def test_the_model_takes_the_kernel_in_float32_on_the_cpu_and_mlx_ops_elsewhere(on_cpu):
+    """Where the kernel runs (float32 on the CPU) the model's attention over a cache is it, and gives its
+    reference's logits; in bfloat16, or opted out (QWEN2_SCRATCH_ATTENTION=mlx), MLX's ops compute attention."""
+    kernels = q.KERNELS["reference"]
+    assert q.in_one_kernel(kernels, mx.float32, 64).cached_attention is cpu_attention.attention
+    assert q.in_one_kernel(kernels, mx.bfloat16, 64).cached_attention is None
+    assert q.in_one_kernel(kernels, mx.float32, 12).cached_attention is None  # not a multiple of 8
+    assert q.in_one_kernel(q.KERNELS["fast"], mx.float32, 64).cached_attention is None
+    _, params, config, _ = reference_model()
+    tokens = mx.array([[3, 1, 4, 1, 5, 9, 2, 6]])
+    full, _ = q.forward(params, config, tokens)  # no cache: MLX's ops
+    step, _ = q.forward(params, config, tokens, q.reserve(q.new_cache(config), 8))  # the kernel over the cache
+    assert_close(step, full, 0, LOGITS_ATOL_F32, "the kernel over a cache against MLX's ops")
+    opted_out = subprocess.run([sys.executable, "-c", "from qwen2s import qwen2_scratch as q, cpu_attention; "
+                                "import mlx.core as mx; print(cpu_attention.runs_here(mx.float32, 64), "
+                                "cpu_attention.describe())"], capture_output=True, text=True, cwd=HERE,
+                               env={**os.environ, "QWEN2_SCRATCH_ATTENTION": "mlx"})
+    assert opted_out.stdout.split() == ["False", "MLX's", "ops"] and opted_out.stderr == "", opted_out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Time the parts of one layer's attention over a long cache: the tiny test model's shape, or the packaged one's.
+"""Time the parts of one layer's attention over a long cache (MLX's ops), and the whole in our one kernel: the tiny
+test model's shape, or the packaged one's.
 
     python tools/attention_parts.py [--slots 30208] [--queries 1] [--packaged-shape] [--eager]
 
@@ -15,6 +16,8 @@ import functools
 import time
 
 import mlx.core as mx
+
+from qwen2s import cpu_attention
 
 
 def timed(fn, *args, n=100, eager=False) -> float:
@@ -47,6 +50,9 @@ def main():
     print(f"softmax {measure(q.softmax, s):.3f} ms")
     attention = lambda a, b, c, m: q.scaled_dot_product_attention(a.reshape(B, K * G, L, D), b, c, mask=m)  # noqa: E731
     print(f"whole attention {measure(attention, x, k, v, mask):.3f} ms")
+    start = mx.array([S - 100 - L], mx.int32)  # the mask's positions
+    in_one = lambda a, b, c, s: cpu_attention.attention(a.reshape(B, K * G, L, D), b, c, s, D**-0.5)  # noqa: E731
+    print(f"attention in one kernel (cpu_attention) {measure(in_one, x, k, v, start):.3f} ms")
 
 
 if __name__ == "__main__":
