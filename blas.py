@@ -82,25 +82,32 @@ def adapter_key(source: bytes, lib_dir: Path) -> str:
 
 
 def build(source: Path, lib_dir: Path, out: Path, key: str) -> str | None:
-    """Compile the adapter to a temporary name beside out, then rename it: None, or why it failed."""
+    """Compile the adapter into out: None, or why it failed."""
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         return "no C compiler (install gcc)"
+    return compile_into(out, lambda tmp: [
+        compiler, "-O2", "-ffp-contract=off", "-Wno-psabi", "-pthread", "-shared", "-fPIC", f'-DADAPTER_KEY="{key}"',
+        "-o", tmp, str(source), f"-L{lib_dir}", "-lscipy_openblas", f"-Wl,-rpath,{lib_dir}"], source.name)
+
+
+def compile_into(out: Path, command, what: str) -> str | None:
+    """Run the compiler command(tmp) that writes a temporary file beside out, then rename it to out (atomic: a
+    concurrent build of the same key writes the same file): None, or why it failed, in a line. cpu_attention.py
+    builds its extension this way too."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
         os.close(fd)
     except OSError as e:
         return f"cannot write the cache folder {out.parent} ({e.strerror or e})"
-    command = [compiler, "-O2", "-ffp-contract=off", "-Wno-psabi", "-pthread", "-shared", "-fPIC",
-               f'-DADAPTER_KEY="{key}"', "-o", tmp, str(source), f"-L{lib_dir}", "-lscipy_openblas",
-               f"-Wl,-rpath,{lib_dir}"]
     try:
-        done = subprocess.run(command, capture_output=True, text=True)
+        done = subprocess.run(command(tmp), capture_output=True, text=True)
         if done.returncode != 0:
-            lines = (done.stderr or "").strip().splitlines()
-            return f"building {source.name} failed ({lines[-1] if lines else done.returncode})"
-        os.replace(tmp, out)  # atomic: a concurrent build of the same key writes the same file
+            lines = [line for line in (done.stderr or "").splitlines() if "error" in line]
+            lines = lines or (done.stderr or "").strip().splitlines() or [str(done.returncode)]
+            return f"building {what} failed ({lines[0].strip()[:200]})"
+        os.replace(tmp, out)
     except OSError as e:
         return f"cannot write the cache folder {out.parent} ({e.strerror or e})"
     finally:

@@ -220,6 +220,20 @@ def mlx_lm_logits(folder, tokens, dtype=mx.float32):
 
 
 
+def without_package(name: str) -> str:
+    """Python code that hides the installed package `name` from importlib.metadata: a subprocess's prelude, to see
+    what happens where the package is missing."""
+    return f"""
+import importlib.metadata as m
+real = m.distribution
+def distribution(name):
+    if name == {name!r}:
+        raise m.PackageNotFoundError(name)
+    return real(name)
+m.distribution = distribution
+"""
+
+
 def run_cli(*args, env=None, input=None, timeout=300):
     """The real command line, the console script, in a subprocess."""
     return subprocess.run([str(COMMAND), *args], capture_output=True,

@@ -25,10 +25,8 @@ import importlib.metadata
 import importlib.util
 import os
 import shutil
-import subprocess
 import sys
 import sysconfig
-import tempfile
 from pathlib import Path
 from types import ModuleType
 
@@ -73,37 +71,19 @@ def build_key(code: bytes) -> str:
 
 
 def build(code: Path, out: Path, key: str) -> str | None:
-    """Compile the extension to a temporary name beside out, then rename it: None, or why it failed."""
+    """Compile the extension into out (blas.compile_into): None, or why it failed."""
     compiler = shutil.which("g++") or shutil.which("c++")
     mlx_dir, nanobind_dir = package_dir("mlx", "mlx"), package_dir(NANOBIND, NANOBIND)
     if compiler is None:
         return "no C++ compiler (install g++)"
     if mlx_dir is None or not (mlx_dir / "include").is_dir() or nanobind_dir is None:
         return "MLX's headers or the package nanobind are missing (run make install)"
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-        os.close(fd)
-    except OSError as e:
-        return f"cannot write the cache folder {out.parent} ({e.strerror or e})"
-    command = [compiler, "-std=c++20", "-O2", "-ffp-contract=off", "-Wno-psabi", "-fPIC", "-shared",
-               "-fvisibility=hidden", "-pthread", "-DNB_DOMAIN=mlx", f'-DATTENTION_KEY="{key}"',
-               f"-I{mlx_dir / 'include'}", f"-I{nanobind_dir / 'include'}",
-               f"-I{nanobind_dir / 'ext' / 'robin_map' / 'include'}", f"-I{sysconfig.get_paths()['include']}",
-               str(code), str(nanobind_dir / "src" / "nb_combined.cpp"), "-o", tmp,
-               f"-L{mlx_dir / 'lib'}", "-lmlx", f"-Wl,-rpath,{mlx_dir / 'lib'}"]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            lines = [line for line in (done.stderr or "").splitlines() if "error" in line] or [str(done.returncode)]
-            return f"building {code.name} failed ({lines[0].strip()[:200]})"
-        os.replace(tmp, out)  # atomic: a concurrent build of the same key writes the same file
-    except OSError as e:
-        return f"cannot write the cache folder {out.parent} ({e.strerror or e})"
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return None
+    return blas.compile_into(out, lambda tmp: [
+        compiler, "-std=c++20", "-O2", "-ffp-contract=off", "-Wno-psabi", "-fPIC", "-shared", "-fvisibility=hidden",
+        "-pthread", "-DNB_DOMAIN=mlx", f'-DATTENTION_KEY="{key}"', f"-I{mlx_dir / 'include'}",
+        f"-I{nanobind_dir / 'include'}", f"-I{nanobind_dir / 'ext' / 'robin_map' / 'include'}",
+        f"-I{sysconfig.get_paths()['include']}", str(code), str(nanobind_dir / "src" / "nb_combined.cpp"), "-o", tmp,
+        f"-L{mlx_dir / 'lib'}", "-lmlx", f"-Wl,-rpath,{mlx_dir / 'lib'}"], code.name)
 
 
 def open_module(path: Path, key: str) -> ModuleType | None:

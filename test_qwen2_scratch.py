@@ -438,6 +438,7 @@ def test_attention_in_one_kernel_gives_a_query_the_same_bits_wherever_it_is_comp
 from qwen2s import qwen2_scratch as q
 import mlx.core as mx, numpy as np
 from qwen2s import cpu_attention
+mx.set_default_device(mx.cpu)
 mx.random.seed(0)
 x, k, v = mx.random.normal((1, 4, 40, 32)), mx.random.normal((1, 2, 1024, 32)), mx.random.normal((1, 2, 1024, 32))
 print(np.array(cpu_attention.attention(x, k, v, mx.array([500], mx.int32), 0.2)).tobytes().hex()[:4000])

@@ -19,7 +19,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from conftest import HERE, assert_close, rand, run_cli
+from conftest import HERE, assert_close, rand, run_cli, without_package
 from qwen2s import blas
 
 pytestmark = pytest.mark.usefixtures("on_cpu")  # the CPU's BLAS, also on a GPU machine
@@ -309,16 +309,7 @@ def test_fallback_when_the_cache_folder_cannot_be_written(tmp_path):
 
 
 def test_fallback_without_the_library():
-    prelude = """
-import importlib.metadata as m
-real = m.distribution
-def distribution(name):
-    if name == "scipy-openblas32":
-        raise m.PackageNotFoundError(name)
-    return real(name)
-m.distribution = distribution
-"""
-    seen, warnings = probe(prelude)
+    seen, warnings = probe(without_package("scipy-openblas32"))
     assert_fallback(seen, warnings, "scipy-openblas32 is missing")
 
 

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from conftest import HERE
+from conftest import HERE, without_package
 
 pytestmark = pytest.mark.usefixtures("on_cpu")
 
@@ -53,16 +53,7 @@ def test_a_fresh_cache_builds_the_kernel_and_a_broken_build_is_built_again(tmp_p
 
 
 def test_without_nanobind_attention_is_mlx_ops_after_one_warning(tmp_path):
-    prelude = """
-import importlib.metadata as m
-real = m.distribution
-def distribution(name):
-    if name == "nanobind":
-        raise m.PackageNotFoundError(name)
-    return real(name)
-m.distribution = distribution
-"""
-    seen, warnings = probe(prelude, env={"XDG_CACHE_HOME": str(tmp_path)})  # nothing built there yet
+    seen, warnings = probe(without_package("nanobind"), env={"XDG_CACHE_HOME": str(tmp_path)})  # nothing built yet
     assert not seen["runs"] and seen["describe"] == "MLX's ops", seen
     assert len(warnings) == 1 and warnings[0].startswith("warning: attention on the CPU runs as MLX's ops"), warnings
     assert "nanobind" in warnings[0] and not (tmp_path / "qwen2-scratch" / "attention").exists()
