@@ -41,6 +41,8 @@
 #include "mlx/mlx.h"
 #include "mlx/primitives.h"
 
+#include "lanes.h"  // v8, madd, lanes_sum, lanes_sums: shared with blas_adapter.c
+
 #ifndef ATTENTION_KEY
 #define ATTENTION_KEY "unkeyed"
 #endif
@@ -50,11 +52,7 @@ namespace nb = nanobind;
 
 namespace {
 
-typedef float v8 __attribute__((vector_size(32)));
-typedef float v8u __attribute__((vector_size(32), aligned(4), may_alias));
-typedef int32_t i8 __attribute__((vector_size(32)));
-typedef float v4 __attribute__((vector_size(16)));
-typedef int32_t i4 __attribute__((vector_size(16)));
+typedef int32_t i8 __attribute__((vector_size(32)));  // eight exponents' bits
 
 constexpr int ROWS = 64, MAX_D = 256;  // queries that read the keys together; the widest head
 constexpr int TILE = 256;  // keys whose scores and values every row of a block computes before the next ones
@@ -62,38 +60,6 @@ constexpr int TILE = 256;  // keys whose scores and values every row of a block 
 inline __attribute__((always_inline)) v8 load(const float *p) { return *(const v8u *)p; }
 inline __attribute__((always_inline)) void store(float *p, v8 x) { *(v8u *)p = x; }
 inline __attribute__((always_inline)) v8 splat(float x) { return (v8){x, x, x, x, x, x, x, x}; }
-
-/* acc + a * b rounded once (FUSED: the AVX2 and AVX-512 machines, the same bits on both) or twice (the baseline). */
-template <int FUSED>
-inline __attribute__((always_inline)) v8 madd(v8 acc, v8 a, v8 b) {
-    if constexpr (!FUSED) {
-        return acc + a * b;
-    } else {
-        v8 r;
-#pragma GCC unroll 8
-        for (int l = 0; l < 8; l++) r[l] = __builtin_fmaf(a[l], b[l], acc[l]);
-        return r;
-    }
-}
-
-inline __attribute__((always_inline)) float lanes_sum(v8 v) {
-    return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
-}
-
-/* lanes_sum of four vectors as four lanes: the same additions in the same tree (the same bits), six vector adds. */
-inline __attribute__((always_inline)) v4 lanes_sums(const v8 *x) {
-    const i4 even = {0, 2, 4, 6}, odd = {1, 3, 5, 7};
-    v4 h[4];
-    for (int n = 0; n < 4; n++) {
-        v4 low, high;
-        memcpy(&low, &x[n], sizeof low);
-        memcpy(&high, (const float *)&x[n] + 4, sizeof high);
-        h[n] = low + high;  // [v0 + v4, v1 + v5, v2 + v6, v3 + v7]
-    }
-    v4 ab = __builtin_shuffle(h[0], h[1], even) + __builtin_shuffle(h[0], h[1], odd);
-    v4 cd = __builtin_shuffle(h[2], h[3], even) + __builtin_shuffle(h[2], h[3], odd);
-    return __builtin_shuffle(ab, cd, even) + __builtin_shuffle(ab, cd, odd);
-}
 
 /* exp(x) for x <= 0 (-inf too): qwen2_scratch.exp_parts_of's arithmetic, eight at a time. */
 inline __attribute__((always_inline)) v8 exp_nonpositive(v8 x) {
@@ -139,14 +105,14 @@ inline __attribute__((always_inline)) void scores(const float *qs, int nr, const
 #pragma GCC unroll 4
                 for (int t = 0; t < 4; t++) {
                     v8 kt = load(k0 + t * D + 8 * c);
-                    acc0[t] = madd<FUSED>(acc0[t], a0, kt);
-                    acc1[t] = madd<FUSED>(acc1[t], a1, kt);
+                    acc0[t] = madd(acc0[t], a0, kt, FUSED);
+                    acc1[t] = madd(acc1[t], a1, kt, FUSED);
                 }
             }
-            v4 four = lanes_sums(acc0);
+            v4 four = lanes_sums(acc0[0], acc0[1], acc0[2], acc0[3]);
             memcpy(s + (size_t)r * TILE + j - j0, &four, sizeof four);
             if (r + 1 < nr) {
-                four = lanes_sums(acc1);
+                four = lanes_sums(acc1[0], acc1[1], acc1[2], acc1[3]);
                 memcpy(s + (size_t)(r + 1) * TILE + j - j0, &four, sizeof four);
             }
         }
@@ -154,7 +120,8 @@ inline __attribute__((always_inline)) void scores(const float *qs, int nr, const
     for (; j < j1; j++)
         for (int r = 0; r < nr; r++) {
             v8 acc = splat(0);
-            for (int c = 0; c < D8; c++) acc = madd<FUSED>(acc, load(qs + r * D + 8 * c), load(keys + (size_t)j * D + 8 * c));
+            for (int c = 0; c < D8; c++)
+                acc = madd(acc, load(qs + r * D + 8 * c), load(keys + (size_t)j * D + 8 * c), FUSED);
             s[(size_t)r * TILE + j - j0] = lanes_sum(acc);
         }
 }
@@ -181,10 +148,10 @@ inline __attribute__((always_inline)) void weighted_values(v8 (*acc)[MAX_D / 8],
                     const float *vj = values + (size_t)j * D + 8 * c0;
                     v8 w0 = splat(p0[j]), w1 = splat(p1[j]), x0 = load(vj), x1 = load(vj + 8), x2 = load(vj + 16),
                        x3 = load(vj + 24);
-                    s0 = madd<FUSED>(s0, w0, x0), t0 = madd<FUSED>(t0, w1, x0);
-                    s1 = madd<FUSED>(s1, w0, x1), t1 = madd<FUSED>(t1, w1, x1);
-                    s2 = madd<FUSED>(s2, w0, x2), t2 = madd<FUSED>(t2, w1, x2);
-                    s3 = madd<FUSED>(s3, w0, x3), t3 = madd<FUSED>(t3, w1, x3);
+                    s0 = madd(s0, w0, x0, FUSED), t0 = madd(t0, w1, x0, FUSED);
+                    s1 = madd(s1, w0, x1, FUSED), t1 = madd(t1, w1, x1, FUSED);
+                    s2 = madd(s2, w0, x2, FUSED), t2 = madd(t2, w1, x2, FUSED);
+                    s3 = madd(s3, w0, x3, FUSED), t3 = madd(t3, w1, x3, FUSED);
                 }
                 a[0][0] = s0, a[0][1] = s1, a[0][2] = s2, a[0][3] = s3;
                 a[1][0] = t0, a[1][1] = t1, a[1][2] = t2, a[1][3] = t3;
@@ -193,7 +160,8 @@ inline __attribute__((always_inline)) void weighted_values(v8 (*acc)[MAX_D / 8],
                 const float *px = x ? p1 : p0;
                 for (int jj = cs == 4 ? j : j0; jj < (x ? end1 : end0); jj++)
                     for (int c = 0; c < cs; c++)
-                        a[x][c] = madd<FUSED>(a[x][c], splat(px[jj]), load(values + (size_t)jj * D + 8 * (c0 + c)));
+                        a[x][c] = madd(a[x][c], splat(px[jj]), load(values + (size_t)jj * D + 8 * (c0 + c)),
+                                       FUSED);
             }
             for (int x = 0; x < two; x++)
                 for (int c = 0; c < cs; c++) acc[r + x][c0 + c] = a[x][c];
@@ -354,7 +322,8 @@ class CachedAttention : public mx::Primitive {
     float scale_;
 };
 
-/* q [B, H, L, D], k and v [B, K, S, D] (float32), start [B] (int32: each row's first query's position) -> [B, H, L, D]. */
+/* q [B, H, L, D], k and v [B, K, S, D] (float32), start [B] (int32: each row's first query's position)
+ * -> [B, H, L, D]. */
 mx::array cached_attention(const mx::array &q, const mx::array &k, const mx::array &v, const mx::array &start,
                            float scale) {
     if (q.ndim() != 4 || k.ndim() != 4 || v.shape() != k.shape() || q.shape(0) != k.shape(0) ||

@@ -39,6 +39,7 @@ from qwen2s.say import say
 __all__ = ["load", "describe", "in_use"]
 
 ADAPTER = "blas_adapter.c"
+LANES = "lanes.h"  # its eight-lane arithmetic, shared with attention.cpp
 LIBRARY = "scipy-openblas32"
 
 
@@ -62,7 +63,7 @@ def cache_folder(what: str = "blas") -> Path:
 def adapter_source() -> Path | None:
     """blas_adapter.c beside this file (in the repository, or in the installed package)."""
     path = Path(__file__).parent / ADAPTER
-    return path if path.is_file() else None
+    return path if path.is_file() and (path.parent / LANES).is_file() else None
 
 
 def library_dir() -> Path | None:
@@ -88,7 +89,8 @@ def build(source: Path, lib_dir: Path, out: Path, key: str) -> str | None:
         return "no C compiler (install gcc)"
     return compile_into(out, lambda tmp: [
         compiler, "-O2", "-ffp-contract=off", "-Wno-psabi", "-pthread", "-shared", "-fPIC", f'-DADAPTER_KEY="{key}"',
-        "-o", tmp, str(source), f"-L{lib_dir}", "-lscipy_openblas", f"-Wl,-rpath,{lib_dir}"], source.name)
+        f"-I{source.parent}", "-o", tmp, str(source), f"-L{lib_dir}", "-lscipy_openblas", f"-Wl,-rpath,{lib_dir}"],
+        source.name)
 
 
 def compile_into(out: Path, command, what: str) -> str | None:
@@ -212,7 +214,7 @@ def find_or_build() -> State:
     if source is None or lib_dir is None:
         missing = ADAPTER if source is None else f"the package {LIBRARY}"
         return fallback(f"{missing} is missing (run make install)")
-    key = adapter_key(source.read_bytes(), lib_dir)
+    key = adapter_key(source.read_bytes() + (source.parent / LANES).read_bytes(), lib_dir)
     path = cache_folder() / f"libqwen2_blas_adapter-{key}.so"
     lib = open_adapter(path, key) if path.is_file() else None
     if lib is None:  # not built yet, or a truncated or foreign file: build it (again)

@@ -70,21 +70,7 @@ const char *qwen2_scratch_blas_adapter_key(void) { return ADAPTER_KEY; }
  * than one row's while it is bound by memory, not arithmetic.
  * --------------------------------------------------------------------------------------------- */
 
-typedef float v8 __attribute__((vector_size(32)));
-typedef float v8u __attribute__((vector_size(32), aligned(4), may_alias));  /* an unaligned load */
-
-/* acc + a * b, rounded once (FUSED: an FMA instruction, in the kernels built for FMA) or twice (the baseline's).
- * Written out, not left to the compiler's contraction (built with -ffp-contract=off): left to it, GCC 13.3 (the
- * H200's host) gave a row alone and the same row among others different bits, GCC 12.2 the same; contraction is
- * the compiler's only freedom in these loops, and nothing binds it to use it alike in every inlined copy. FUSED
- * is a constant where this is inlined. */
-static inline __attribute__((always_inline)) v8 madd(v8 acc, v8 a, v8 b, int FUSED) {
-    if (!FUSED) return acc + a * b;
-    v8 r;
-#pragma GCC unroll 8
-    for (int l = 0; l < 8; l++) r[l] = __builtin_fmaf(a[l], b[l], acc[l]);  /* one vfmadd...ps, vectorized */
-    return r;
-}
+#include "lanes.h"  /* v8, madd, lanes_sum, lanes_sums: shared with attention.cpp */
 
 static inline __attribute__((always_inline)) float madd1(float acc, float a, float b, int FUSED) {
     return FUSED ? __builtin_fmaf(a, b, acc) : acc + a * b;
@@ -96,31 +82,6 @@ struct product {
     int M, N, K, lda, ldb, ldc;
     float alpha, beta;
 };
-
-static inline __attribute__((always_inline)) float lanes_sum(v8 v) {
-    return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
-}
-
-typedef float v4 __attribute__((vector_size(16)));
-typedef int i4 __attribute__((vector_size(16)));
-
-/* lanes_sum of four vectors at once, as four lanes: the same additions in the same tree, so the same bits, but
- * done across the vectors (halves added, then pairs twice) in six vector additions instead of 21 lone ones. */
-static inline __attribute__((always_inline)) v4 lanes_sums(v8 a, v8 b, v8 c, v8 d) {
-    const i4 lo = {0, 1, 2, 3}, even = {0, 2, 4, 6}, odd = {1, 3, 5, 7};
-    v4 h[4];  /* [v0 + v4, v1 + v5, v2 + v6, v3 + v7] of each */
-    v8 x[4] = {a, b, c, d};
-    for (int n = 0; n < 4; n++) {
-        v4 low, high;
-        memcpy(&low, &x[n], sizeof low);
-        memcpy(&high, (const float *)&x[n] + 4, sizeof high);
-        h[n] = low + high;
-        (void)lo;
-    }
-    v4 ab = __builtin_shuffle(h[0], h[1], even) + __builtin_shuffle(h[0], h[1], odd);  /* [a01, a23, b01, b23] */
-    v4 cd = __builtin_shuffle(h[2], h[3], even) + __builtin_shuffle(h[2], h[3], odd);  /* [c01, c23, d01, d23] */
-    return __builtin_shuffle(ab, cd, even) + __builtin_shuffle(ab, cd, odd);          /* [a, b, c, d] */
-}
 
 /* C[i:i+ROWS, j:j+COLS] (ROWS, COLS <= 4), ROWS x COLS dot products at once: each B load serves ROWS rows, each A load COLS
  * columns. ROWS and COLS are constants where it is inlined, so the accumulators live in registers. With `ahead` (the

@@ -44,7 +44,7 @@ NANOBIND = "nanobind"
 
 def source() -> Path | None:
     path = Path(__file__).parent / SOURCE
-    return path if path.is_file() else None
+    return path if path.is_file() and (path.parent / blas.LANES).is_file() else None
 
 
 def package_dir(name: str, inner: str) -> Path | None:
@@ -80,7 +80,7 @@ def build(code: Path, out: Path, key: str) -> str | None:
         return "MLX's headers or the package nanobind are missing (run make install)"
     return blas.compile_into(out, lambda tmp: [
         compiler, "-std=c++20", "-O2", "-ffp-contract=off", "-Wno-psabi", "-fPIC", "-shared", "-fvisibility=hidden",
-        "-pthread", "-DNB_DOMAIN=mlx", f'-DATTENTION_KEY="{key}"', f"-I{mlx_dir / 'include'}",
+        "-pthread", "-DNB_DOMAIN=mlx", f'-DATTENTION_KEY="{key}"', f"-I{code.parent}", f"-I{mlx_dir / 'include'}",
         f"-I{nanobind_dir / 'include'}", f"-I{nanobind_dir / 'ext' / 'robin_map' / 'include'}",
         f"-I{sysconfig.get_paths()['include']}", str(code), str(nanobind_dir / "src" / "nb_combined.cpp"), "-o", tmp,
         f"-L{mlx_dir / 'lib'}", "-lmlx", f"-Wl,-rpath,{mlx_dir / 'lib'}"], code.name)
@@ -108,7 +108,7 @@ def load() -> ModuleType | None:
     code = source()
     if code is None:
         return fallback(f"{SOURCE} is missing")
-    key = build_key(code.read_bytes())
+    key = build_key(code.read_bytes() + (code.parent / blas.LANES).read_bytes())
     path = blas.cache_folder("attention") / f"{MODULE}-{key}{sysconfig.get_config_var('EXT_SUFFIX') or '.so'}"
     module = open_module(path, key) if path.is_file() else None
     if module is None:  # not built yet, or a truncated or foreign file: build it (again)

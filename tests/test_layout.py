@@ -19,6 +19,7 @@ from conftest import HERE, run_cli
 PROJECT = tomllib.loads((HERE / "pyproject.toml").read_text())
 PACKAGE = HERE / "qwen2s"
 MODULES = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
+NATIVE = ["blas_adapter.c", "attention.cpp", "lanes.h"]  # the sources that blas.py and cpu_attention.py compile
 
 
 def lint_imports(root):
@@ -43,10 +44,10 @@ def test_an_import_against_the_layers_breaks_the_contract(tmp_path):
 
 
 def test_the_package_holds_every_module_of_the_repository_top_level():
-    """qwen2s/ links to each top-level module (and the BLAS adapter's source), so nothing is left out of the install."""
+    """qwen2s/ links to each top-level module (and the C and C++ sources), so nothing is left out of the install."""
     top = {p.stem for p in HERE.glob("*.py")} - {"conftest", "test_qwen2_scratch"}
     assert top == set(MODULES), top ^ set(MODULES)
-    for name in [f"{m}.py" for m in MODULES] + ["blas_adapter.c"]:
+    for name in [f"{m}.py" for m in MODULES] + NATIVE:
         assert (PACKAGE / name).resolve() == (HERE / name).resolve(), name
 
 
@@ -80,7 +81,7 @@ def test_pip_builds_a_real_wheel(tmp_path):
     assert done.returncode == 0, done.stderr
     (wheel,) = (tmp_path / "dist").glob("qwen2_scratch-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert {f"qwen2s/{m}.py" for m in MODULES} | {"qwen2s/__init__.py", "qwen2s/blas_adapter.c"} <= set(names), names
+    assert {f"qwen2s/{m}" for m in [f"{m}.py" for m in MODULES] + NATIVE + ["__init__.py"]} <= set(names), names
     assert not [n for n in names if "/" not in n], "nothing at the top of site-packages but the package"
     assert zipfile.ZipFile(wheel).read("qwen2s/qwen2_scratch.py") == (HERE / "qwen2_scratch.py").read_bytes()
     meta = {n.rsplit("/", 1)[-1]: zipfile.ZipFile(wheel).read(n).decode() for n in names if ".dist-info/" in n}
