@@ -288,17 +288,44 @@ void run(const Job &job) {
         for (int i = 0; i < items; i++) run_block(&context, i);
 }
 
+/* a's elements (4 bytes each) in row-major order into dst, whatever a's strides (a view, a broadcast). */
+void copy_dense(const mx::array &a, uint32_t *dst) {
+    const uint32_t *src = a.data<uint32_t>();
+    const int n = a.ndim();
+    std::vector<int64_t> index(n, 0);
+    for (size_t i = 0, size = a.size(); i < size; i++) {
+        int64_t at = 0;
+        for (int d = 0; d < n; d++) at += index[d] * a.strides()[d];
+        dst[i] = src[at];
+        for (int d = n - 1; d >= 0 && ++index[d] == a.shape(d); d--) index[d] = 0;
+    }
+}
+
 class CachedAttention : public mx::Primitive {
   public:
     CachedAttention(mx::Stream stream, float scale) : mx::Primitive(stream), scale_(scale) {}
 
     void eval_cpu(const std::vector<mx::array> &inputs, std::vector<mx::array> &outputs) override {
-        const auto &q = inputs[0], &k = inputs[1], &v = inputs[2], &start = inputs[3];
         auto &out = outputs[0];
         out.set_data(mx::allocator::malloc(out.nbytes()));
         auto &encoder = mx::cpu::get_command_encoder(stream());
         for (const auto &a : inputs) encoder.set_input_array(a);
         encoder.set_output_array(out);
+        std::vector<mx::array> dense;  // the inputs, or row-contiguous copies of those that are not (made here, not
+        for (const auto &a : inputs) {  // by contiguous() nodes: a decode step's are already, a node costs microseconds)
+            if (a.flags().row_contiguous) {
+                dense.push_back(a);
+                continue;
+            }
+            mx::array copy(a.shape(), a.dtype(), nullptr, {});
+            copy.set_data(mx::allocator::malloc(copy.nbytes()));
+            encoder.dispatch([a = mx::array::unsafe_weak_copy(a), copy = mx::array::unsafe_weak_copy(copy)]() mutable {
+                copy_dense(a, copy.data<uint32_t>());
+            });
+            encoder.add_temporary(copy);
+            dense.push_back(copy);
+        }
+        const auto &q = dense[0], &k = dense[1], &v = dense[2], &start = dense[3];
         Job job{q.data<float>(), k.data<float>(), v.data<float>(), out.data<float>(), start.data<int32_t>(),
                 q.shape(0), q.shape(1), k.shape(1), q.shape(2), k.shape(2), q.shape(3), scale_, 0, 0};
         job.rows = job.H / job.K * job.L;
@@ -331,10 +358,8 @@ mx::array cached_attention(const mx::array &q, const mx::array &k, const mx::arr
         q.shape(3) > MAX_D || start.ndim() != 1 || start.shape(0) != q.shape(0))
         throw std::invalid_argument("[cached_attention] expects q [B, H, L, D], k and v [B, K, S, D], start [B]");
     auto s = mx::to_stream(mx::StreamOrDevice{});  // the default stream: the CPU's (the Python side checks)
-    std::vector<mx::array> inputs = {mx::contiguous(mx::astype(q, mx::float32, s), false, s),
-                                     mx::contiguous(mx::astype(k, mx::float32, s), false, s),
-                                     mx::contiguous(mx::astype(v, mx::float32, s), false, s),
-                                     mx::contiguous(mx::astype(start, mx::int32, s), false, s)};
+    std::vector<mx::array> inputs = {mx::astype(q, mx::float32, s), mx::astype(k, mx::float32, s),
+                                     mx::astype(v, mx::float32, s), mx::astype(start, mx::int32, s)};
     return mx::array(q.shape(), mx::float32, std::make_shared<CachedAttention>(s, scale), std::move(inputs));
 }
 

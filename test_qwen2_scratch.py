@@ -5,6 +5,7 @@ from qwen2s import qwen2_scratch as q  # noqa: F401  (first: the fast BLAS befor
 
 # isort: split
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -292,6 +293,27 @@ def test_compiled_step_equals_eager_step():
     assert c2["offset"].item() == c1["offset"].item() == 5
 
 
+def step_nodes(layers: int, tmp_path) -> list[str]:
+    """The primitives of a compiled decode step of a `layers`-layer model over a computed cache of 4 rows."""
+    _, params, config, _ = reference_model(num_hidden_layers=layers)
+    cache = q.reserve(q.new_cache(config, 4), 64)
+    cache = {"layers": cache["layers"], "offset": mx.array([3, 9, 20, 40], mx.int32)}
+    mx.eval(cache)
+    logits, cache = q.compiled_decode_step(params, config, mx.full((4, 1), 5, mx.int32), cache)
+    path = tmp_path / f"step-{layers}.dot"
+    mx.export_to_dot(str(path), logits, cache)
+    return re.findall(r'label ="([A-Za-z]+)"', path.read_text())
+
+
+def test_a_compiled_step_computes_ropes_angles_and_the_cache_slots_once(on_cpu, tmp_path):
+    """Each layer's RoPE (on q and on k) and cache writes compute the same angles and slots from the same offsets:
+    from constant ranges (arange_constant) mx.compile merges them into one computation a step, not one a call."""
+    two, three = step_nodes(2, tmp_path), step_nodes(3, tmp_path)
+    for primitive in ("Arange", "Cos", "Sin"):
+        assert three.count(primitive) == two.count(primitive) <= 1, (primitive, two.count(primitive))
+    assert 0 < len(three) - len(two) <= 60, "a layer's nodes"  # 58 at arange_constant's commit (81 before)
+
+
 def test_decoding_three_blocks_traces_once_per_block(monkeypatch):
     # a config no other test uses, so every trace of the compiled step is counted here
     _, params, config, _ = reference_model(hidden_size=48, num_attention_heads=3, num_key_value_heads=1,
@@ -416,6 +438,17 @@ def test_attention_in_one_kernel_is_the_models_attention(on_cpu, B, H, K, L, S, 
     reference = q.scaled_dot_product_attention(qs, ks, vs, 0.3, q.causal_mask(L, S, offsets))
     assert ours.shape == (B, H, L, D) and ours.dtype == mx.float32
     assert_close(ours, reference, *LAYER_TOL[mx.float32], "attention in one kernel")
+
+
+def test_attention_in_one_kernel_reads_views_as_their_copies(on_cpu):
+    """Queries transposed from [B, L, H, D], keys and values sliced from a longer cache, one position broadcast to
+    every row: the kernel reads each view's elements as a row-contiguous copy of it gives them, the same bits."""
+    qs = rand((2, 3, 4, 32), seed=1).transpose(0, 2, 1, 3)  # [B, H, L, D], not row-contiguous
+    ks, vs = rand((2, 2, 700, 32), seed=2)[:, :, :600], rand((2, 2, 700, 32), seed=3)[:, :, :600]
+    start = mx.broadcast_to(mx.array(400, mx.int32), (2,))  # a stride of 0
+    views = cpu_attention.attention(qs, ks, vs, start, 0.2)
+    copies = cpu_attention.attention(*(mx.array(np.array(a)) for a in (qs, ks, vs, start)), 0.2)
+    assert np.array_equal(np.array(views), np.array(copies))
 
 
 def test_attention_in_one_kernel_gives_a_query_the_same_bits_wherever_it_is_computed(on_cpu):

@@ -1,7 +1,8 @@
 """What a CPU decode step costs beyond its arithmetic: the compiled step of a model with the packaged model's graph
 (24 layers, heads of 64) but tiny widths (hidden 128, MLP 256, vocabulary 512), whose products and attention take
 microseconds, so that what is left is MLX's cost per graph node. Then the same with parts taken out, to size them:
-RoPE as the identity, no mask, and RoPE's rotation computed once a step and shared by its 48 calls.
+RoPE as the identity, no mask, and the ranges (RoPE's positions and frequencies, the cache's slots) as graph nodes
+of every call, as before `qwen2_scratch.arange_constant` (whose constants let mx.compile compute them once a step).
 
     python tools/step_overhead.py [--context 128] [--reps 60]
 
@@ -39,23 +40,22 @@ def step_ms(params, config, context: int, reps: int) -> float:
     return 1e3 * statistics.median(times)
 
 
-def shared_rotation_rope():
-    """rope with its cos and sin computed once for each offset array a trace sees (a measuring device only)."""
-    rotations = {}
-
+def ranges_as_nodes():
+    """rope and cache_slots as they were before `arange_constant`: each call's ranges its own mx.arange nodes, which
+    mx.compile cannot merge (no inputs), so each layer computed RoPE's angles and the cache's slots again."""
     def rope(x, theta, offset=0, traditional=False):
         L, D = x.shape[-2], x.shape[-1]
-        key = (id(offset), L, D)
-        if key not in rotations:
-            inv_freq = theta ** (-mx.arange(0, D, 2, dtype=mx.float32) / D)
-            positions = mx.arange(L, dtype=mx.float32) + mx.expand_dims(mx.array(offset, mx.float32), -1)
-            angles = positions[..., None] * inv_freq
-            angles = angles[:, None] if angles.ndim == 3 else angles
-            rotations[key] = (mx.cos(angles), mx.sin(angles), offset)  # offset kept: its id stays its own
-        cos, sin, _ = rotations[key]
+        inv_freq = theta ** (-mx.arange(0, D, 2, dtype=mx.float32) / D)
+        positions = mx.arange(L, dtype=mx.float32) + mx.expand_dims(mx.array(offset, mx.float32), -1)
+        angles = positions[..., None] * inv_freq
+        angles = angles[:, None] if angles.ndim == 3 else angles
+        cos, sin = mx.cos(angles), mx.sin(angles)
         x1, x2 = x[..., : D // 2], x[..., D // 2 :]
         return mx.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
-    return rope
+
+    def cache_slots(offset, shape):
+        return mx.broadcast_to(offset[:, None, None, None] + mx.arange(shape[2])[:, None], shape)
+    return rope, cache_slots
 
 
 def main():
@@ -66,7 +66,7 @@ def main():
     model = ref.Model(ref.ModelArgs.from_dict(RAW))
     mx.eval(model.parameters())
     params, config = tree_unflatten(tree_flatten(model.parameters())), q.config_from_dict(RAW)
-    reference, causal_mask = q.KERNELS["reference"], q.causal_mask
+    reference, causal_mask, cache_slots = q.KERNELS["reference"], q.causal_mask, q.cache_slots
 
     def plain():
         pass
@@ -77,17 +77,18 @@ def main():
     def no_mask():
         q.causal_mask = lambda L, S, offset=None: None
 
-    def shared_rotation():
-        q.KERNELS["reference"] = reference._replace(rope=shared_rotation_rope())
+    def ranges():
+        rope, q.cache_slots = ranges_as_nodes()
+        q.KERNELS["reference"] = reference._replace(rope=rope)
 
     variants = {"the step as it is": plain, "RoPE as the identity": no_rope, "no mask": no_mask,
-                "RoPE's rotation shared by the layers": shared_rotation}
+                "ranges as nodes (before arange_constant)": ranges}
     results = {name: [] for name in variants}
     for _ in range(2):
         for name, apply in variants.items():
             apply()
             results[name].append(step_ms(params, config, args.context, args.reps))
-            q.KERNELS["reference"], q.causal_mask = reference, causal_mask
+            q.KERNELS["reference"], q.causal_mask, q.cache_slots = reference, causal_mask, cache_slots
     for name, times in results.items():
         print(f"{name:40s} {' '.join(f'{t:6.2f}' for t in times)} ms")
 
