@@ -654,25 +654,24 @@ def apply_presence_and_frequency(logits: mx.array, recent: mx.array, presence: f
     return logits - (presence * (counts > 0) + frequency * counts).astype(logits.dtype)
 
 
-def apply_top_k(logprobs: mx.array, k: int) -> mx.array:
-    """Keep the k most likely tokens: [B, V] -> [B, V] with the rest at -inf."""
-    drop = mx.argpartition(-logprobs, kth=k - 1, axis=-1)[:, k:]
-    return mx.put_along_axis(logprobs, drop, mx.array(-mx.inf, logprobs.dtype), axis=-1)
+def top_k_ids(logprobs: mx.array, k: int) -> mx.array:
+    """The k most likely tokens of each row, in vocabulary order: [B, V] -> ids [B, k] (ties: argpartition's pick)."""
+    return mx.sort(mx.argpartition(-logprobs, kth=k - 1, axis=-1)[:, :k], axis=-1)
 
 
 def apply_top_p(logprobs: mx.array, p: float) -> mx.array:
-    """Keep the smallest set of most likely tokens whose probability reaches p: [B, V] -> [B, V]."""
+    """Keep the smallest set of most likely tokens whose probability reaches p: log-probabilities [B, N] -> [B, N]
+    with the rest at -inf. The mass is measured against 1 (the log-probabilities are normalized), so N may be the
+    vocabulary or its k likeliest tokens alone: the likeliest tokens' sums are the same either way."""
     ascending = mx.sort(logprobs, axis=-1)
-    probs = mx.exp(ascending.astype(mx.float32))
-    mass_above = mx.cumsum(probs, axis=-1, reverse=True, inclusive=False)  # of likelier tokens
-    total = mass_above[:, :1] + probs[:, :1]
-    dropped = (mass_above >= p * total).sum(axis=-1, keepdims=True)  # [B, 1]
+    mass_above = mx.cumsum(mx.exp(ascending.astype(mx.float32)), axis=-1, reverse=True, inclusive=False)  # likelier
+    dropped = (mass_above >= p).sum(axis=-1, keepdims=True)  # [B, 1]
     threshold = mx.take_along_axis(ascending, dropped, axis=-1)
     return mx.where(logprobs < threshold, -mx.inf, logprobs)
 
 
 def apply_min_p(logprobs: mx.array, p: float) -> mx.array:
-    """Keep tokens at least p times as likely as the most likely one: [B, V] -> [B, V]."""
+    """Keep tokens at least p times as likely as the most likely one: [B, N] -> [B, N]."""
     floor = mx.max(logprobs, axis=-1, keepdims=True) + math.log(p)
     return mx.where(logprobs < floor, -mx.inf, logprobs)
 
@@ -694,23 +693,30 @@ def logsumexp(x: mx.array) -> mx.array:
     return m + mx.log(mx.sum(exp_of_nonpositive(x - m), axis=-1, keepdims=True))
 
 
-def tempered_logprobs(logits: mx.array, s: Sampling) -> mx.array:
-    """Logits [B, V] -> the unnormalized log-probabilities a sampler draws from: filtered, then / temp."""
-    logprobs = log_softmax(logits)
+def tempered_logprobs(logprobs: mx.array, s: Sampling) -> mx.array:
+    """Log-probabilities [B, N] -> the unnormalized log-probabilities a sampler draws from: filtered, then / temp."""
     if 0 < s.top_p < 1:
         logprobs = apply_top_p(logprobs, s.top_p)
     if s.min_p > 0:
         logprobs = apply_min_p(logprobs, s.min_p)
-    if 0 < s.top_k < logprobs.shape[-1]:  # k at least the vocabulary keeps every token
-        logprobs = apply_top_k(logprobs, s.top_k)
     return logprobs * (1 / s.temp)
 
 
 def sample(logits: mx.array, s: Sampling, key: mx.array | None = None) -> mx.array:
-    """Logits [B, V] -> next token ids [B], after the filters that s turns on; key: the random key."""
+    """Logits [B, V] -> next token ids [B], after the filters that s turns on; key: the random key.
+
+    With top-k on, the draw is among the k likeliest tokens alone: top-p and min-p keep a run of the likeliest
+    tokens, so among the k they keep what they keep of the whole vocabulary, and a row's draw is the one
+    categorical makes over the vocabulary with the rest at -inf, without sorting the vocabulary (151,936 floats:
+    about 30 ms on the CPU, a third of a decode step of the packaged model)."""
     if s.temp < GREEDY_BELOW:
         return mx.argmax(logits, axis=-1)
-    return mx.random.categorical(tempered_logprobs(logits, s), key=key)
+    logprobs = log_softmax(logits)  # [B, V]
+    if not 0 < s.top_k < logprobs.shape[-1]:  # k at least the vocabulary keeps every token
+        return mx.random.categorical(tempered_logprobs(logprobs, s), key=key)
+    ids = top_k_ids(logprobs, s.top_k)  # [B, k]
+    drawn = mx.random.categorical(tempered_logprobs(mx.take_along_axis(logprobs, ids, axis=-1), s), key=key)
+    return mx.take_along_axis(ids, drawn[:, None], axis=-1)[:, 0]
 
 
 compiled_sample = mx.compile(sample)

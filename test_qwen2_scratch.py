@@ -517,12 +517,37 @@ def test_filters_match_mlx_lm():
 
     _, lp = logprobs_for_sampling()
     for k in (1, 5, 50):
-        assert (np.array(q.apply_top_k(lp, k)) == np.array(su.apply_top_k(lp, k))).all(), f"top-k {k}"
+        kept = np.flatnonzero(np.isfinite(np.array(su.apply_top_k(lp, k))[0]))
+        assert np.array(q.top_k_ids(lp, k))[0].tolist() == kept.tolist(), f"top-k {k}"
     for p in (0.1, 0.5, 0.9):
         assert (np.array(q.apply_top_p(lp, p)) == np.array(su.apply_top_p(lp, p))).all(), f"top-p {p}"
     for p in (0.05, 0.2):
         assert (np.array(q.apply_min_p(lp, p)) == np.array(su.apply_min_p(lp, p))).all(), f"min-p {p}"
-    assert np.isfinite(np.array(q.apply_top_k(lp, 5))).sum() == 5
+
+
+@pytest.mark.parametrize("V", [300, 151_936])  # the tests' vocabulary and Qwen2's
+def test_a_draw_among_the_k_likeliest_is_the_draw_over_the_whole_vocabulary(V):
+    """With top-k on, `sample` draws among the k likeliest tokens alone (no sort of the vocabulary): a row gets the
+    token that categorical draws over the whole vocabulary with every token the filters drop at -inf (top-p and
+    min-p applied to the whole vocabulary). On the CPU, whose sums run in order: the same bits."""
+    settings = [q.Sampling(temp=0.7, top_p=0.8, top_k=20), q.Sampling(temp=1.0, top_k=5),
+                q.Sampling(temp=0.9, top_k=50, min_p=0.05), q.Sampling(temp=0.7, top_p=0.95, top_k=40, min_p=0.02),
+                q.Sampling(temp=1.3, top_p=0.5, top_k=3)]
+    with mx.stream(mx.cpu):
+        for s in settings:
+            draws, whole = [], []
+            for i in range(40):
+                logits = mx.random.normal((1, V), key=mx.random.key(100 + i)) * (1 + i % 6)
+                lp, key = q.log_softmax(logits), q.sampling_key(5, i)
+                kept = mx.put_along_axis(mx.zeros(lp.shape, mx.bool_), q.top_k_ids(lp, s.top_k), mx.array(True), -1)
+                if 0 < s.top_p < 1:
+                    kept = kept & (q.apply_top_p(lp, s.top_p) > -mx.inf)
+                if s.min_p > 0:
+                    kept = kept & (q.apply_min_p(lp, s.min_p) > -mx.inf)
+                whole.append(mx.random.categorical(mx.where(kept, lp, -mx.inf) * (1 / s.temp), key=key).item())
+                draws.append(q.compiled_sample(logits, s, key).item())
+            assert draws == whole, s
+            assert len(set(draws)) > 1, s
 
 
 def test_repetition_penalty_matches_mlx_lm():
