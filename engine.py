@@ -309,28 +309,43 @@ class Draw(NamedTuple):
     top: tuple[mx.array, mx.array] | None  # the likeliest ids [n] and their log-probabilities [n]
 
 
-def draw(logits: mx.array, row: Row, window: mx.array | None, position: int) -> Draw:
-    """One row's logits [1, V] -> its token: bias, penalties over the window of recent ids [1, n], grammar, then the
-    sampler with the row's key for this position."""
-    request = row.request
-    s = request.sampling
+def penalized_draw(logits: mx.array, biased: mx.array | None, window: mx.array | None, key: mx.array,
+                   s: q.Sampling) -> tuple[mx.array, mx.array]:
+    """One row's logits [1, V] -> its token [1] and the token's log-probability [1] in the model's distribution.
+
+    biased: the logits with the request's bias and grammar mask applied (None: none), which the penalties over
+    the window of recent ids [1, n] and then the sampler see. Compiled once per sampling setting
+    (`compiled_draw`): a sampled token was ~25 graph nodes built and run one by one."""
     logits32 = logits.astype(mx.float32)  # what the events report, before biases and penalties
-    norm = q.logsumexp(logits32)  # [1, 1]: a token's log-probability is its logit less this
-    if request.logit_bias:
-        ids, bias = zip(*request.logit_bias, strict=True)
-        logits = logits.at[:, mx.array(ids)].add(mx.array(bias, logits.dtype))
+    logits = logits if biased is None else biased
     if window is not None and s.repetition_penalty != 1:
         logits = q.apply_repetition_penalty(logits, window, s.repetition_penalty)
     if window is not None and (s.presence_penalty or s.frequency_penalty):
         logits = q.apply_presence_and_frequency(logits, window[0], s.presence_penalty, s.frequency_penalty)
+    token = q.sample(logits, s, key)
+    return token, mx.take_along_axis(logits32, token[:, None], axis=-1)[:, 0] - q.logsumexp(logits32)[:, 0]
+
+
+compiled_draw = mx.compile(penalized_draw)
+
+
+def draw(logits: mx.array, row: Row, window: mx.array | None, position: int) -> Draw:
+    """One row's logits [1, V] -> its token: bias, penalties over the window of recent ids [1, n], grammar, then the
+    sampler with the row's key for this position."""
+    request = row.request
+    biased = None
+    if request.logit_bias:
+        ids, bias = zip(*request.logit_bias, strict=True)
+        biased = logits.at[:, mx.array(ids)].add(mx.array(bias, logits.dtype))
     if row.grammar is not None:
-        logits = grammar.mask_logits(logits, grammar.allowed(row.grammar)[None])
-    token = q.compiled_sample(logits, s, q.sampling_key(row.seed, position))
+        biased = grammar.mask_logits(logits if biased is None else biased, grammar.allowed(row.grammar)[None])
+    token, logprob = compiled_draw(logits, biased, window, q.sampling_key(row.seed, position), request.sampling)
     top = None
     if request.top_logprobs:
-        ids = mx.argsort(-logits32[0])[: request.top_logprobs]
-        top = (ids, logits32[0, ids] - norm[0])
-    return Draw(token, mx.take_along_axis(logits32, token[:, None], axis=-1)[:, 0] - norm[:, 0], top)
+        logits32 = logits[0].astype(mx.float32)
+        ids = mx.argsort(-logits32)[: request.top_logprobs]
+        top = (ids, logits32[ids] - q.logsumexp(logits32))
+    return Draw(token, logprob, top)
 
 
 def plainly_greedy(row: Row) -> bool:

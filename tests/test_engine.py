@@ -128,6 +128,32 @@ def test_the_same_seed_gives_the_same_draws_and_another_seed_others():
     assert alone(params, config, E.Request(p, SAMPLED, 24, seed=6)) != a
 
 
+@pytest.mark.parametrize("sampling", [SAMPLED, q.Sampling(temp=0.8, presence_penalty=0.5, frequency_penalty=0.3),
+                                      q.Sampling(temp=1.0, top_p=0.7, min_p=0.05, repetition_penalty=1.3)])
+def test_a_draw_is_the_models_functions_composed(sampling, monkeypatch):
+    """`draw` runs as one compiled graph per sampling setting; its token and log-probability are those of the
+    model's functions run one by one in the order the docs give: bias, penalties, grammar mask, sampler; the
+    log-probability the model's, before all of them."""
+    V = 300
+    request = E.Request(tuple(range(40)), sampling, seed=4, logit_bias=((7, 2.5), (11, -1.0)))
+    row = E.Row(E.Handle(request), IdTokenizer(), frozenset(), 0)
+    allowed = mx.arange(V) % 3 != 1  # a grammar's mask, set by hand
+    row.grammar = "a state"
+    monkeypatch.setattr(E.grammar, "allowed", lambda state: allowed)
+    for i in range(12):
+        logits = mx.random.normal((1, V), key=mx.random.key(i)) * 3
+        window = mx.array([[3, 7, 7, 11, 250, i]])
+        drawn = E.draw(logits, row, window, 40 + i)
+        x = logits.at[:, mx.array([7, 11])].add(mx.array([2.5, -1.0]))
+        if sampling.repetition_penalty != 1:
+            x = q.apply_repetition_penalty(x, window, sampling.repetition_penalty)
+        if sampling.presence_penalty or sampling.frequency_penalty:
+            x = q.apply_presence_and_frequency(x, window[0], sampling.presence_penalty, sampling.frequency_penalty)
+        token = q.sample(E.grammar.mask_logits(x, allowed[None]), sampling, q.sampling_key(4, 40 + i))
+        assert drawn.token.item() == token.item() and allowed[token.item()].item()
+        assert drawn.logprob.item() == q.log_softmax(logits)[0, token.item()].item()
+
+
 def test_limits_end_a_request_with_their_reason():
     params, config = model()
     p = prompts()[0]
