@@ -307,6 +307,7 @@ class Piece(NamedTuple):
 
 
 LEFT = object()  # in a generation's queue of events: its client went away
+STOPPING = object()  # and: the server is stopping
 
 
 class Outbox:
@@ -351,6 +352,7 @@ class Engine:
                                         max_kv_size=max_kv_size, proposer=proposer, num_draft=num_draft)
         self.max_kv = self.engine.max_kv
         self.outbox: Outbox | None = None  # made on the event loop's first request
+        self.streams: set[asyncio.Queue] = set()  # the event queues of the generations under way
         self.engine.start()
 
     def check_fits(self, ids: list[int], param: str) -> None:
@@ -375,6 +377,7 @@ class Engine:
         if self.outbox is None or self.outbox.loop is not loop:
             self.outbox = Outbox(loop)
         outbox, events = self.outbox, asyncio.Queue()
+        self.streams.add(events)
         request = generation.Request(tuple(ids), options.sampling, options.max_tokens, options.stops, options.seed,
                                      scope, options.logit_bias, options.top_logprobs, options.constraint)
         # in a thread: a first grammar builds the grammar engine's view of the vocabulary (seconds). Shielded: a
@@ -385,8 +388,10 @@ class Engine:
         try:
             handle = await asyncio.shield(submitting)
         except ValueError as e:
+            self.streams.discard(events)
             raise ApiError(400, str(e)) from None
         except asyncio.CancelledError:
+            self.streams.discard(events)
             submitting.add_done_callback(lambda s: s.cancelled() or s.exception() or s.result().cancel())
             raise
         # the client left: free its row. The engine then ends the request with a "cancelled" event; until then
@@ -400,6 +405,8 @@ class Engine:
                 if event is LEFT:
                     handle.cancel()
                     continue
+                if event is STOPPING:
+                    raise ApiError(503, "the server is stopping, or the request was cancelled")
                 if self.engine.closing and not event.finish_reason:
                     continue  # stopping: what the client was not sent yet is dropped, the stopping error goes now
                 piece = self.piece(event, options)
@@ -411,6 +418,7 @@ class Engine:
             handle.cancel()  # the stream ended early, or the client left: its row is freed at the next step
             cancelled.set()
             watch.cancel()
+            self.streams.discard(events)
         if event.finish_reason == "cancelled":
             raise ApiError(503, "the server is stopping, or the request was cancelled")
         if event.finish_reason == "grammar":  # the request's schema or tools, too complex to follow to the end
@@ -425,8 +433,16 @@ class Engine:
                          "prompt_tokens_details": {"cached_tokens": usage.cached_tokens}},
                "timings": {"prefill_seconds": stats.prefill_seconds, "decode_seconds": stats.decode_seconds}}
 
+    def stop(self) -> None:
+        """On the event loop, as the server begins to stop: every generation under way ends now with the stopping
+        error, without waiting for the worker's next step (seconds, where a fresh GPU process builds its kernels: the
+        streams had been cut by uvicorn's graceful timeout instead); the engine ends them too at its next step."""
+        self.engine.close(wait=0)
+        for events in self.streams:
+            events.put_nowait(STOPPING)
+
     def close(self) -> None:
-        """Stop: running and queued generations end at the next step."""
+        """Stop: running and queued generations end at the next step; wait for the worker's last step."""
         self.engine.close()
 
 
@@ -1004,8 +1020,9 @@ class Stopping(uvicorn.Server):
         self.engine = engine
 
     async def shutdown(self, sockets=None) -> None:
-        self.engine.close()  # running and queued answers end now, as the server stopping (a 503)
+        self.engine.stop()  # running and queued answers end now, as the server stopping (a 503)
         await super().shutdown(sockets)
+        self.engine.close()  # the worker's last step, waited for: the process exits with the worker parked
 
     @contextmanager
     def capture_signals(self):

@@ -877,7 +877,7 @@ def test_a_stream_cancelled_while_its_request_is_submitted_still_frees_its_row()
             return self.handles[-1]
 
     front = server.Engine.__new__(server.Engine)
-    front.engine, front.outbox = Slow(), None
+    front.engine, front.outbox, front.streams = Slow(), None, set()
     options = server.Options(sampling=weights.sampling_for({}, temp=0), max_tokens=5)
 
     async def main():
@@ -1135,7 +1135,7 @@ def test_a_stopping_server_drops_what_a_stream_was_not_sent_and_ends_it_now():
             return engine.Handle(request, deliver)
 
     front = server.Engine.__new__(server.Engine)
-    front.engine, front.outbox = Behind(), None
+    front.engine, front.outbox, front.streams = Behind(), None, set()
     options = server.Options(sampling=weights.sampling_for({}, temp=0), max_tokens=1000)
 
     async def main():
@@ -1150,3 +1150,40 @@ def test_a_stopping_server_drops_what_a_stream_was_not_sent_and_ends_it_now():
         return sent
 
     assert asyncio.run(main()) == []
+
+
+def test_a_stopping_server_ends_its_streams_before_the_workers_next_step():
+    """Stopping while the worker is inside a long step (a fresh GPU process building its kernels; the H200's suite
+    under load, SIGTERM, 2026-12-03): each stream ends with the stopping error at once, not after that step, when
+    uvicorn's graceful timeout had cut it ("Connection error"). The engine is told to close without waiting; the
+    worker's last step is waited for after the streams have ended."""
+    import asyncio
+
+    class Stuck:  # an engine whose worker has sent one token and is now inside a step that does not end
+        closing = False
+        closed_with = []
+
+        def submit(self, request, deliver):
+            deliver(engine.Event(1, "x", None))
+            return engine.Handle(request, deliver)
+
+        def close(self, wait=10.0):
+            self.closing = True
+            self.closed_with.append(wait)
+
+    front = server.Engine.__new__(server.Engine)
+    front.engine, front.outbox, front.streams = Stuck(), None, set()
+    options = server.Options(sampling=weights.sampling_for({}, temp=0), max_tokens=1000)
+
+    async def main():
+        streams = [front.generate([1, 2], options, asyncio.Event()) for _ in range(3)]
+        for pieces in streams:
+            assert (await pieces.__anext__()).text == "x"  # each answer is under way
+        front.stop()
+        for pieces in streams:
+            with pytest.raises(server.ApiError, match="the server is stopping"):
+                await asyncio.wait_for(pieces.__anext__(), 5)
+        return front.streams
+
+    assert asyncio.run(main()) == set()  # each stream let go of its queue
+    assert Stuck.closed_with == [0]  # stop() does not wait for the worker
