@@ -82,7 +82,7 @@ def Count(min: int) -> click.IntRange:  # noqa: N802 (a type, as click's are)
 
 
 GREEDY = {"temp": 0.0}
-QWEN_CHAT = {"temp": 0.7, "top_p": 0.8, "repetition_penalty": 1.05}  # Qwen's guidance for its chat models
+QWEN_CHAT = {"temp": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}  # Qwen2.5 instruct's own
 
 
 def sampling_options(fallback: dict, max_tokens: int):
@@ -350,8 +350,8 @@ def chat_command(model, dtype, kernels, system, quiet, **o):
     """Chat with the model: answers stream as they are generated, and the history is kept.
 
     Sampling defaults come from the model's generation_config.json (the packaged model's:
-    temperature 0.7, top-p 0.8, top-k 20, repetition penalty 1.05), else Qwen's guidance for its
-    chat models (temperature 0.7, top-p 0.8, repetition penalty 1.05). In a terminal: a prompt,
+    temperature 0.7, top-p 0.8, top-k 20, repetition penalty 1.05), else the same values, which
+    Qwen2.5's instruct models ship. In a terminal: a prompt,
     streamed answers and a stats line after each. With stdin not a terminal: one user turn per
     line, and stdout holds only the answers, each followed by an empty line; everything else goes
     to stderr. A message of several lines goes between \"\"\" lines. Type /help for the commands.
