@@ -368,6 +368,9 @@ def greedy_draws(logits: mx.array, windows: mx.array | None = None, penalties: m
     return token, mx.take_along_axis(logits32, token[:, None], axis=-1)[:, 0] - q.logsumexp(logits32)[:, 0]
 
 
+compiled_greedy_draws = mx.compile(greedy_draws)  # one graph a step's greedy rows, traced once per [B, n] shape
+
+
 def penalty_windows(rows: list[Row], ahead: list[int], last: mx.array) -> mx.array:
     """Each row's penalty window, ending at its step input last [B, 1] (perhaps a draw not yet handed out, so the
     window is built on the device): [B, n + 1], n the longest `before`; a shorter window is padded with its last id
@@ -393,7 +396,7 @@ def draw_rows(logits: mx.array, rows: list[Row], ahead: list[int], last: mx.arra
         if any(rows[i].penalized for i in greedy):
             windows = penalty_windows([rows[i] for i in greedy], [ahead[i] for i in greedy], pick(last))
             penalties = mx.array([[rows[i].request.sampling.repetition_penalty] for i in greedy], logits.dtype)
-        tokens, logprobs = greedy_draws(pick(logits), windows, penalties)
+        tokens, logprobs = compiled_greedy_draws(pick(logits), windows, penalties)
         drawn = {i: Draw(tokens[j : j + 1], logprobs[j : j + 1], None) for j, i in enumerate(greedy)}
     return [drawn[i] if i in drawn else
             draw(logits[i : i + 1], row, penalty_windows([row], ahead[i : i + 1], last[i : i + 1])
@@ -414,7 +417,7 @@ def verifier_draws(logits: mx.array, row: Row, proposal: list[int]) -> list[Draw
         n = max(map(len, recent))
         windows = mx.array([w + w[-1:] * (n - len(w)) for w in recent], mx.int32)  # [k + 1, n]
         penalties = mx.full((len(recent), 1), row.request.sampling.repetition_penalty, logits.dtype)
-    tokens, logprobs = greedy_draws(logits, windows, penalties)
+    tokens, logprobs = compiled_greedy_draws(logits, windows, penalties)
     return [Draw(tokens[i : i + 1], logprobs[i : i + 1], None) for i in positions]
 
 

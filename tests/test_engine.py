@@ -154,6 +154,25 @@ def test_a_draw_is_the_models_functions_composed(sampling, monkeypatch):
         assert drawn.logprob.item() == q.log_softmax(logits)[0, token.item()].item()
 
 
+def test_greedy_rows_drawn_in_one_compiled_graph_are_drawn_as_eagerly():
+    """A step's greedy rows are drawn by `compiled_greedy_draws`: the same tokens as `greedy_draws` run op by op, with
+    and without penalties, and the same log-probabilities (on the CPU the same bits: its compiled kernels run the
+    same operations)."""
+    logits = mx.random.normal((5, 300), key=mx.random.key(8)) * 3
+    windows = mx.random.randint(0, 300, (5, 21), key=mx.random.key(9)).astype(mx.int32)
+    windows = mx.concatenate([mx.argmax(logits, axis=-1)[:, None].astype(mx.int32), windows[:, 1:]], axis=1)
+    penalties = mx.array([[1.0], [1.05], [1.3], [1.0], [20.0]])  # each row's argmax in its window
+    for w, p in ((None, None), (windows, penalties)):
+        (tokens, logprobs), (eager_tokens, eager_logprobs) = E.compiled_greedy_draws(logits, w, p), E.greedy_draws(
+            logits, w, p)
+        assert tokens.tolist() == eager_tokens.tolist()
+        if mx.default_device() == mx.cpu:
+            assert mx.array_equal(logprobs, eager_logprobs)
+        else:
+            assert mx.allclose(logprobs, eager_logprobs, rtol=0, atol=1e-5)
+    assert tokens.tolist() != E.greedy_draws(logits)[0].tolist()  # the penalties moved some argmax
+
+
 def test_limits_end_a_request_with_their_reason():
     params, config = model()
     p = prompts()[0]
