@@ -268,6 +268,9 @@ def load(model: str | None = None, dtype: str | None = None):
         raise ModelError(f"unknown dtype '{dtype}': use one of {', '.join(DTYPES)}")
     folder = resolve(model)
     sampling_defaults(folder)  # a bad generation_config.json fails here, before any weight is read
+    # imported here, not first in the helper thread: importing mlx_lm makes MLX arrays (its samplers' compile reads
+    # mx.random.state), and MLX may abort the process at exit for arrays a thread that has ended made (engine.py)
+    import mlx_lm.tokenizer_utils  # noqa: F401
     with ThreadPoolExecutor(1) as parser:  # the tokenizer parses (Python) while MLX reads the weights (no GIL);
         tokenizing = parser.submit(load_tokenizer, folder)  # not the other way: MLX aborts the process at exit
         params, config = load_params(folder, DTYPES[dtype])  # when a thread that computed has ended (engine.py)

@@ -273,3 +273,26 @@ def test_the_weights_error_comes_first_though_the_tokenizer_loads_beside_them(tm
         weights.load(str(folder), "float32")
     params, config, tokenizer = weights.load(str(tiny_folder), "float32")
     assert tokenizer.encode("hello") and params["model"]["layers"][0]["mlp"]["up_proj"]["weight"].dtype == mx.float32
+
+
+def test_the_tokenizer_thread_imports_nothing_that_makes_mlx_arrays(tiny_folder):
+    """The helper thread that parses the tokenizer must not be where mlx_lm is first imported: its import makes MLX
+    arrays (its samplers' compile reads mx.random.state), and MLX may abort the process at exit for arrays made by a
+    thread that has ended (a CLI error exit, "terminate called without an active exception", once in CI). In a
+    fresh process, as the command line loads a model."""
+    import subprocess
+    import sys
+
+    script = f"""
+import sys, threading
+from qwen2s import weights
+start = threading.Thread.start
+def checked(self):
+    assert "mlx_lm.sample_utils" in sys.modules, "mlx_lm imported first in the helper thread"
+    start(self)
+threading.Thread.start = checked
+weights.load({str(tiny_folder)!r}, "float32")
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
