@@ -799,7 +799,8 @@ def test_stopping_ends_the_running_streams_at_once(tiny_folder, signals):
             s.proc.send_signal(sig)
         code = s.proc.wait(timeout=60)
         ends = list(ends)
-        assert all("the server is stopping" in str(e) for e in ends), ends  # not cut off after uvicorn's 2 s
+        # not cut off after uvicorn's 2 s (the exit code and the log: a stream cut on the H200 tells why)
+        assert all("the server is stopping" in str(e) for e in ends), (ends, code, "".join(s.stderr)[-3000:])
     assert code == (0 if signals[0] == signal.SIGINT else -signals[0]), code  # by the signal, as conventional
     assert "Traceback" not in "".join(s.stderr) and "Cancel" not in "".join(s.stderr), "".join(s.stderr)
 
