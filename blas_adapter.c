@@ -127,11 +127,14 @@ static inline __attribute__((always_inline)) void dots(const struct product *p, 
 /* Columns [j0, j1) of every row: blocks of four weight rows, each read once for all of A's rows, ROWS rows
  * at a time (as many as the registers hold: 4 x 4 accumulators in AVX-512's 32 registers, 3 x 4 in AVX2's 16;
  * the same eight-lane arithmetic in both, so the same bits). */
+static int one_row_interleaved;  /* one row: four weight rows at a time, or one after another (choose_kernel) */
+
 static inline __attribute__((always_inline)) void columns(const struct product *p, int j0, int j1, int ROWS,
                                                           int FUSED) {
     int j = j0;
-    if (p->M == 1) {  /* one row (a decode step): the weight rows one after another, the order memory holds them
-                       * in, which the hardware's prefetcher streams best (the same sums: each is its own chain) */
+    if (p->M == 1) {  /* one row (a decode step): each sum is its own chain either way, so the same bits */
+        if (one_row_interleaved)
+            for (; j + 4 <= j1; j += 4) dots(p, 0, j, 1, 4, 1, FUSED);
         for (; j < j1; j++) dots(p, 0, j, 1, 1, 0, FUSED);
         return;
     }
@@ -168,8 +171,26 @@ static values_fn values_kernel;
 static const char *kernel_name = "none yet";
 
 /* The best kernel this CPU runs; QWEN2_SCRATCH_KERNEL=avx2 or baseline forces a lesser one (tests check that
- * AVX-512's and AVX2's give the same bits). */
+ * AVX-512's and AVX2's give the same bits). One row reads four weight rows at a time on Intel CPUs, one after
+ * another elsewhere: one row's sum is one chain of FMAs (each waits for the one before it), so one weight row at a
+ * time streamed 13-14 GB/s on an Intel Xeon against 18-22 for four at a time, where an AMD EPYC had streamed one
+ * row at a time best (24.6-28.8 GB/s; two at a time 18-25.6); QWEN2_SCRATCH_ONE_ROW=interleaved or sequential
+ * forces either (benchmarks/README.md, "One row, four weight rows at a time"). */
+static void choose_one_row(void) {
+    const char *forced = getenv("QWEN2_SCRATCH_ONE_ROW");
+    if (forced && !strcmp(forced, "interleaved")) one_row_interleaved = 1;
+    else if (forced && !strcmp(forced, "sequential")) one_row_interleaved = 0;
+    else {
+#if defined(__x86_64__)
+        one_row_interleaved = __builtin_cpu_is("intel");
+#else
+        one_row_interleaved = 0;
+#endif
+    }
+}
+
 static columns_fn choose_kernel(void) {
+    choose_one_row();
 #if defined(__x86_64__)
     const char *forced = getenv("QWEN2_SCRATCH_KERNEL");
     int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && !(forced && !strcmp(forced, "baseline"));
@@ -480,9 +501,10 @@ static void sgemm_on_free_cores(int order, int ta, int tb, int M, int N, int K, 
 
 /* What runs few-row products here, for `qwen2-scratch --version`: the kernel and the threads. */
 const char *qwen2_scratch_blas_kernel(void) {
-    static char line[64];
+    static char line[128];
     if (!atomic_load(&pool_ready)) start_pool();
-    snprintf(line, sizeof line, "%s, %d threads", kernel_name, workers + 1);
+    snprintf(line, sizeof line, "%s, %d threads%s", kernel_name, workers + 1,
+             one_row_interleaved ? ", one row 4 weight rows at a time" : "");
     return line;
 }
 

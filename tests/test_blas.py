@@ -186,14 +186,21 @@ def test_few_row_kernels_and_thread_counts_give_the_same_bits():
     (AVX-512's 4x4 and AVX2's 3x4 blocks give the same bits: the same eight-lane sums; the values' sums run key
     by key, one FMA each, in both) and whatever the thread count."""
     runs = {}
-    for kernel, threads in (("", ""), ("avx2", ""), ("avx2", "1"), ("", "3"), ("baseline", "")):
-        done = python(ROWS_PROBE, env={"QWEN2_SCRATCH_KERNEL": kernel, "QWEN2_SCRATCH_THREADS": threads})
-        assert done.returncode == 0, (kernel, threads, done.stderr[-2000:])
-        runs[kernel, threads] = done.stdout.split()
-    assert runs["", ""] == runs["avx2", ""] == runs["avx2", "1"] == runs["", "3"]
-    assert len(runs["baseline", ""]) == 3  # no FMA there: other bits, but rows still independent
-    version = run_cli("--version", env={"QWEN2_SCRATCH_KERNEL": "baseline", "QWEN2_SCRATCH_THREADS": "3"})
+    for kernel, threads, one_row in (("", "", ""), ("avx2", "", ""), ("avx2", "1", ""), ("", "3", ""),
+                                     ("baseline", "", ""), ("", "", "sequential"), ("", "", "interleaved"),
+                                     ("avx2", "", "interleaved"), ("baseline", "", "interleaved")):
+        done = python(ROWS_PROBE, env={"QWEN2_SCRATCH_KERNEL": kernel, "QWEN2_SCRATCH_THREADS": threads,
+                                       "QWEN2_SCRATCH_ONE_ROW": one_row})
+        assert done.returncode == 0, (kernel, threads, one_row, done.stderr[-2000:])
+        runs[kernel, threads, one_row] = done.stdout.split()
+    fused = [runs[k] for k in runs if k[0] != "baseline"]
+    assert all(r == fused[0] for r in fused), runs  # one row's weights read one by one or four at a time alike
+    assert runs["baseline", "", ""] == runs["baseline", "", "interleaved"] and len(runs["baseline", "", ""]) == 3
+    version = run_cli("--version", env={"QWEN2_SCRATCH_KERNEL": "baseline", "QWEN2_SCRATCH_THREADS": "3",
+                                        "QWEN2_SCRATCH_ONE_ROW": "sequential"})
     assert "1-64 rows on our kernel, baseline 2x4, 3 threads)" in version.stdout, version.stdout + version.stderr
+    version = run_cli("--version", env={"QWEN2_SCRATCH_ONE_ROW": "interleaved"})
+    assert "threads, one row 4 weight rows at a time)" in version.stdout, version.stdout + version.stderr
 
 
 
