@@ -240,12 +240,13 @@ def test_only_a_non_loopback_host_gets_the_warning():
 
 
 class Served:
-    """`qwen2-scratch serve --port 0 --api-key KEY` in a subprocess; its stderr is kept."""
+    """`qwen2-scratch serve --port 0 --api-key KEY` in a subprocess; its stderr is kept, with every thread's stack
+    if it crashes (faulthandler: on the H200 a stop under a loaded suite ended the server by SIGSEGV, silently)."""
 
     def __init__(self, *args, env=None):
         self.proc = subprocess.Popen([str(COMMAND), "serve", "--port", "0", *args], stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                     env={**os.environ, **(env or {})})
+                                     env={**os.environ, "PYTHONFAULTHANDLER": "1", **(env or {})})
         self.stderr: list[str] = []
         threading.Thread(target=lambda: self.stderr.extend(self.proc.stderr), daemon=True).start()
         end = time.time() + TIMEOUT
