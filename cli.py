@@ -677,7 +677,17 @@ def os_error_line(e: OSError) -> str:
     return f"cannot write to standard output: {e.strerror or e}"  # a full disk, say
 
 
+def without_torch() -> None:
+    """The command line never imports PyTorch. transformers (under mlx_lm's tokenizer loader) imports it wherever it
+    is installed, for nothing a tokenizer needs: 2-5 s more a start and 176 MB more resident here with the CPU
+    wheel, and on a CUDA machine a second CUDA stack in the process beside MLX's. None in sys.modules makes
+    importlib's find_spec report it absent, so transformers takes it as not installed (and `import torch` would
+    fail: not done for the Python API, whose caller's program may use PyTorch)."""
+    sys.modules.setdefault("torch", None)
+
+
 def main():
+    without_torch()
     if sys.stdout is None:  # started with stdout closed (>&-)
         print("Error: standard output is closed; give the command somewhere to write", file=sys.stderr)
         sys.exit(1)

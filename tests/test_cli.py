@@ -4,6 +4,7 @@ from qwen2s import qwen2_scratch as q  # noqa: F401  (first: the fast BLAS befor
 
 # isort: split
 import json
+import os
 import re
 import signal
 import subprocess
@@ -150,3 +151,17 @@ def test_pull_prints_only_the_folder(tiny_folder):
     assert result.returncode == 0 and result.stdout == f"{tiny_folder}\n"
 
 
+
+
+def test_the_command_line_never_imports_torch(tiny_folder, tmp_path):
+    """Where PyTorch is installed, transformers (the tokenizer's loader) imported it: seconds and hundreds of MB a
+    start, and on a CUDA machine a second CUDA stack beside MLX's. Here a `torch` that fails the command if
+    imported, installed as transformers looks for it (a package and its metadata, version 2.9)."""
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text("raise SystemExit('torch was imported')\n")
+    (tmp_path / "torch-2.9.0.dist-info").mkdir()
+    (tmp_path / "torch-2.9.0.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: torch\nVersion: 2.9.0\n")
+    path = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
+    result = run_cli("generate", "--model", str(tiny_folder), "--prompt", "hi", "--max-tokens", "2",
+                     env={"PYTHONPATH": path})
+    assert result.returncode == 0 and "torch was imported" not in result.stderr, result.stderr
