@@ -271,7 +271,6 @@ class Row:
         self.generated = 0
         self.proposed = self.accepted = self.verify_steps = 0
         self.misses = self.rest = 0  # speculation: fruitless verifier steps in a row, plain steps left
-        self.missed = False  # speculation: its last verifier step kept fewer proposals than it was given
         self.error: str | None = None  # why it ended early: its grammar gave up, or a step failed
 
     @property
@@ -510,9 +509,6 @@ class Engine:
         self.granule = 1 if q.rows_exact(self.dtype, kernels, self.chunk) else self.chunk
         # decode and verifier steps with their products at multiples of this many rows (-1: the device's choice)
         self.step_rows = q.step_rows() if step_rows == -1 else step_rows
-        # proposals after a verifier step that missed: fewer where a step's cost grows with its rows (steps as they
-        # come, the CPU: speculative.SHORT_DRAFT); where steps are padded to step_rows all proposals cost alike
-        self.short_draft = num_draft if self.step_rows else min(speculative.SHORT_DRAFT, num_draft)
         self.prompt_cache = PromptCache(prompt_cache_bytes)
         self.incoming: queue.SimpleQueue = queue.SimpleQueue()
         self.waiting: list[Row] = []  # admitted in order; the first is being prefilled
@@ -731,10 +727,10 @@ class Engine:
         if self.proposer is None or self.rows or row.grammar is not None:
             return
         mx.async_eval(first, row.cache)  # the prompt computes while the step is traced
-        for n in sorted({1 + self.num_draft, 1 + self.short_draft}, reverse=True):  # both lengths (speculate)
-            cache = q.reserve(row.cache, len(row.request.prompt) + n + 1)
-            q.compiled_decode_step(self.params, self.config, mx.zeros((1, n), mx.uint32), cache, self.kernels,
-                                   self.rows_for(n))
+        n = 1 + self.num_draft
+        cache = q.reserve(row.cache, len(row.request.prompt) + n + 1)
+        q.compiled_decode_step(self.params, self.config, mx.zeros((1, n), mx.uint32), cache, self.kernels,
+                               self.rows_for(n))
 
     def join(self, row: Row) -> None:
         """The row's cache becomes the batch's last row."""
@@ -809,15 +805,12 @@ class Engine:
 
     def speculate(self, row: Row) -> None:
         """Verify k proposals in one step; keep those equal to the row's own draws, and the first draw that differs."""
-        # after a miss, the next proposal is short where a step's rows cost (the CPU: speculative.SHORT_DRAFT), and
-        # full again once a step keeps all it was given
-        draft = self.short_draft if row.missed else self.num_draft
-        k = min(draft, row.request.max_tokens - row.generated - 1, self.max_kv - row.position - 1)
+        k = min(self.num_draft, row.request.max_tokens - row.generated - 1, self.max_kv - row.position - 1)
         proposal = self.proposer(row.tokens, k) if k > 0 else []
-        # a short proposal is padded with dummies, whose draws are not looked at, to the draft's length: every
-        # verifier step then has one of two shapes, each traced once (each new length was a trace, 70-120 ms on the
-        # CPU, and the first time on a machine a compile of MLX's fused CPU kernels, 1.4-3 s)
-        verified = proposal + proposal[-1:] * (draft - len(proposal))
+        # a short proposal is padded with dummies, whose draws are not looked at, to num_draft: every verifier step
+        # then has one shape, traced once (each new length was a trace, 70-120 ms on the CPU, and the first time on
+        # a machine a compile of MLX's fused CPU kernels, 1.4-3 s)
+        verified = proposal + proposal[-1:] * (self.num_draft - len(proposal))
         pos = row.position
         self.cache = q.reserve(self.cache, pos + 1 + len(verified))
         tokens = mx.array([[row.tokens[-1], *verified]], mx.uint32)  # [1, k + 1], as a plain step's (decode)
@@ -830,7 +823,6 @@ class Engine:
             row.misses = 0 if len(new) > 1 else row.misses + 1
             row.rest = min(2 ** (row.misses - 1), speculative.BACKOFF_MAX) if row.misses else 0
         if proposal:
-            row.missed = len(new) - 1 < len(proposal)
             row.proposed, row.accepted, row.verify_steps = (row.proposed + len(proposal),
                                                             row.accepted + len(new) - 1, row.verify_steps + 1)
         # the cache keeps the last token and the accepted proposals; the rest is rolled back

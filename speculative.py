@@ -23,7 +23,7 @@ from array import array
 import mlx.core as mx
 
 __all__ = ["lookup_proposal", "lookup_possible", "may_propose", "Lookup", "DraftModel", "accept", "NUM_DRAFT",
-           "DEFAULT", "BACKOFF_MAX", "SHORT_DRAFT"]
+           "DEFAULT", "BACKOFF_MAX"]
 
 NUM_DRAFT = 8  # proposals per verifier step (--num-draft), measured: see benchmarks/README.md
 DEFAULT = "none"  # what --speculate defaults to: see docs/decisions.md
@@ -33,11 +33,6 @@ DEFAULT = "none"  # what --speculate defaults to: see docs/decisions.md
 # before (on the H200 a waited step took 9-10 ms against 6-7 pipelined; free text had been 0.74-0.93x plain
 # decoding there when every step that found no proposal waited).
 BACKOFF_MAX = 16
-# Proposals after a verifier step that kept fewer than it was given, where a step's cost grows with its rows (the
-# CPU, whose steps come unpadded). A step over 2, 3 and 9 tokens of the packaged model on this project's 2-core CPU
-# cost 1.11, 1.41 and 1.90 one-token steps (tools/step_cost.py): a missed 8-token proposal cost more than a plain
-# step gains, and one proposal kept pays for a 2-token step (docs/speculative.md, "Shorter after a miss").
-SHORT_DRAFT = 1
 
 
 def lookup_proposal(context: list[int], k: int, max_ngram: int = 3, min_ngram: int = 1) -> list[int]:

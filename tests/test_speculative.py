@@ -232,14 +232,13 @@ def test_the_verifier_traces_once_per_length_and_cache_block(monkeypatch, on_cpu
     tokens, _ = speculative(params, config, prompt, sp.Lookup(min_ngram=1), max_tokens=96, k=k)
     assert len(tokens) == 96
     assert len(set(traces)) == len(traces), f"traced twice: {traces}"
-    assert all(n in (1, 1 + sp.SHORT_DRAFT, k + 1) for n, _ in traces), f"traces: {traces}"  # two verifier shapes
+    assert all(n in (1, k + 1) for n, _ in traces), f"traces: {traces}"  # one verifier shape
     assert len(traces) < 96 // 2, f"{len(traces)} traces for 96 tokens"
 
 
-def test_proposals_of_any_length_are_verified_at_two_shapes(monkeypatch, on_cpu):
-    """A proposal shorter than its draft's length is padded with dummies, so every verifier step has k + 1 tokens, or
-    SHORT_DRAFT + 1 after a miss (two traces of the compiled step, where each new length was one), and the tokens
-    are still plain decoding's."""
+def test_proposals_of_any_length_are_verified_at_one_shape(monkeypatch, on_cpu):
+    """A proposal shorter than k is padded with dummies, so every verifier step has k + 1 tokens (one trace of the
+    compiled step, where each new length was one), and the tokens are still plain decoding's."""
     params, config = target()
     prompt = [5, 6, 7, 8, 9] * 4
     plain, _ = run(params, config, prompt, max_tokens=30)
@@ -261,30 +260,10 @@ def test_proposals_of_any_length_are_verified_at_two_shapes(monkeypatch, on_cpu)
     assert tokens == plain
     assert len({n for _, n in proposed}) >= 3, proposed  # proposals of several lengths
     verifier = [n for n in lengths if n > 1]
-    # two more than the steps that verified: the engine traces both verifier steps while the prompt is computed
-    assert len(verifier) == 2 + len([n for _, n in proposed if n]), (lengths, proposed)
-    assert set(verifier) == {5, 1 + sp.SHORT_DRAFT} and lengths[:2] == [5, 1 + sp.SHORT_DRAFT]  # (Engine.pretrace)
-    assert any(0 < n < k for k, n in proposed)  # proposals shorter than asked for: padded all the same
-
-
-def test_after_a_miss_the_next_proposal_is_short_where_a_steps_rows_cost():
-    """A verifier step that keeps fewer proposals than it was given makes the next proposal SHORT_DRAFT long where
-    steps come unpadded (the CPU: a step's cost grows with its rows, and a missed 8-token proposal cost more than a
-    plain step gains); one that keeps all it was given makes it full again. Where steps are padded to a fixed
-    number of rows (a GPU) every proposal stays full. The tokens are plain decoding's throughout."""
-    params, config = target()
-    expected, _ = run(params, config, PROMPT, max_tokens=30)
-    oracle, asked = Oracle(len(PROMPT), expected), []
-
-    def wrong_twice(context, k):  # the first two proposals wrong (their first token), the rest right
-        asked.append(k)
-        out = oracle(context, k)
-        return [(out[0] + 1) % 300] + out[1:] if len(asked) <= 2 else out
-
-    tokens, last = run(params, config, PROMPT, wrong_twice, k=4, max_tokens=30)
-    short = 4 if q.step_rows() else sp.SHORT_DRAFT
-    assert tokens == expected and asked[:4] == [4, short, short, 4], asked  # missed, missed, kept all: full again
-    assert last.stats.accepted > 0
+    # one more than the steps that verified: the engine traces the verifier step while the prompt is computed
+    assert len(verifier) == 1 + len([n for _, n in proposed if n]) and set(verifier) == {5}, (lengths, proposed)
+    assert lengths[0] == 5  # (Engine.pretrace), before any step
+    assert min(k for k, _ in proposed) < 4  # the last steps, near max_tokens, propose fewer: padded all the same
 
 
 def test_lookups_that_find_nothing_back_off_to_pipelined_plain_steps(monkeypatch):
