@@ -59,9 +59,12 @@ __device__ __forceinline__ u16 to_float16(float f) {  // to nearest, ties to eve
 __device__ __forceinline__ float from_float32(float f) { return f; }
 __device__ __forceinline__ float to_float32(float f) { return f; }
 
-// y [R, N] = x [R, K] @ w [N, K].T, each output one dot product in one fixed order; J rows of x a block
+// y [R, N] = x [R, K] @ w [N, K].T (+ b [N]), each output one dot product in one fixed order, the bias added to
+// it before its one rounding; J rows of x a block. BIAS_INPUT is `, const T* b` and PLUS_BIAS `+ from_NAME(b[n])`,
+// or both empty (defined before the kernel's instance)
 #define FEW_ROWS_PRODUCT(NAME, T, EIGHT, J)                                                               \
-extern "C" __global__ void few_rows_product(const T* x, const T* w, T* y, int R, int K, int N) {          \
+extern "C" __global__ void few_rows_product(const T* x, const T* w BIAS_INPUT, T* y, int R, int K, int N) \
+{                                                                                                         \
     const int lane = threadIdx.x & 31;                                                                    \
     const int n = blockIdx.y * (blockDim.x >> 5) + (threadIdx.x >> 5);                                    \
     const int r0 = blockIdx.x * J;                                                                        \
@@ -91,7 +94,7 @@ extern "C" __global__ void few_rows_product(const T* x, const T* w, T* y, int R,
     _Pragma("unroll") for (int j = 0; j < J; j++) {                                                       \
         float s = acc[j];                                                                                 \
         _Pragma("unroll") for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);       \
-        if (lane == 0 && r0 + j < R) y[(size_t)(r0 + j) * N + n] = to_##NAME(s);                          \
+        if (lane == 0 && r0 + j < R) y[(size_t)(r0 + j) * N + n] = to_##NAME(s PLUS_BIAS);                \
     }                                                                                                     \
 }
 """
@@ -114,10 +117,12 @@ def nvrtc() -> ctypes.CDLL:
     raise RuntimeError(f"{NVRTC} (CUDA's runtime compiler, which MLX's CUDA backend needs) cannot be loaded")
 
 
-def instance(dtype: mx.Dtype, rows_per_block: int) -> str:
-    """SOURCE with the one kernel `few_rows_product` for dtype and J = rows_per_block."""
+def instance(dtype: mx.Dtype, rows_per_block: int, bias: bool) -> str:
+    """SOURCE with the one kernel `few_rows_product` for dtype, J = rows_per_block, and a bias input or none."""
     name, t, eight = DTYPES[dtype]
-    return f"{SOURCE}FEW_ROWS_PRODUCT({name}, {t}, {eight}, {rows_per_block})\n"
+    given = (f", const {t}* b", f"+ from_{name}(b[n])") if bias else ("", "")
+    return (f"{SOURCE}#define BIAS_INPUT {given[0]}\n#define PLUS_BIAS {given[1]}\n"
+            f"FEW_ROWS_PRODUCT({name}, {t}, {eight}, {rows_per_block})\n")
 
 
 def compile_for(lib: ctypes.CDLL, arch: str, source: str) -> bytes:
@@ -168,15 +173,16 @@ def is_elf(data: bytes) -> bool:
 
 
 @functools.cache
-def machine_code(dtype: mx.Dtype, rows_per_block: int) -> bytes:
-    """The kernel's cubin for this GPU, dtype and rows a block: from the cache folder, else compiled now and kept
-    there (written to a temporary name, then renamed: a concurrent build writes the same file; a broken file is
-    built again). One small cubin each, since MLX hashes the whole cubin at every launch (see `product`)."""
+def machine_code(dtype: mx.Dtype, rows_per_block: int, bias: bool = False) -> bytes:
+    """The kernel's cubin for this GPU, dtype, rows a block and bias or none: from the cache folder, else compiled
+    now and kept there (written to a temporary name, then renamed: a concurrent build writes the same file; a broken
+    file is built again). One small cubin each, since MLX hashes the whole cubin at every launch (see `product`)."""
     lib = nvrtc()
     arch = mx.device_info()["architecture"]  # "sm_90" on an H200
-    source = instance(dtype, rows_per_block)
+    source = instance(dtype, rows_per_block, bias)
     key = hashlib.sha256(f"{source}\0{arch}\0{nvrtc_version(lib)}".encode()).hexdigest()[:16]
-    path = blas.cache_folder("cuda") / f"gpu_products-{arch}-{DTYPES[dtype][0]}-{rows_per_block}-{key}.cubin"
+    kind = f"{DTYPES[dtype][0]}-{rows_per_block}{'-bias' * bias}"
+    path = blas.cache_folder("cuda") / f"gpu_products-{arch}-{kind}-{key}.cubin"
     try:
         data = path.read_bytes()
         if is_elf(data):
@@ -208,17 +214,19 @@ def takes(x: mx.array, weight: mx.array) -> bool:
 
 
 def product(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
-    """[..., in] @ [out, in].T (+ [out]) -> [..., out], each row alone (see the module's note)."""
+    """[..., in] @ [out, in].T (+ [out]) -> [..., out], each row alone (see the module's note); a bias is added in
+    the kernel (a node fewer a product: q, k and v have one in every layer)."""
     *lead, E = x.shape
     rows = 1
     for d in lead:
         rows *= d
     N = weight.shape[0]
     J = 1 if rows == 1 else 8  # rows a block; each row's bits are the same in both (the same sums in order)
+    biased = bias is not None and bias.dtype == x.dtype and bias.shape == (N,)
     y = mx.fast.precompiled_cuda_kernel(
-        name="few_rows_product", compiled_source=machine_code(x.dtype, J),
-        inputs=[x.reshape(rows, E), weight], output_shapes=[(rows, N)], output_dtypes=[x.dtype],
+        name="few_rows_product", compiled_source=machine_code(x.dtype, J, biased),
+        inputs=[x.reshape(rows, E), weight] + [bias] * biased, output_shapes=[(rows, N)], output_dtypes=[x.dtype],
         scalars=[rows, E, N], grid=((rows + J - 1) // J * 256, (N + 7) // 8, 1), threadgroup=(256, 1, 1),
         ensure_row_contiguous=True)[0]
     y = y.reshape(*lead, N)
-    return y if bias is None else y + bias
+    return y if bias is None or biased else y + bias

@@ -13,19 +13,24 @@ from qwen2s import gpu_products
 SHAPES = [(896, 896), (128, 896), (4864, 896), (896, 4864), (40, 72)]  # the 0.5B's products; a test model's
 
 
+@pytest.mark.parametrize("biased", [False, True])
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32])
 @pytest.mark.parametrize("N,K", SHAPES)
-def test_each_row_is_computed_alone_whatever_the_rows_beside_it(N, K, dtype):
-    """Rows 1 to 64: each row the same bits as in the 64-row product, and close to a float32 product. On a CUDA GPU
-    by the kernel; elsewhere the kernel is not taken and the step's padded product does it."""
+def test_each_row_is_computed_alone_whatever_the_rows_beside_it(N, K, dtype, biased):
+    """Rows 1 to 64: each row the same bits as in the 64-row product, and close to a float32 product (with its
+    bias, as q, k and v have). On a CUDA GPU by the kernel; elsewhere the kernel is not taken and the step's padded
+    product does it."""
     w = (mx.random.normal((N, K), key=mx.random.key(1)) * 0.05).astype(dtype)
     x = mx.random.normal((64, K), key=mx.random.key(2)).astype(dtype)
+    b = mx.random.normal((N,), key=mx.random.key(3)).astype(dtype) if biased else None
     assert gpu_products.takes(x, w) == (mx.default_device() == mx.gpu and mx.cuda.is_available())
     product = q.rows_alone(64)
-    full = np.array(product(x, w).astype(mx.float32))
+    full = np.array(product(x, w, b).astype(mx.float32))
     for rows in (1, 2, 3, 8, 9, 33, 64):
-        assert np.array_equal(np.array(product(x[:rows], w).astype(mx.float32)), full[:rows]), rows
+        assert np.array_equal(np.array(product(x[:rows], w, b).astype(mx.float32)), full[:rows]), rows
     exact = np.array(x.astype(mx.float32)) @ np.array(w.astype(mx.float32)).T
+    if biased:
+        exact += np.array(b.astype(mx.float32))
     tolerance = 1e-4 if dtype == mx.float32 else 2e-2  # bfloat16 rounds the output to 8 bits of mantissa
     np.testing.assert_allclose(full, exact, rtol=tolerance, atol=tolerance * np.abs(exact).max())
 
@@ -94,5 +99,6 @@ def test_each_cubin_is_small_since_mlx_hashes_it_at_every_launch():
         assert not gpu_products.takes(mx.zeros((1, 16), mx.bfloat16), mx.zeros((8, 16), mx.bfloat16))
         return
     for dtype in gpu_products.DTYPES:
-        assert len(gpu_products.machine_code(dtype, 1)) < 10_000
-        assert len(gpu_products.machine_code(dtype, 8)) < 26_000
+        for bias in (False, True):
+            assert len(gpu_products.machine_code(dtype, 1, bias)) < 10_000
+            assert len(gpu_products.machine_code(dtype, 8, bias)) < 26_000
