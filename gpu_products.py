@@ -9,6 +9,12 @@ float32 with one rounding per multiply-add (`__fmaf_rn`, never left to the compi
 partial sums are added in one fixed butterfly. The blocks of input rows that share weight rows are
 launched side by side (blockIdx.x), so that a weight row comes from memory once and from L2 for the others.
 
+What a decode step adds to its products is done in the same kernel, before the one rounding: q, k and v's biases,
+the residual stream that o_proj's and down_proj's outputs join, and SwiGLU's gate (`gated`: silu(x @ gate.T) *
+(x @ up.T), both weights in one warp). On a GPU a small model's step is bound by the host sending its nodes off, not
+by the device, so each node saved counts: seven a layer, a one-row 0.5B step 0.85x the time of the step that had them
+as nodes of their own (`python tools/gpu_step_ab.py`, benchmarks/README.md "Fewer nodes a GPU step").
+
 Measured on the H200 (`python tools/gpu_rows.py`, benchmarks/README.md "Each row alone on CUDA"): the same bits
 for 1 to 64 rows of every Qwen2 0.5B and 7B product; one row of the 7B's down_proj and gate_proj 1.65x and 1.47x
 MLX's gemv (1.89x and 1.87x with the first version: four elements a load, one load in flight); a one-row 0.5B
@@ -30,6 +36,7 @@ import ctypes
 import functools
 import hashlib
 import importlib.metadata
+import math
 import os
 import tempfile
 
@@ -37,7 +44,7 @@ import mlx.core as mx
 
 from qwen2s import blas
 
-__all__ = ["takes", "product"]
+__all__ = ["takes", "product", "gated"]
 
 SOURCE = r"""
 typedef unsigned short u16;
@@ -59,42 +66,80 @@ __device__ __forceinline__ u16 to_float16(float f) {  // to nearest, ties to eve
 __device__ __forceinline__ float from_float32(float f) { return f; }
 __device__ __forceinline__ float to_float32(float f) { return f; }
 
-// y [R, N] = x [R, K] @ w [N, K].T (+ b [N]), each output one dot product in one fixed order, the bias added to
-// it before its one rounding; J rows of x a block. BIAS_INPUT is `, const T* b` and PLUS_BIAS `+ from_NAME(b[n])`,
-// or both empty (defined before the kernel's instance)
-#define FEW_ROWS_PRODUCT(NAME, T, EIGHT, J)                                                               \
-extern "C" __global__ void few_rows_product(const T* x, const T* w BIAS_INPUT, T* y, int R, int K, int N) \
+// acc[m][j] = x[r0 + j] . w[m] (m < M weight rows, j < J input rows below R), each one dot product in one fixed
+// order: lane l sums elements 8l .. 8l + 7 of every 256 in turn, LOADS loads of each weight row in flight, then the
+// warp's 32 sums are added in one fixed butterfly
+#define DOT_ROWS(NAME, T, EIGHT, J, M, LOADS)                                                             \
+__device__ __forceinline__ void dot_rows(const T* x, const T* const* w, int R, int K, int r0, int lane,   \
+                                         float (*acc)[J])                                                 \
 {                                                                                                         \
-    const int lane = threadIdx.x & 31;                                                                    \
-    const int n = blockIdx.y * (blockDim.x >> 5) + (threadIdx.x >> 5);                                    \
-    const int r0 = blockIdx.x * J;                                                                        \
-    if (n >= N || r0 >= R) return;                                                                        \
-    const T* wn = w + (size_t)n * K;                                                                      \
-    float acc[J];                                                                                         \
-    _Pragma("unroll") for (int j = 0; j < J; j++) acc[j] = 0.0f;                                          \
-    for (int k0 = lane * 8; k0 < K; k0 += 1024) {                                                         \
-        EIGHT wq[4];                                                                                      \
-        _Pragma("unroll") for (int u = 0; u < 4; u++) {                                                   \
-            if (k0 + u * 256 < K) wq[u] = *reinterpret_cast<const EIGHT*>(wn + k0 + u * 256);             \
+    _Pragma("unroll") for (int m = 0; m < M; m++) {                                                       \
+        _Pragma("unroll") for (int j = 0; j < J; j++) acc[m][j] = 0.0f;                                   \
+    }                                                                                                     \
+    for (int k0 = lane * 8; k0 < K; k0 += 256 * LOADS) {                                                  \
+        EIGHT wq[M][LOADS];                                                                               \
+        _Pragma("unroll") for (int m = 0; m < M; m++) {                                                   \
+            _Pragma("unroll") for (int u = 0; u < LOADS; u++) {                                           \
+                if (k0 + u * 256 < K) wq[m][u] = *reinterpret_cast<const EIGHT*>(w[m] + k0 + u * 256);    \
+            }                                                                                             \
         }                                                                                                 \
-        _Pragma("unroll") for (int u = 0; u < 4; u++) {                                                   \
+        _Pragma("unroll") for (int u = 0; u < LOADS; u++) {                                               \
             const int k = k0 + u * 256;                                                                   \
             if (k < K) {                                                                                  \
                 _Pragma("unroll") for (int j = 0; j < J; j++) {                                           \
                     if (r0 + j < R) {                                                                     \
                         const EIGHT xq = *reinterpret_cast<const EIGHT*>(x + (size_t)(r0 + j) * K + k);   \
-                        _Pragma("unroll") for (int t = 0; t < 8; t++) {                                   \
-                            acc[j] = __fmaf_rn(from_##NAME(wq[u].v[t]), from_##NAME(xq.v[t]), acc[j]);    \
+                        _Pragma("unroll") for (int m = 0; m < M; m++) {                                   \
+                            _Pragma("unroll") for (int t = 0; t < 8; t++) {                               \
+                                acc[m][j] = __fmaf_rn(from_##NAME(wq[m][u].v[t]), from_##NAME(xq.v[t]), acc[m][j]); \
+                            }                                                                             \
                         }                                                                                 \
                     }                                                                                     \
                 }                                                                                         \
             }                                                                                             \
         }                                                                                                 \
     }                                                                                                     \
+    _Pragma("unroll") for (int m = 0; m < M; m++) {                                                       \
+        _Pragma("unroll") for (int j = 0; j < J; j++) {                                                   \
+            float& a = acc[m][j];                                                                         \
+            _Pragma("unroll") for (int o = 16; o > 0; o >>= 1) a += __shfl_xor_sync(0xffffffffu, a, o);   \
+        }                                                                                                 \
+    }                                                                                                     \
+}
+
+// y [R, N] = x [R, K] @ w [N, K].T (+ a), one warp per weight row n and J rows of x; the addend a (a bias b [N] or a
+// residual b [R, N]) added to each sum before its one rounding. ADDEND_INPUT is `, const T* b` and PLUS_ADDEND
+// `+ from_NAME(b[...])`, or both empty (defined before the kernel's instance). DOT_ROWS with M = 1, LOADS = 4
+#define PRODUCT(NAME, T, J)                                                                               \
+extern "C" __global__ void few_rows_product(const T* x, const T* w ADDEND_INPUT, T* y, int R, int K, int N) \
+{                                                                                                         \
+    const int lane = threadIdx.x & 31;                                                                    \
+    const int n = blockIdx.y * (blockDim.x >> 5) + (threadIdx.x >> 5);                                    \
+    const int r0 = blockIdx.x * J;                                                                        \
+    if (n >= N || r0 >= R) return;                                                                        \
+    const T* rows[1] = {w + (size_t)n * K};                                                               \
+    float acc[1][J];                                                                                      \
+    dot_rows(x, rows, R, K, r0, lane, acc);                                                               \
     _Pragma("unroll") for (int j = 0; j < J; j++) {                                                       \
-        float s = acc[j];                                                                                 \
-        _Pragma("unroll") for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);       \
-        if (lane == 0 && r0 + j < R) y[(size_t)(r0 + j) * N + n] = to_##NAME(s PLUS_BIAS);                \
+        if (lane == 0 && r0 + j < R) y[(size_t)(r0 + j) * N + n] = to_##NAME(acc[0][j] PLUS_ADDEND);      \
+    }                                                                                                     \
+}
+
+// SwiGLU's gate: y [R, N] = silu(x @ g.T) * (x @ u.T), both sums as in PRODUCT (DOT_ROWS with M = 2, LOADS = 2:
+// the same order), one rounding at the end
+#define GATED(NAME, T, J)                                                                                 \
+extern "C" __global__ void few_rows_gated(const T* x, const T* g, const T* u, T* y, int R, int K, int N)  \
+{                                                                                                         \
+    const int lane = threadIdx.x & 31;                                                                    \
+    const int n = blockIdx.y * (blockDim.x >> 5) + (threadIdx.x >> 5);                                    \
+    const int r0 = blockIdx.x * J;                                                                        \
+    if (n >= N || r0 >= R) return;                                                                        \
+    const T* rows[2] = {g + (size_t)n * K, u + (size_t)n * K};                                            \
+    float acc[2][J];                                                                                      \
+    dot_rows(x, rows, R, K, r0, lane, acc);                                                               \
+    _Pragma("unroll") for (int j = 0; j < J; j++) {                                                       \
+        const float silu = __fdiv_rn(acc[0][j], __fadd_rn(1.0f, expf(-acc[0][j])));                       \
+        if (lane == 0 && r0 + j < R) y[(size_t)(r0 + j) * N + n] = to_##NAME(__fmul_rn(silu, acc[1][j])); \
     }                                                                                                     \
 }
 """
@@ -117,12 +162,20 @@ def nvrtc() -> ctypes.CDLL:
     raise RuntimeError(f"{NVRTC} (CUDA's runtime compiler, which MLX's CUDA backend needs) cannot be loaded")
 
 
-def instance(dtype: mx.Dtype, rows_per_block: int, bias: bool) -> str:
-    """SOURCE with the one kernel `few_rows_product` for dtype, J = rows_per_block, and a bias input or none."""
+# what a kernel adds to each sum: its ADDEND_INPUT and PLUS_ADDEND (T and NAME filled in)
+ADDENDS = {"": ("", ""), "bias": (", const {t}* b", "+ from_{name}(b[n])"),
+           "residual": (", const {t}* b", "+ from_{name}(b[(size_t)(r0 + j) * N + n])")}
+
+
+def instance(dtype: mx.Dtype, rows_per_block: int, kind: str) -> str:
+    """SOURCE with one kernel for dtype and J = rows_per_block: `few_rows_gated` (kind "gated"), else
+    `few_rows_product` with kind's addend ("", "bias" or "residual")."""
     name, t, eight = DTYPES[dtype]
-    given = (f", const {t}* b", f"+ from_{name}(b[n])") if bias else ("", "")
-    return (f"{SOURCE}#define BIAS_INPUT {given[0]}\n#define PLUS_BIAS {given[1]}\n"
-            f"FEW_ROWS_PRODUCT({name}, {t}, {eight}, {rows_per_block})\n")
+    given, plus = (ADDENDS[""] if kind == "gated" else ADDENDS[kind])
+    weights, loads = (2, 2) if kind == "gated" else (1, 4)  # weight rows a warp, loads of each in flight
+    return (f"{SOURCE}#define ADDEND_INPUT {given.format(t=t)}\n#define PLUS_ADDEND {plus.format(name=name)}\n"
+            f"DOT_ROWS({name}, {t}, {eight}, {rows_per_block}, {weights}, {loads})\n"
+            f"{'GATED' if kind == 'gated' else 'PRODUCT'}({name}, {t}, {rows_per_block})\n")
 
 
 def compile_for(lib: ctypes.CDLL, arch: str, source: str) -> bytes:
@@ -173,16 +226,16 @@ def is_elf(data: bytes) -> bool:
 
 
 @functools.cache
-def machine_code(dtype: mx.Dtype, rows_per_block: int, bias: bool = False) -> bytes:
-    """The kernel's cubin for this GPU, dtype, rows a block and bias or none: from the cache folder, else compiled
+def machine_code(dtype: mx.Dtype, rows_per_block: int, kind: str = "") -> bytes:
+    """The kernel's cubin for this GPU, dtype, rows a block and kind (`instance`): from the cache folder, else compiled
     now and kept there (written to a temporary name, then renamed: a concurrent build writes the same file; a broken
     file is built again). One small cubin each, since MLX hashes the whole cubin at every launch (see `product`)."""
     lib = nvrtc()
     arch = mx.device_info()["architecture"]  # "sm_90" on an H200
-    source = instance(dtype, rows_per_block, bias)
+    source = instance(dtype, rows_per_block, kind)
     key = hashlib.sha256(f"{source}\0{arch}\0{nvrtc_version(lib)}".encode()).hexdigest()[:16]
-    kind = f"{DTYPES[dtype][0]}-{rows_per_block}{'-bias' * bias}"
-    path = blas.cache_folder("cuda") / f"gpu_products-{arch}-{kind}-{key}.cubin"
+    which = f"{DTYPES[dtype][0]}-{rows_per_block}{'-' * bool(kind)}{kind}"
+    path = blas.cache_folder("cuda") / f"gpu_products-{arch}-{which}-{key}.cubin"
     try:
         data = path.read_bytes()
         if is_elf(data):
@@ -213,20 +266,36 @@ def takes(x: mx.array, weight: mx.array) -> bool:
             and weight.shape[1] % 8 == 0)
 
 
-def product(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
-    """[..., in] @ [out, in].T (+ [out]) -> [..., out], each row alone (see the module's note); a bias is added in
-    the kernel (a node fewer a product: q, k and v have one in every layer)."""
-    *lead, E = x.shape
-    rows = 1
-    for d in lead:
-        rows *= d
-    N = weight.shape[0]
+def launch(kernel: str, kind: str, x: mx.array, weights: list[mx.array], addend: list[mx.array]) -> mx.array:
+    """A kernel of ours over x [..., K] and weights [N, K] -> [..., N]."""
+    *lead, K = x.shape
+    rows = math.prod(lead)
+    N = weights[0].shape[0]
     J = 1 if rows == 1 else 8  # rows a block; each row's bits are the same in both (the same sums in order)
-    biased = bias is not None and bias.dtype == x.dtype and bias.shape == (N,)
     y = mx.fast.precompiled_cuda_kernel(
-        name="few_rows_product", compiled_source=machine_code(x.dtype, J, biased),
-        inputs=[x.reshape(rows, E), weight] + [bias] * biased, output_shapes=[(rows, N)], output_dtypes=[x.dtype],
-        scalars=[rows, E, N], grid=((rows + J - 1) // J * 256, (N + 7) // 8, 1), threadgroup=(256, 1, 1),
-        ensure_row_contiguous=True)[0]
-    y = y.reshape(*lead, N)
-    return y if bias is None or biased else y + bias
+        name=kernel, compiled_source=machine_code(x.dtype, J, kind), inputs=[x.reshape(rows, K), *weights, *addend],
+        output_shapes=[(rows, N)], output_dtypes=[x.dtype], scalars=[rows, K, N],
+        grid=((rows + J - 1) // J * 256, (N + 7) // 8, 1), threadgroup=(256, 1, 1), ensure_row_contiguous=True)[0]
+    return y.reshape(*lead, N)
+
+
+def product(x: mx.array, weight: mx.array, bias: mx.array | None = None,
+            residual: mx.array | None = None) -> mx.array:
+    """[..., in] @ [out, in].T (+ [out]) (+ residual [..., out]) -> [..., out], each row alone (see the module's
+    note). A bias or a residual is added in the kernel, one node fewer each (q, k and v have a bias, o_proj and
+    down_proj take the residual stream)."""
+    N = weight.shape[0]
+    fits = lambda a, shape: a is not None and a.dtype == x.dtype and a.shape == shape  # noqa: E731
+    if fits(residual, (*x.shape[:-1], N)) and bias is None:
+        return launch("few_rows_product", "residual", x, [weight], [residual.reshape(-1, N)])
+    if fits(bias, (N,)):
+        y = launch("few_rows_product", "bias", x, [weight], [bias])
+    else:
+        y = launch("few_rows_product", "", x, [weight], [])
+        y = y if bias is None else y + bias
+    return y if residual is None else residual + y
+
+
+def gated(x: mx.array, gate: mx.array, up: mx.array) -> mx.array:
+    """SwiGLU's gate, silu(x @ gate.T) * (x @ up.T): [..., in] -> [..., out] in one kernel, each row alone."""
+    return launch("few_rows_gated", "gated", x, [gate, up], [])

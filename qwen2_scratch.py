@@ -130,10 +130,11 @@ exp_parts = mx.compile(exp_parts_of, shapeless=True)
 shifted_exp_parts = mx.compile(lambda x, shift: exp_parts_of(x - shift), shapeless=True)  # shift broadcast
 
 
-def linear(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
-    """[..., in] @ [out, in].T (+ [out]) -> [..., out]"""
+def linear(x: mx.array, weight: mx.array, bias: mx.array | None = None, residual: mx.array | None = None) -> mx.array:
+    """[..., in] @ [out, in].T (+ [out]) -> [..., out], added to the residual stream [..., out] when one is given"""
     y = x @ weight.T
-    return y if bias is None else y + bias
+    y = y if bias is None else y + bias
+    return y if residual is None else residual + y
 
 
 def causal_mask(L: int, S: int, offset: mx.array | int | None = None) -> mx.array:
@@ -241,9 +242,18 @@ def silu(x: mx.array) -> mx.array:
     return x / (1 + mx.exp(-x))
 
 
-def mlp(x: mx.array, gate_proj: dict, up_proj: dict, down_proj: dict, product: Callable = linear) -> mx.array:
-    """SwiGLU: down(silu(gate(x)) * up(x)), no biases: [B, L, E] -> [B, L, F] -> [B, L, E]."""
-    return product(silu(product(x, **gate_proj)) * product(x, **up_proj), **down_proj)
+def silu_gate(x: mx.array, gate_proj: dict, up_proj: dict, product: Callable = linear) -> mx.array:
+    """SwiGLU's hidden layer, silu(gate(x)) * up(x): [B, L, E] -> [B, L, F]."""
+    return silu(product(x, **gate_proj)) * product(x, **up_proj)
+
+
+def mlp(
+    x: mx.array, gate_proj: dict, up_proj: dict, down_proj: dict, product: Callable = linear,
+    gate: Callable = silu_gate, residual: mx.array | None = None,
+) -> mx.array:
+    """SwiGLU: down(silu(gate(x)) * up(x)), no biases: [B, L, E] -> [B, L, F] -> [B, L, E], added to the residual
+    stream [B, L, E] when one is given (by the product, in its kernel where one does it)."""
+    return product(gate(x, gate_proj, up_proj, product), **down_proj, residual=residual)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,14 +276,15 @@ def fast_attention(q, k, v, scale=None, mask=None):
 
 class Kernels(NamedTuple):
     """The functions a layer can take from mx.fast instead of ours (norm, rope, attention), how it
-    multiplies by its weights (linear; `rows_alone` in a fixed-shape step), and attention over a cache
-    in one kernel where one runs (cached_attention, see `in_one_kernel`)."""
+    multiplies by its weights (linear and SwiGLU's gate; `rows_alone` and `gate_alone` in a fixed-shape step),
+    and attention over a cache in one kernel where one runs (cached_attention, see `in_one_kernel`)."""
 
     norm: Callable
     rope: Callable
     attention: Callable
     linear: Callable = linear
     cached_attention: Callable | None = None
+    gate: Callable = silu_gate
 
 
 KERNELS = {
@@ -321,8 +332,10 @@ def self_attention(
     mask: mx.array | str | None = "causal",
     kernels: Kernels = KERNELS["reference"],
     filled: int | None = None,
+    residual: mx.array | None = None,
 ) -> tuple[mx.array, tuple | None]:
-    """Grouped-query attention: [B, L, E] -> [B, L, E], and the layer's updated (keys, values).
+    """Grouped-query attention: [B, L, E] -> [B, L, E] (added to the residual stream [B, L, E] when one is given,
+    by o_proj's product), and the layer's updated (keys, values).
 
     kv is this layer's cache, ([B, K, S, D], [B, K, S, D]) preallocated to capacity S, of which
     the first offset[b] positions of row b hold earlier tokens; None attends to x alone.
@@ -358,7 +371,7 @@ def self_attention(
     if out is None:
         out = kernels.attention(q, k, v, scale=D**-0.5, mask=mask)  # [B, H, L, D]
     out = out.transpose(0, 2, 1, 3).reshape(B, L, H * D)  # [B, L, E]
-    return kernels.linear(out, **o_proj), kv
+    return kernels.linear(out, **o_proj, residual=residual), kv
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,13 +391,12 @@ def block(
 ) -> tuple[mx.array, tuple | None]:
     """Pre-norm transformer block: [B, L, E] -> [B, L, E], and the layer's updated cache."""
     eps = config.rms_norm_eps
-    a, kv = self_attention(
+    h, kv = self_attention(  # x + attention(norm(x)): the residual added by o_proj's product
         kernels.norm(x, layer["input_layernorm"]["weight"], eps), **layer["self_attn"],
-        config=config, kv=kv, offset=offset, mask=mask, kernels=kernels, filled=filled,
+        config=config, kv=kv, offset=offset, mask=mask, kernels=kernels, filled=filled, residual=x,
     )
-    h = x + a
-    out = h + mlp(kernels.norm(h, layer["post_attention_layernorm"]["weight"], eps), **layer["mlp"],
-                  product=kernels.linear)
+    out = mlp(kernels.norm(h, layer["post_attention_layernorm"]["weight"], eps), **layer["mlp"],  # h + mlp(norm(h))
+              product=kernels.linear, gate=kernels.gate, residual=h)
     return out, kv
 
 
@@ -563,16 +575,18 @@ def decode_step(params, config, tokens, cache, kernels="reference", rows=None):
 # not look at the data, computes each row; and attention takes each query as a row of its own over
 # its row's cache. Attention, RMSNorm, RoPE and the rest work row by row, whatever the number of
 # rows or the cache's capacity. Measured on the H200 (benchmarks/README.md, tools/step_shapes.py):
-# the same bits alone, in a batch, and in a verifier step.
+# the same bits alone, in a batch, and in a verifier step. On CUDA that kernel also adds the biases and the residual
+# stream, and computes SwiGLU's gate from both weights (`gate_alone`): fewer nodes for the host to send off.
 
 
 def rows_of_products(rows: int) -> Callable:
     """linear, computed as a product of `rows` rows: [..., in] (at most `rows` of them) -> [..., out]."""
-    def product(x, weight, bias=None):
+    def product(x, weight, bias=None, residual=None):
         *lead, E = x.shape
         n = math.prod(lead)
         padded = mx.concatenate([x.reshape(n, E), mx.zeros((rows - n, E), x.dtype)])  # [rows, E]
-        return linear(padded, weight, bias)[:n].reshape(*lead, -1)
+        y = linear(padded, weight, bias)[:n].reshape(*lead, -1)
+        return y if residual is None else residual + y
     return product
 
 
@@ -580,9 +594,17 @@ def rows_alone(rows: int) -> Callable:
     """linear with each row computed alone: gpu_products' kernel where it runs (CUDA), else `rows_of_products`."""
     padded = rows_of_products(rows)
 
-    def product(x, weight, bias=None):
-        return (gpu_products.product if gpu_products.takes(x, weight) else padded)(x, weight, bias)
+    def product(x, weight, bias=None, residual=None):
+        return (gpu_products.product if gpu_products.takes(x, weight) else padded)(x, weight, bias, residual)
     return product
+
+
+def gate_alone(x, gate_proj: dict, up_proj: dict, product: Callable) -> mx.array:
+    """silu_gate with each row computed alone: in one kernel of gpu_products' where it runs (CUDA), else by the
+    step's product (`rows_alone`)."""
+    if gpu_products.takes(x, gate_proj["weight"]) and "bias" not in gate_proj and "bias" not in up_proj:
+        return gpu_products.gated(x, gate_proj["weight"], up_proj["weight"])
+    return silu_gate(x, gate_proj, up_proj, product)
 
 
 def one_query_per_row(attention: Callable) -> Callable:
@@ -611,7 +633,7 @@ def fixed_shape_step(params, config, tokens, cache, kernels, rows):
     holds the B real rows only; any padding lives inside the products (`rows_alone`).
     """
     kern = KERNELS[kernels] if isinstance(kernels, str) else kernels
-    kern = kern._replace(linear=rows_alone(rows), attention=one_query_per_row(kern.attention))
+    kern = kern._replace(linear=rows_alone(rows), gate=gate_alone, attention=one_query_per_row(kern.attention))
     return forward(params, config, tokens, cache, kern)
 
 

@@ -376,6 +376,9 @@ def test_a_fixed_shape_step_is_a_decode_step_with_its_products_padded(on_cpu):
     x = rand((2, 3, config.hidden_size))
     w = params["model"]["layers"][0]["self_attn"]["q_proj"]
     assert np.array_equal(np.array(q.rows_of_products(8)(x, **w)), np.array(q.linear(x, **w)))  # [2, 3, E]: 6 rows
+    residual = rand((2, 3, w["weight"].shape[0]), seed=5)  # o_proj and down_proj add theirs to the residual stream
+    assert np.array_equal(np.array(q.rows_of_products(8)(x, **w, residual=residual)),
+                          np.array(q.linear(x, **w, residual=residual)))
     _, cache = q.prefill(params, config, mx.array([[5, 6, 7, 8], [9, 10, 11, 12]]), q.new_cache(config, 2))
     cache = q.reserve(cache, 8)
     for tokens in (mx.array([[3], [4]]), mx.array([[3, 4, 5]])):  # a decode step of two rows; a verifier step of one

@@ -13,25 +13,44 @@ from qwen2s import gpu_products
 SHAPES = [(896, 896), (128, 896), (4864, 896), (896, 4864), (40, 72)]  # the 0.5B's products; a test model's
 
 
-@pytest.mark.parametrize("biased", [False, True])
+def as_float32(a: mx.array) -> np.ndarray:
+    return np.array(a.astype(mx.float32))
+
+
+@pytest.mark.parametrize("addend", ["none", "bias", "residual"])
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32])
 @pytest.mark.parametrize("N,K", SHAPES)
-def test_each_row_is_computed_alone_whatever_the_rows_beside_it(N, K, dtype, biased):
-    """Rows 1 to 64: each row the same bits as in the 64-row product, and close to a float32 product (with its
-    bias, as q, k and v have). On a CUDA GPU by the kernel; elsewhere the kernel is not taken and the step's padded
-    product does it."""
+def test_each_row_is_computed_alone_whatever_the_rows_beside_it(N, K, dtype, addend):
+    """Rows 1 to 64: each row the same bits as in the 64-row product, and close to a float32 product (with a bias,
+    as q, k and v have, or added to the residual stream, as o_proj and down_proj are). On a CUDA GPU by the kernel;
+    elsewhere the kernel is not taken and the step's padded product does it."""
     w = (mx.random.normal((N, K), key=mx.random.key(1)) * 0.05).astype(dtype)
     x = mx.random.normal((64, K), key=mx.random.key(2)).astype(dtype)
-    b = mx.random.normal((N,), key=mx.random.key(3)).astype(dtype) if biased else None
+    b = mx.random.normal((N,), key=mx.random.key(3)).astype(dtype) if addend == "bias" else None
+    r = mx.random.normal((64, N), key=mx.random.key(4)).astype(dtype) if addend == "residual" else None
     assert gpu_products.takes(x, w) == (mx.default_device() == mx.gpu and mx.cuda.is_available())
     product = q.rows_alone(64)
-    full = np.array(product(x, w, b).astype(mx.float32))
+    full = as_float32(product(x, w, b, r))
     for rows in (1, 2, 3, 8, 9, 33, 64):
-        assert np.array_equal(np.array(product(x[:rows], w, b).astype(mx.float32)), full[:rows]), rows
-    exact = np.array(x.astype(mx.float32)) @ np.array(w.astype(mx.float32)).T
-    if biased:
-        exact += np.array(b.astype(mx.float32))
+        assert np.array_equal(as_float32(product(x[:rows], w, b, None if r is None else r[:rows])), full[:rows]), rows
+    exact = as_float32(x) @ as_float32(w).T + (0 if b is None else as_float32(b)) + (0 if r is None else as_float32(r))
     tolerance = 1e-4 if dtype == mx.float32 else 2e-2  # bfloat16 rounds the output to 8 bits of mantissa
+    np.testing.assert_allclose(full, exact, rtol=tolerance, atol=tolerance * np.abs(exact).max())
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32])
+def test_swiglus_gate_is_computed_alone_for_each_row(dtype):
+    """silu(x @ gate.T) * (x @ up.T), the MLP's hidden layer, in one kernel on a CUDA GPU (elsewhere by the step's
+    products): each of 1 to 64 rows the same bits as among 64, and close to float32."""
+    F, E = 4864, 896  # the 0.5B's
+    gate, up = ({"weight": (mx.random.normal((F, E), key=mx.random.key(i)) * 0.05).astype(dtype)} for i in (1, 2))
+    x = mx.random.normal((64, E), key=mx.random.key(3)).astype(dtype)
+    full = as_float32(q.gate_alone(x, gate, up, q.rows_alone(64)))
+    for rows in (1, 2, 3, 8, 9, 33, 64):
+        assert np.array_equal(as_float32(q.gate_alone(x[:rows], gate, up, q.rows_alone(64))), full[:rows]), rows
+    g, u = as_float32(x) @ as_float32(gate["weight"]).T, as_float32(x) @ as_float32(up["weight"]).T
+    exact = g / (1 + np.exp(-g)) * u
+    tolerance = 1e-4 if dtype == mx.float32 else 3e-2
     np.testing.assert_allclose(full, exact, rtol=tolerance, atol=tolerance * np.abs(exact).max())
 
 
@@ -99,6 +118,6 @@ def test_each_cubin_is_small_since_mlx_hashes_it_at_every_launch():
         assert not gpu_products.takes(mx.zeros((1, 16), mx.bfloat16), mx.zeros((8, 16), mx.bfloat16))
         return
     for dtype in gpu_products.DTYPES:
-        for bias in (False, True):
-            assert len(gpu_products.machine_code(dtype, 1, bias)) < 10_000
-            assert len(gpu_products.machine_code(dtype, 8, bias)) < 26_000
+        for kind in ("", "bias", "residual", "gated"):
+            assert len(gpu_products.machine_code(dtype, 1, kind)) < 11_000
+            assert len(gpu_products.machine_code(dtype, 8, kind)) < 28_000
