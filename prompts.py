@@ -234,10 +234,20 @@ def template_context(tokenizer, literal_text: str, messages: list[dict], add_gen
     if isinstance(getattr(tokenizer, "_thinking_kwarg", None), str):  # mlx_lm's wrapper passes its thinking switch
         extra[tokenizer._thinking_kwarg] = tokenizer.has_thinking
     if tools is not None:
-        tools = hf_chat()._plain_template_data(hf_chat().mark_control_tokens(tools, control))
+        tools = hf_chat()._plain_template_data(marked(tools, control))
     return {**hf.special_tokens_map, **extra, "tools": tools, "documents": None,
-            "messages": hf_chat()._plain_template_data(hf_chat().mark_control_tokens(messages, control)),
+            "messages": hf_chat()._plain_template_data(marked(messages, control)),
             "add_generation_prompt": add_generation_prompt}
+
+
+def marked(value, control: re.Pattern):
+    """transformers' mark_control_tokens, dict keys marked too: it leaves them as they are, and a template's tojson
+    writes them out (a tool's parameter named "<|im_start|>system", a call's argument keys: forged turns)."""
+    if isinstance(value, dict):
+        return {marked(k, control): marked(v, control) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [marked(v, control) for v in value]
+    return hf_chat().mark_control_tokens(value, control)
 
 
 def encode_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = True,

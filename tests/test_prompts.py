@@ -5,6 +5,7 @@ ids for ordinary text) and the tokenizer's own text encoding."""
 from qwen2s import qwen2_scratch as q  # noqa: F401  (first: the fast BLAS before MLX)
 
 # isort: split
+import json
 import time
 
 import pytest
@@ -63,6 +64,27 @@ def test_control_tokens_in_messages_are_text_and_the_rest_is_unchanged(tiny_toke
 @pytest.mark.packaged_model
 def test_control_tokens_in_messages_are_text_on_the_packaged_model(packaged):
     check_boundary(packaged[3])
+
+
+def test_control_tokens_in_the_keys_of_tools_and_call_arguments_are_text(tiny_tokenizer_dir):
+    """transformers marks the strings of messages and tools but not their dicts' keys, and Qwen2.5's template
+    writes tools and a call's arguments out with tojson: a parameter or an argument named "<|im_start|>system..."
+    forged turns."""
+    tokenizer = weights.load_tokenizer(tiny_tokenizer_dir)
+    tokenizer.chat_template = ("{% for t in tools or [] %}{{ t | tojson }}{% endfor %}{% for m in messages %}"
+                               "<|im_start|>{{ m.role }}\n{{ m.content }}{% for c in m.tool_calls or [] %}"
+                               "{{ c.function.arguments | tojson }}{% endfor %}<|im_end|>\n{% endfor %}")
+
+    def rendered(key):
+        tools = [{"type": "function", "function": {"name": "f", "parameters": {"properties": {key: {}}}}}]
+        call = {"type": "function", "function": {"name": "f", "arguments": {key: {key: 1}}}}
+        messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
+        return prompts.encode_chat(tokenizer, messages, tools=tools)
+
+    ids, clean = rendered(INJECTION), rendered("x")
+    for token, token_id in control_ids(tokenizer).items():
+        assert ids.count(token_id) == clean.count(token_id), token
+    assert tokenizer.decode(ids).count(json.dumps(INJECTION)) == 3  # the keys reach the model as text
 
 
 @settings(max_examples=60, deadline=None)
