@@ -35,6 +35,26 @@ class RequestError(ValueError):
 # ---------------------------------------------------------------------------------------------
 
 
+def json_value(text: str):
+    """JSON text that a client or the model wrote (a call's arguments) -> its value; a one-line ValueError for what
+    is not JSON, or not text: malformed, nested past the recursion limit ("[" * 100_000), an integer past Python's
+    4300 digits (json.loads' ValueError is no JSONDecodeError), a lone surrogate escape ("\\ud800": the tokenizer
+    and the answer's UTF-8 refuse it)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{e.msg} at character {e.pos}") from None
+    except ValueError:
+        raise ValueError("an integer of over 4300 digits") from None
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    try:
+        json.dumps(value, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise ValueError("a lone surrogate, \\ud800-\\udfff, is not text") from None
+    return value
+
+
 def message_text(content, param: str) -> str:
     """A message's content: a string, or a list of text parts (images and audio are refused)."""
     if isinstance(content, str):
@@ -49,11 +69,9 @@ def call_arguments(arguments, param: str) -> dict:
     """A call's arguments as OpenAI sends them (a JSON string; some clients send the object) -> a dict."""
     if isinstance(arguments, str):
         try:
-            arguments = json.loads(arguments)
-        except json.JSONDecodeError as e:
-            raise RequestError(f"arguments must be a JSON object ({e.msg} at character {e.pos})", param) from None
-        except RecursionError:  # "[" * 100_000
-            raise RequestError("arguments must be a JSON object (nested too deeply)", param) from None
+            arguments = json_value(arguments)
+        except ValueError as e:
+            raise RequestError(f"arguments must be a JSON object ({e})", param) from None
     if not isinstance(arguments, dict):
         raise RequestError("arguments must be a JSON object", param)
     return arguments
@@ -199,16 +217,16 @@ class ToolCall(NamedTuple):
 def parse_call(body: str) -> ToolCall | None:
     """The JSON inside a <tool_call> block -> a call, or None if it is not {"name": str, "arguments": object}."""
     try:
-        call = json.loads(body)
-    except (json.JSONDecodeError, RecursionError):  # a model may write thousands of brackets
+        call = json_value(body)  # a model may write thousands of brackets, or of digits
+    except ValueError:
         return None
     if not isinstance(call, dict) or not isinstance(call.get("name"), str) or not call["name"]:
         return None
     arguments = call.get("arguments", {})
     if isinstance(arguments, str):  # some models write the arguments as a JSON string, as OpenAI sends them
         try:
-            arguments = json.loads(arguments)
-        except (json.JSONDecodeError, RecursionError):
+            arguments = json_value(arguments)
+        except ValueError:
             return None
     if not isinstance(arguments, dict):
         return None

@@ -95,6 +95,12 @@ def test_rendered_calls_parse_back_to_the_same_calls():
     ([{"role": "tool", "content": {"a": 1}}], "messages[0].content"),
     ([{"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "[" * 10**5}}]}],
      "messages[0].tool_calls[0].function.arguments"),  # nested past the recursion limit: a RecursionError, a 500
+    ([{"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "f", "arguments":
+                                                                             '{"a": ' + "9" * 5000 + "}"}}]}],
+     "messages[0].tool_calls[0].function.arguments"),  # past Python's 4300 digits: json.loads' ValueError, a 500
+    ([{"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "f",
+                                                                             "arguments": '{"a": "\\ud800"}'}}]}],
+     "messages[0].tool_calls[0].function.arguments"),  # a lone surrogate: the tokenizer's TypeError, a 500
 ])
 def test_malformed_messages_are_one_line_errors_naming_the_field(messages, param):
     with pytest.raises(ValueError) as e:
@@ -171,9 +177,13 @@ def test_parser_gives_the_same_answer_at_every_split(name):
             check(*run_parser([text[:cut], text[cut:second], text[second:]]), content, calls)
 
 
-def test_a_block_nested_past_the_recursion_limit_stays_content():
-    """A model may write a call's JSON thousands of brackets deep: json.loads raised a RecursionError mid-answer."""
-    for body in ("[" * 100_000, '{"name": "f", "arguments": "' + "[" * 100_000 + '"}'):
+def test_a_block_nested_past_the_recursion_limit_or_not_text_stays_content():
+    """A model may write a call's JSON thousands of brackets deep: json.loads raised a RecursionError mid-answer;
+    thousands of digits: a ValueError mid-answer; a lone surrogate escape: the answer's UTF-8 failed (a 500)."""
+    for body in ("[" * 100_000, '{"name": "f", "arguments": "' + "[" * 100_000 + '"}',
+                 '{"name": "f", "arguments": {"a": ' + "9" * 5000 + "}}",
+                 '{"name": "f", "arguments": "{\\"a\\": ' + "9" * 5000 + '}"}',
+                 '{"name": "f", "arguments": {"a": "\\ud800"}}'):
         text = f"{tc.OPEN}\n{body}\n{tc.CLOSE}"
         parser, deltas = run_parser([text])
         assert parser.tool_calls == [] and parser.content == text
