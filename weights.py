@@ -283,7 +283,7 @@ def read_json(path: Path) -> dict:
     """A JSON object from a file, or a ModelError naming the file."""
     try:
         raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: not UTF-8, not JSON, an integer past 4300 digits
         raise ModelError(f"{path}: not a readable JSON config ({one_line(e)})") from None
     if not isinstance(raw, dict):
         raise ModelError(f"{path}: the config is not a JSON object")

@@ -149,6 +149,17 @@ def test_generation_config_that_is_not_json(tmp_path, tiny_folder):
                    "not a readable JSON")
 
 
+@pytest.mark.parametrize("text", ['{"temperature": 1' + "0" * 5000 + "}", "[" * 100_000 + "]" * 100_000],
+                         ids=["an integer of 5001 digits", "nested 100,000 deep"])
+def test_config_files_that_json_loads_raises_other_errors_on(tmp_path, tiny_folder, text):
+    """json.loads raises ValueError (not JSONDecodeError) past 4300 digits and RecursionError past its depth:
+    each was a traceback, in config.json or generation_config.json."""
+    for name in ("config.json", "generation_config.json"):
+        folder = copy_with_config(tmp_path, tiny_folder, name)
+        (folder / name).write_text(text)
+        one_line_error(invoke("generate", "-m", str(folder), "--prompt", "hi"), name, "not a readable JSON")
+
+
 def test_config_validation_holds_for_any_value(tmp_path_factory):
     """Property: any JSON value for any checked key gives a Config or a ModelError, nothing else."""
     from hypothesis import given, settings
