@@ -17,6 +17,7 @@ from qwen2s import qwen2_scratch as q  # first: the model loads the fast BLAS be
 
 # isort: split
 import asyncio
+import functools
 import hmac
 import ipaddress
 import json
@@ -28,6 +29,7 @@ import sys
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import NamedTuple
 
@@ -353,7 +355,14 @@ class Engine:
         self.max_kv = self.engine.max_kv
         self.outbox: Outbox | None = None  # made on the event loop's first request
         self.streams: set[asyncio.Queue] = set()  # the event queues of the generations under way
+        self.encoder = ThreadPoolExecutor(1, thread_name_prefix="tokenizer")  # prompts.ENCODE_LOCK: one at a time
         self.engine.start()
+
+    async def tokenized(self, f, *args):
+        """f(tokenizer, *args) (an encoding, the chat template) in a thread: a megabyte body takes the tokenizer 1-3 s,
+        which on the event loop had stalled every other client (streams, key checks, /health) meanwhile."""
+        call = functools.partial(f, self.tokenizer, *args)
+        return await asyncio.get_running_loop().run_in_executor(self.encoder, call)
 
     def check_fits(self, ids: list[int], param: str) -> None:
         if len(ids) >= self.max_kv:
@@ -779,7 +788,7 @@ async def chat_completions(request, ctx: Context):
                            "tool_choice")
         options = options._replace(constraint=plan.constraint)
     try:
-        ids = prompts.encode_chat(ctx.engine.tokenizer, messages, tools=plan.tools)
+        ids = await ctx.engine.tokenized(functools.partial(prompts.encode_chat, tools=plan.tools), messages)
     except prompts.PromptError as e:  # the template is missing, refused the messages or ran past its limits
         raise ApiError(400, str(e), "messages") from None
     ctx.engine.check_fits(ids, "messages")
@@ -826,7 +835,7 @@ async def chat_completions(request, ctx: Context):
 async def completions(request, ctx: Context):
     body = await read_json(request, ctx.settings.body_seconds)
     options = request_options(ctx, body, "text")
-    ids = prompts.encode_text(ctx.engine.tokenizer, completion_prompt(body))
+    ids = await ctx.engine.tokenized(prompts.encode_text, completion_prompt(body))
     ctx.engine.check_fits(ids, "prompt")
     head = envelope(ctx, "text")
 
@@ -859,7 +868,7 @@ async def tokenize(request, ctx: Context):
     content = body.get("content")
     if not isinstance(content, str):
         raise ApiError(400, "content must be a string", "content")
-    return JSONResponse({"tokens": text_ids(ctx.engine.tokenizer, content, flag(body, "add_special"))})
+    return JSONResponse({"tokens": await ctx.engine.tokenized(text_ids, content, flag(body, "add_special"))})
 
 
 async def detokenize(request, ctx: Context):
@@ -869,7 +878,7 @@ async def detokenize(request, ctx: Context):
     if not isinstance(tokens, list) or not all(is_number(t) and isinstance(t, int) and 0 <= t < vocab
                                                for t in tokens):
         raise ApiError(400, f"tokens must be a list of token ids in [0, {vocab})", "tokens")
-    return JSONResponse({"content": ctx.engine.tokenizer.decode(tokens)})
+    return JSONResponse({"content": await ctx.engine.tokenized(lambda tokenizer: tokenizer.decode(tokens))})
 
 
 async def models(request, ctx: Context):

@@ -1198,3 +1198,28 @@ def test_a_stopping_server_ends_its_streams_before_the_workers_next_step():
 
     assert asyncio.run(main()) == set()  # each stream let go of its queue
     assert Stuck.closed_with == [0]  # stop() does not wait for the worker
+
+
+def test_a_megabyte_to_tokenize_does_not_stall_the_other_clients(tiny_served):
+    """The tokenizer took 1-3 s over a megabyte body (digits are its slowest text), on the event loop: every other
+    client waited meanwhile, /health and the streams too. It runs in a thread now (the tokenizer releases the GIL)."""
+    digits = "1" * (server.MAX_BODY_BYTES - 200)
+    waits, answered = [], []
+
+    def big():
+        start = time.monotonic()
+        for path, body in [("/tokenize", {"content": digits}),
+                           ("/v1/chat/completions", {"messages": [{"role": "user", "content": digits}]})]:
+            answered.append(tiny_served.post(path, body).status_code)
+        answered.append(time.monotonic() - start)
+
+    thread = threading.Thread(target=big)
+    thread.start()
+    while thread.is_alive():
+        start = time.monotonic()
+        assert httpx.get(f"{tiny_served.url}/health", timeout=TIMEOUT).status_code == 200
+        waits.append(time.monotonic() - start)
+        time.sleep(0.02)
+    thread.join()
+    assert answered[:2] == [200, 400]  # the chat's prompt is over the context
+    assert max(waits) < answered[2] / 8, (max(waits), answered[2])  # the two took 4-5 s, /health 0.05 s at most
