@@ -67,7 +67,10 @@ def stream_generate(model: Model, prompt: str | list[dict], max_tokens: int = 25
     stops = (stop,) if isinstance(stop, str) else tuple(stop or ())  # one string is one stop, not its letters
     request = Request(prompt_ids(model, prompt), weights.sampling_for(model.defaults, **sampling), max_tokens,
                       stops, seed)
-    yield from model.engine.generate(request)
+    for event in model.engine.generate(request):
+        if event.finish_reason == "error":  # the worker's step failed (a line in its log): no answer, not an empty one
+            raise RuntimeError(event.error)
+        yield event
 
 
 def generate(model: Model, prompt: str | list[dict], **options) -> str:

@@ -27,6 +27,7 @@ import atexit
 import math
 import os
 import queue
+import sys
 import threading
 import time
 import weakref
@@ -430,8 +431,26 @@ def is_whole(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+MAX_COUNT = 2**63 - 1  # the largest whole number an option may be (MLX's int64), as the server's and the command line's
+
+
+def short(v) -> str:
+    """A value for an error message: repr raises past 4300 digits, and a megabyte string is no message."""
+    try:
+        text = repr(v)
+    except ValueError:
+        return "a number too long to print"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def is_count(v) -> bool:
+    """A whole number MLX can take: past 2**63 - 1 its step failed (std::bad_cast), the request ended empty."""
+    return is_whole(v) and v <= MAX_COUNT
+
+
 def is_finite(v) -> bool:
-    return (is_whole(v) or isinstance(v, float)) and math.isfinite(v)
+    """A finite int or float (math.isfinite(10**400) raises OverflowError: an int past a float's range is not)."""
+    return (is_whole(v) and abs(v) <= sys.float_info.max) or (isinstance(v, float) and math.isfinite(v))
 
 
 # A request's options and the values they may take: the server and the command line check theirs first, with
@@ -439,10 +458,10 @@ def is_finite(v) -> bool:
 OPTION_RULES = {
     "temp": (is_finite, lambda v: v >= 0, "a number of at least 0"),
     "top_p": (is_finite, lambda v: 0 < v <= 1, "a number above 0 and at most 1"),
-    "top_k": (is_whole, lambda v: v >= 0, "a whole number of at least 0 (0 is off)"),
+    "top_k": (is_count, lambda v: v >= 0, "a whole number from 0 (off) to 2**63 - 1"),
     "min_p": (is_finite, lambda v: 0 <= v <= 1, "a number from 0 to 1"),
     "repetition_penalty": (is_finite, lambda v: v > 0, "a number above 0 (1 is off)"),
-    "repetition_context": (is_whole, lambda v: v >= 0, "a whole number of at least 0"),
+    "repetition_context": (is_count, lambda v: v >= 0, "a whole number from 0 to 2**63 - 1"),
     "presence_penalty": (is_finite, lambda v: -2 <= v <= 2, "a number from -2 to 2"),
     "frequency_penalty": (is_finite, lambda v: -2 <= v <= 2, "a number from -2 to 2"),
 }
@@ -453,13 +472,14 @@ def check_options(request: Request) -> None:
     for name, (kind, within, expected) in OPTION_RULES.items():
         value = getattr(request.sampling, name)
         if not (kind(value) and within(value)):
-            raise ValueError(f"{name} is {value!r}: expected {expected}")
+            raise ValueError(f"{name} is {short(value)}: expected {expected}")
     if not is_whole(request.max_tokens):
-        raise ValueError(f"max_tokens is {request.max_tokens!r}: expected a whole number of at least 1")
-    if request.seed is not None and not is_whole(request.seed):
-        raise ValueError(f"seed is {request.seed!r}: expected a whole number, or None for a fresh one")
+        raise ValueError(f"max_tokens is {short(request.max_tokens)}: expected a whole number of at least 1")
+    if request.seed is not None and not (is_whole(request.seed) and 0 <= request.seed < 2**64):  # as --seed
+        raise ValueError(f"seed is {short(request.seed)}: expected a whole number from 0 to 2**64 - 1, or None for a "
+                         "fresh one")
     if not isinstance(request.stops, tuple) or not all(isinstance(s, str) and s for s in request.stops):
-        raise ValueError(f"stop is {request.stops!r}: expected non-empty strings")
+        raise ValueError(f"stop is {short(request.stops)}: expected non-empty strings")
 
 
 def work(engine_ref: Callable) -> None:
@@ -497,8 +517,9 @@ class Engine:
                  num_draft: int = 8, chunk: int | None = None, step_rows: int | None = -1):
         if kernels not in q.KERNELS:
             raise ValueError(f"kernels is {kernels!r}: expected one of {', '.join(q.KERNELS)}")
-        if max_kv_size is not None and not (is_whole(max_kv_size) and max_kv_size >= 1):
-            raise ValueError(f"max_kv_size is {max_kv_size!r}: expected a whole number of at least 1, or None")
+        if max_kv_size is not None and not (is_count(max_kv_size) and max_kv_size >= 1):
+            raise ValueError(f"max_kv_size is {short(max_kv_size)}: expected a whole number from 1 to 2**63 - 1, "
+                             "or None")
         self.params, self.config, self.tokenizer, self.kernels = params, config, tokenizer, kernels
         self.max_batch, self.proposer, self.num_draft = max_batch, proposer, num_draft
         self.max_kv = max_kv_size or config.max_position_embeddings

@@ -292,6 +292,10 @@ def encode_rendered(tokenizer, text: str) -> list[int]:
     """The ids of render_chat's text (or of a piece of it that starts at a control token): the template's
     control tokens as tokens, the messages' text as text."""
     try:
+        text.encode()
+    except UnicodeEncodeError:  # the tokenizer's TypeError, deep inside (a message of the Python API or the chat)
+        raise PromptError("the messages hold a lone surrogate (\\ud800-\\udfff), which is not text") from None
+    try:
         with ENCODE_LOCK:
             return hf_chat().encode_marked_chat(hf_tokenizer(tokenizer), text)
     except ValueError as e:  # a control token the tokenizer also makes from plain text

@@ -1,6 +1,6 @@
 """The README's Python-API example runs as written, and the names it promises are exported."""
 
-from qwen2s import qwen2_scratch as q  # noqa: F401  (first: the fast BLAS before MLX)
+from qwen2s import qwen2_scratch as q  # first: the fast BLAS before MLX
 
 # isort: split
 import importlib
@@ -44,7 +44,11 @@ def test_the_readme_python_api_example_runs_as_written(packaged):
 BAD_OPTIONS = [({"temp": float("nan")}, "temp"), ({"temp": -1}, "temp"), ({"top_p": 2}, "top_p"),
                ({"top_k": -5}, "top_k"), ({"top_k": 2.5}, "top_k"), ({"min_p": 1.5}, "min_p"),
                ({"repetition_penalty": 0}, "repetition_penalty"), ({"seed": "x"}, "seed"),
-               ({"max_tokens": 2.5}, "max_tokens"), ({"stop": ("", "a")}, "stop")]
+               ({"max_tokens": 2.5}, "max_tokens"), ({"stop": ("", "a")}, "stop"),
+               # past 64 bits MLX's step failed (std::bad_cast), the seed's text past 4300 digits, and the answer was ""
+               ({"top_k": 2**63}, "top_k"), ({"top_k": 10**5000}, "top_k"),
+               ({"repetition_context": 2**63}, "repetition_context"), ({"seed": 10**5000}, "seed"),
+               ({"seed": -1}, "seed"), ({"seed": 2**64}, "seed"), ({"temp": 10**400}, "temp")]  # an OverflowError
 
 
 def test_the_api_refuses_options_out_of_their_range_naming_them(tiny_folder):
@@ -55,9 +59,24 @@ def test_the_api_refuses_options_out_of_their_range_naming_them(tiny_folder):
         with pytest.raises(ValueError, match=f"^{name} is "):
             api.generate(model, "hello", **{"max_tokens": 2, **options})
     assert api.generate(model, "hello", max_tokens=2, temp=0, top_k=3, seed=7)  # in range: it runs
-    for kernels, max_kv_size, name in [("x", None, "kernels"), ("reference", -1, "max_kv_size")]:
+    for kernels, max_kv_size, name in [("x", None, "kernels"), ("reference", -1, "max_kv_size"),
+                                       ("reference", 10**5000, "max_kv_size")]:
         with pytest.raises(ValueError, match=f"^{name} is "):
             api.load(str(tiny_folder), kernels=kernels, max_kv_size=max_kv_size)
+
+
+def test_a_step_that_fails_is_an_error_not_an_empty_answer(tiny_folder, monkeypatch):
+    """The worker's failed step ended the request with an "error" event, which generate joined into "": no exception."""
+    from qwen2s import api
+
+    model = api.load(str(tiny_folder))
+
+    def broken(seed, position):
+        raise RuntimeError("std::bad_cast")
+
+    monkeypatch.setattr(q, "sampling_key", broken)
+    with pytest.raises(RuntimeError, match="a generation step failed: RuntimeError: std::bad_cast"):
+        api.generate(model, "hello", max_tokens=2, temp=1, seed=1)
 
 
 def test_the_api_takes_one_stop_string_whole_and_refuses_prompts_of_other_kinds(tiny_folder, monkeypatch):
@@ -72,8 +91,9 @@ def test_the_api_takes_one_stop_string_whole_and_refuses_prompts_of_other_kinds(
     for prompt in (123, b"hi", ["hi"], None):
         with pytest.raises(TypeError, match="string or a list of chat messages"):
             api.generate(model, prompt)
-    with pytest.raises(ValueError, match="lone surrogate"):
-        api.generate(model, "hi \ud800")
+    for prompt in ("hi \ud800", [{"role": "user", "content": "hi \udfff"}]):  # the messages: a TypeError, deep inside
+        with pytest.raises(ValueError, match="lone surrogate"):
+            api.generate(model, prompt)
 
 
 def test_threads_share_one_model_and_the_process_exits_cleanly(tiny_folder):
