@@ -24,6 +24,7 @@ from qwen2s import qwen2_scratch  # noqa: F401  first: the model loads the fast 
 # isort: split
 
 import json
+import urllib.parse
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -74,10 +75,77 @@ def lark_literal(tokenizer: GrammarTokenizer, text: str) -> str:
     return f"<[{ids[0]}]>" if len(ids) == 1 and tokenizer.llg.is_special_token(ids[0]) else json.dumps(text)
 
 
+# How deep a schema may nest, its $refs followed: llguidance recurses through it on the thread's stack, and a chain
+# of 2,500 refs (100 KB of JSON; 380 links of 8 levels each) overflowed the 8 MB of the main thread: a SIGSEGV, the
+# server gone. 256 leaves room on a 2 MB thread stack; a real schema nests a few dozen levels.
+MAX_SCHEMA_DEPTH = 256
+
+
+def check_depth(schema) -> None:
+    """A ValueError if the schema nests past MAX_SCHEMA_DEPTH (objects and arrays, each $ref followed to its target;
+    a ref back to a schema on the path is recursion, which llguidance compiles without recursing). Refs resolved:
+    "#", JSON pointers ("#/$defs/a"), anchors ("#name"); with any other ref (by $id), each ref may add the whole
+    document's depth."""
+    anchors, refs, deepest = {}, [], 0
+    stack = [(schema, 1)]
+    while stack:  # one pass: the anchors, the refs and the document's own depth (iterative: JSON nests ~1,000 deep)
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if isinstance(node, dict):
+            if isinstance(node.get("$anchor"), str):
+                anchors["#" + node["$anchor"]] = node
+            if isinstance(node.get("$ref"), str):
+                refs.append(node["$ref"])
+            stack += [(v, depth + 1) for v in node.values()]
+        elif isinstance(node, list):
+            stack += [(v, depth + 1) for v in node]
+
+    def target(ref: str):
+        if ref in anchors:
+            return anchors[ref]
+        if not ref.startswith("#") or ref[1:2] not in ("", "/"):
+            raise LookupError(ref)
+        node = schema
+        for part in ref[2:].split("/") if ref != "#" else []:
+            part = urllib.parse.unquote(part).replace("~1", "/").replace("~0", "~")
+            node = node[int(part)] if isinstance(node, list) and part.isdigit() else node.get(part) \
+                if isinstance(node, dict) else None
+        return node
+
+    too_deep = ValueError(f"the JSON schema nests more than {MAX_SCHEMA_DEPTH} levels deep, its $refs followed")
+    try:
+        targets = {ref: target(ref) for ref in refs}
+    except (LookupError, ValueError):  # a ref by $id: bound each by the whole document
+        if (len(refs) + 1) * deepest > MAX_SCHEMA_DEPTH:
+            raise too_deep from None
+        return
+    below, path = {}, set()
+
+    def depth(node, level: int) -> int:
+        """node's depth (memoized), level its depth on the path from the root."""
+        if level > MAX_SCHEMA_DEPTH:
+            raise too_deep
+        if not isinstance(node, dict | list) or id(node) in path:
+            return 0
+        if id(node) not in below:
+            path.add(id(node))
+            children = list(node.values() if isinstance(node, dict) else node)
+            if isinstance(node, dict) and isinstance(node.get("$ref"), str):
+                children.append(targets[node["$ref"]])
+            below[id(node)] = 1 + max((depth(c, level + 1) for c in children), default=0)
+            path.discard(id(node))
+        if level + below[id(node)] > MAX_SCHEMA_DEPTH:
+            raise too_deep
+        return below[id(node)]
+
+    depth(schema, 1)
+
+
 def json_schema_constraint(schema, what: str = "a JSON value matching the schema") -> Constraint:
     """A JSON schema (dict) -> the constraint that output matches it; a one-line ValueError if unusable."""
     if not isinstance(schema, dict):
         raise ValueError("the JSON schema must be an object")
+    check_depth(schema)
     try:
         grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_STYLE)
     except ValueError as e:

@@ -163,6 +163,7 @@ def calls_constraint(functions: list[dict], parallel: bool, tokenizer: grammar.G
     lark = f'start: call{more}\ncall: {tags[0]} "\\n" body "\\n" {tags[1]}\nbody: %json {json.dumps(schema)}\n'
     names = ", ".join(f["name"] for f in functions)
     try:
+        grammar.check_depth(schema)  # llguidance recurses through it: a SIGSEGV past a few thousand levels
         return grammar.lark_constraint(lark, f"a call to {names}")
     except ValueError as e:
         raise RequestError(str(e), "tools") from None

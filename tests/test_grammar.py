@@ -6,6 +6,8 @@ from qwen2s import qwen2_scratch as q  # first: the fast BLAS before MLX
 # isort: split
 
 import json
+import subprocess
+import sys
 
 import jsonschema
 import mlx.core as mx
@@ -123,6 +125,40 @@ def test_a_grammar_that_allows_no_output_cannot_start(tiny_grammar_tokenizer):
     with pytest.raises(ValueError, match="allows no output") as e:
         grammar.start(grammar.from_response_format(as_format({"$ref": "#"})), gt)
     assert "\n" not in str(e.value)
+
+
+def ref_chain(links: int, link) -> dict:
+    """A schema whose $refs chain links deep: 100 KB of flat JSON for 3,000 links."""
+    return {"$defs": {f"d{i}": link(f"#/$defs/d{i + 1}") for i in range(links)} | {f"d{links}": {"type": "integer"}},
+            "$ref": "#/$defs/d0"}
+
+
+CHAINS = {"refs": lambda ref: {"$ref": ref},
+          "properties": lambda ref: {"type": "object", "properties": {"a": {"$ref": ref}}, "required": ["a"]},
+          "anchors": None, "ids": None}
+
+
+@pytest.mark.parametrize("shape", CHAINS)
+def test_a_schema_nested_deep_by_its_refs_is_refused_not_a_crash(tiny_grammar_tokenizer, shape):
+    """llguidance recurses through $refs on the thread's stack: 2,500 chained refs (or 380 links of 8 levels) ended
+    the process by SIGSEGV, the server with it. Run in a child process, which such a crash would end."""
+    if shape == "anchors":
+        schema = {"$defs": {f"d{i}": {"$anchor": f"a{i}", "$ref": f"#a{i + 1}"} for i in range(3000)}, "$ref": "#a0"}
+    elif shape == "ids":
+        schema = {"$defs": {f"d{i}": {"$id": f"http://x/{i}", "$ref": f"http://x/{i + 1}"} for i in range(3000)},
+                  "$ref": "http://x/0"}
+    else:
+        schema = ref_chain(3000, CHAINS[shape])
+    code = ("import json, sys\nfrom qwen2s import grammar\n"
+            "try:\n    grammar.json_schema_constraint(json.loads(sys.stdin.read()))\n"
+            "except ValueError as e:\n    print(e)\n")
+    done = subprocess.run([sys.executable, "-c", code], input=json.dumps(schema), capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and "nests more than 256 levels" in done.stdout, (done.returncode, done.stderr[-500:])
+    tree = {"$defs": {"node": {"type": "object", "properties": {"kids": {"type": "array", "items": {"$ref": "#"}}}}},
+            "$ref": "#/$defs/node"}  # recursion is no depth: it compiles without recursing
+    for fine in (tree, ref_chain(40, CHAINS["properties"])):
+        grammar.start(grammar.json_schema_constraint(fine), tiny_grammar_tokenizer[1])
 
 
 def test_text_and_absent_formats_are_unconstrained():

@@ -124,6 +124,10 @@ def test_arguments_may_come_as_an_object():
     ([{"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}], "required", "tools"),
     ([WEATHER], {"type": "function", "function": "get_weather"}, "tool_choice"),  # an AttributeError: a 500
     ([WEATHER], {"type": "function", "function": ["get_weather"]}, "tool_choice"),
+    # $refs chained 3,000 deep: llguidance recursed through them until a SIGSEGV (the server gone)
+    ([{"type": "function", "function": {"name": "f", "parameters": {
+        "$defs": {f"d{i}": {"$ref": f"#/properties/arguments/$defs/d{i + 1}"} for i in range(3000)},
+        "$ref": "#/properties/arguments/$defs/d0"}}}], "required", "tools"),
 ])
 def test_bad_tool_choices_are_one_line_errors(tiny_gt, tools, choice, param):
     with pytest.raises(ValueError) as e:
