@@ -687,7 +687,9 @@ def apply_top_p(logprobs: mx.array, p: float) -> mx.array:
     vocabulary or its k likeliest tokens alone: the likeliest tokens' sums are the same either way."""
     ascending = mx.sort(logprobs, axis=-1)
     mass_above = mx.cumsum(mx.exp(ascending.astype(mx.float32)), axis=-1, reverse=True, inclusive=False)  # likelier
-    dropped = (mass_above >= p).sum(axis=-1, keepdims=True)  # [B, 1]
+    # [B, 1], the likeliest token kept whatever p: one under float32's range (1e-50) is 0 there, every token was
+    # dropped, and the draw was from all -inf: any token, a masked one too (a grammar's answer broken)
+    dropped = mx.minimum((mass_above >= p).sum(axis=-1, keepdims=True), logprobs.shape[-1] - 1)
     threshold = mx.take_along_axis(ascending, dropped, axis=-1)
     return mx.where(logprobs < threshold, -mx.inf, logprobs)
 
@@ -698,6 +700,7 @@ def apply_min_p(logprobs: mx.array, p: float) -> mx.array:
     return mx.where(logprobs < floor, -mx.inf, logprobs)
 
 
+FLOAT32_TINY = 1.2e-38  # the smallest normal float32 (about): a factor that is not 0 there
 GREEDY_BELOW = 1e-5  # a temperature this small draws the argmax anyway (1 / temp would overflow)
 
 
@@ -721,7 +724,7 @@ def tempered_logprobs(logprobs: mx.array, s: Sampling) -> mx.array:
         logprobs = apply_top_p(logprobs, s.top_p)
     if s.min_p > 0:
         logprobs = apply_min_p(logprobs, s.min_p)
-    return logprobs * (1 / s.temp)
+    return logprobs * max(1 / s.temp, FLOAT32_TINY)  # past 1e38, 1 / temp is 0 in float32, and -inf * 0 NaN
 
 
 def sample(logits: mx.array, s: Sampling, key: mx.array | None = None) -> mx.array:

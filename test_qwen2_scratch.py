@@ -528,6 +528,19 @@ def test_filters_match_mlx_lm():
         assert (np.array(q.apply_min_p(lp, p)) == np.array(su.apply_min_p(lp, p))).all(), f"min-p {p}"
 
 
+def test_extreme_top_p_and_temperature_keep_the_draw_among_the_kept_tokens():
+    """top_p past float32's range (1e-50: 0 there) dropped every token, and a temperature past 1e38 made the dropped
+    tokens' -inf * (1 / temp) NaN: the draw was any token, one a grammar masked too (a 400 mid-answer, or garbage)."""
+    logits, _ = logprobs_for_sampling(2)
+    masked = mx.where(mx.arange(300) % 7 == 0, logits, -mx.inf)  # as a grammar's mask leaves it
+    for i in range(20):
+        key = q.sampling_key(3, i)
+        assert q.sample(logits, q.Sampling(temp=1.0, top_p=1e-50), key).item() == mx.argmax(logits).item()
+        assert q.sample(masked, q.Sampling(temp=1.0, top_p=1e-300), key).item() == mx.argmax(masked).item()
+        for temp in (1e39, 1e300):
+            assert q.sample(masked, q.Sampling(temp=temp), key).item() % 7 == 0, temp
+
+
 @pytest.mark.parametrize("V", [300, 151_936])  # the tests' vocabulary and Qwen2's
 def test_a_draw_among_the_k_likeliest_is_the_draw_over_the_whole_vocabulary(V):
     """With top-k on, `sample` draws among the k likeliest tokens alone (no sort of the vocabulary): a row gets the
