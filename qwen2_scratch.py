@@ -667,7 +667,11 @@ def apply_repetition_penalty(logits: mx.array, recent: mx.array, penalty: float 
     """Make recently seen tokens less likely: [B, V], each row's recent ids [B, N], a penalty (or one per row,
     [B, 1] in logits' dtype) -> [B, V] (positive / p, negative * p; an id seen twice is penalized once)."""
     seen = mx.take_along_axis(logits, recent, axis=-1)  # [B, N]
-    return mx.put_along_axis(logits, recent, mx.where(seen < 0, seen * penalty, seen / penalty), axis=-1)
+    penalized = mx.where(seen < 0, seen * penalty, seen / penalty)
+    # a huge penalty (1e300: inf in float32) took a finite logit to -inf; were they every token a grammar allows, the
+    # draw was from no token at all: any token (a 400 mid-answer). A masked token (-inf) stays out.
+    penalized = mx.where(seen == -mx.inf, seen, mx.maximum(penalized, mx.finfo(logits.dtype).min))
+    return mx.put_along_axis(logits, recent, penalized, axis=-1)
 
 
 def apply_presence_and_frequency(logits: mx.array, recent: mx.array, presence: float, frequency: float) -> mx.array:

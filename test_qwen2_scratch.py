@@ -539,6 +539,12 @@ def test_extreme_top_p_and_temperature_keep_the_draw_among_the_kept_tokens():
         assert q.sample(masked, q.Sampling(temp=1.0, top_p=1e-300), key).item() == mx.argmax(masked).item()
         for temp in (1e39, 1e300):
             assert q.sample(masked, q.Sampling(temp=temp), key).item() % 7 == 0, temp
+    # a penalty past float32's range took every token the mask allows (all seen, negative) to -inf
+    allowed = mx.arange(0, 300, 7)
+    seen = mx.where(mx.arange(300) % 7 == 0, -1 - mx.abs(logits), -mx.inf)
+    penalized = q.apply_repetition_penalty(seen, allowed[None], 1e300)
+    assert mx.all(mx.isfinite(penalized[0, allowed])).item() and (penalized[0] == -mx.inf).sum().item() == 300 - 43
+    assert q.sample(penalized, q.Sampling(temp=1.0), q.sampling_key(3, 0)).item() % 7 == 0
 
 
 @pytest.mark.parametrize("V", [300, 151_936])  # the tests' vocabulary and Qwen2's
