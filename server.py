@@ -190,7 +190,8 @@ def logit_bias(body: dict, vocab_size: int) -> tuple[tuple[int, float], ...]:
         raise ApiError(400, "logit_bias must be an object of token ids to numbers in [-100, 100]", "logit_bias")
     pairs = []
     for key, value in bias.items():
-        if not (key.isascii() and key.isdigit() and len(key) < 12 and int(key) < vocab_size):
+        # a token's own decimal form only: "5" and "05" would both name token 5, their biases added past 100
+        if not (key.isascii() and key.isdigit() and len(key) < 12 and key == str(int(key)) and int(key) < vocab_size):
             raise ApiError(400, f"logit_bias: {short(key)} is not a token id below {vocab_size}", "logit_bias")
         pairs.append((int(key), number({"logit_bias": value}, "logit_bias", 0.0, low=-100, high=100)))
     return tuple(sorted(pairs))

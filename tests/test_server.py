@@ -167,7 +167,8 @@ def test_the_defaults_fill_what_a_request_leaves_out():
     ({"stream": True, "stream_options": "usage"}, "stream_options"), ({"stream_options": {}}, "stream_options"),
     ({"stop": ["x" * (server.MAX_STOP_CHARS + 1)]}, "stop"), ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"logit_bias": {"300": 1}}, "logit_bias"), ({"logit_bias": {"5": 101}}, "logit_bias"),
-    ({"logit_bias": {"-1": 1}}, "logit_bias"), ({"top_logprobs": 2}, "top_logprobs"),
+    ({"logit_bias": {"-1": 1}}, "logit_bias"), ({"logit_bias": {"5": 100, "05": 100}}, "logit_bias"),
+    ({"top_logprobs": 2}, "top_logprobs"),
     ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"), ({"presence_penalty": 10**400}, "presence_penalty"),
     ({"max_completion_tokens": 5, "max_tokens": "x"}, "max_tokens"),  # was ignored beside the newer name
     ({"max_completion_tokens": 0, "max_tokens": 5}, "max_completion_tokens"),
