@@ -251,6 +251,7 @@ class ToolCallParser:
     def __init__(self):
         self.pending = ""  # text not yet decided: a possible tag start, a block, or whitespace
         self.in_block = False
+        self.searched = 0  # in a block: where CLOSE may still start in pending (each piece searched once, not again)
         self.after_block = False  # drop the whitespace that follows a block
         self.space = ""  # content's trailing whitespace, dropped if a call follows
         self.content = ""
@@ -262,9 +263,11 @@ class ToolCallParser:
         deltas = []
         while True:
             if self.in_block:
-                end = self.pending.find(CLOSE)
+                end = self.pending.find(CLOSE, self.searched)
                 if end < 0:
+                    self.searched = max(0, len(self.pending) - len(CLOSE) + 1)
                     return deltas
+                self.searched = 0
                 deltas += self.close_block(self.pending[len(OPEN) : end], self.pending[: end + len(CLOSE)])
                 self.pending = self.pending[end + len(CLOSE) :]
                 continue
@@ -283,7 +286,7 @@ class ToolCallParser:
         hermes parser reads it; otherwise content)."""
         deltas = self.close_block(self.pending[len(OPEN) :], self.pending) if self.in_block \
             else self.emit(self.pending)
-        self.pending, self.in_block = "", False
+        self.pending, self.in_block, self.searched = "", False, 0
         if self.space and not self.tool_calls:  # a plain answer keeps its last newline
             self.content += self.space
             deltas.append({"content": self.space})
