@@ -748,6 +748,11 @@ async def respond(request, ctx: Context, ids, options: Options, chunks, final):
                     record(metrics, item)
                     whole = Piece("".join(p.text for p in collected), tuple(e for p in collected for e in p.logprobs))
                     return JSONResponse(final(whole, item))
+    except ApiError as e:
+        if e.status == 503 and watcher.done() and not watcher.cancelled():  # cancelled since the client left: its
+            raise ApiError(499, "the client closed the connection before its answer", None,  # (nginx's 499), not
+                           "client_closed") from None  # the server's 503
+        raise
     finally:
         watcher.cancel()
 

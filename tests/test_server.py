@@ -616,7 +616,10 @@ def test_a_client_that_leaves_a_long_answer_frees_the_model(tiny_served):
         found = re.search(rf"^{re.escape(name)} (\S+)$", tiny_served.get("/metrics").text, re.M)
         return float(found.group(1)) if found else 0.0
 
-    generated = metric("qwen2_scratch_generated_tokens_total")
+    def answered(status):
+        return metric(f'qwen2_scratch_requests_total{{endpoint="/v1/completions",status="{status}"}}')
+
+    generated, before = metric("qwen2_scratch_generated_tokens_total"), (answered("499"), answered("503"))
     with pytest.raises(httpx.TimeoutException):  # the tiny model never ends an answer by itself
         httpx.post(f"{tiny_served.url}/v1/completions", json={"prompt": "hello", "max_tokens": 30000},
                    headers={"Authorization": f"Bearer {KEY}"}, timeout=3)
@@ -624,6 +627,7 @@ def test_a_client_that_leaves_a_long_answer_frees_the_model(tiny_served):
     while metric("qwen2_scratch_requests_running") > 0 and time.time() < end:
         time.sleep(0.1)
     assert metric("qwen2_scratch_requests_running") == 0, "the generation went on after its client left"
+    assert (answered("499"), answered("503")) == (before[0] + 1, before[1])  # the client's doing, not a server's 503
     r = tiny_served.post("/v1/completions", {"prompt": "hello", "max_tokens": 1})
     assert r.status_code == 200
     assert metric("qwen2_scratch_generated_tokens_total") - generated == 1  # the 30,000 were never finished
