@@ -427,6 +427,9 @@ def verifier_draws(logits: mx.array, row: Row, proposal: list[int]) -> list[Draw
 # ---------------------------------------------------------------------------------------------
 
 
+RESERVED_AHEAD = 1024  # the most positions past its prompt a row decoding alone reserves at once (Engine.reach)
+
+
 def is_whole(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -749,14 +752,29 @@ class Engine:
             return
         mx.async_eval(first, row.cache)  # the prompt computes while the step is traced
         n = 1 + self.num_draft
-        cache = q.reserve(row.cache, len(row.request.prompt) + n + 1)
+        cache = q.reserve(row.cache, max(self.reach(row), len(row.request.prompt) + n + 1))
         q.compiled_decode_step(self.params, self.config, mx.zeros((1, n), mx.uint32), cache, self.kernels,
                                self.rows_for(n))
 
+    def reach(self, row: Row) -> int:
+        """Positions a row that decodes alone holds in its cache from the start: its prompt, its whole answer and a
+        verifier step's proposals past it, at most RESERVED_AHEAD past the prompt; none beyond its prompt where
+        finished rows are kept in the prompt cache (granule 1, the CPU: an entry's unused room would be memory the
+        cache does not count). The cache grows in blocks (q.CACHE_BLOCK), and each new capacity is a new shape of
+        the compiled step: a trace and, on a GPU, its graph built at its first evaluation, 40-50 ms on the H200
+        each time, in the middle of a one-shot command's decode. Reserved at once, a one-shot command's steps keep
+        one shape (and the verifier step traced during the prompt, `pretrace`, is the one it takes)."""
+        if self.granule == 1:
+            return len(row.request.prompt)
+        answer = row.request.max_tokens + 1 + (self.num_draft if self.proposer is not None else 0)
+        return len(row.request.prompt) + min(answer, RESERVED_AHEAD)
+
     def join(self, row: Row) -> None:
-        """The row's cache becomes the batch's last row."""
+        """The row's cache becomes the batch's last row (alone, reserved to its `reach`)."""
         cache, row.cache = row.cache, None
-        if self.cache is not None:
+        if self.cache is None:
+            cache = q.reserve(cache, self.reach(row))
+        else:
             batch = self.cache
             capacity = max(q.cache_capacity(batch), q.cache_capacity(cache))
             both = [q.reserve(c, capacity, block_size=1) for c in (batch, cache)]

@@ -529,11 +529,12 @@ def test_a_worker_on_the_cpu_waits_for_each_step_with_the_same_tokens(monkeypatc
     assert engine.pipelined != on_the_cpu and (sent_off == []) == on_the_cpu
 
 
-def test_a_plain_row_traces_its_step_once_per_cache_block(monkeypatch, on_cpu):
-    """The first decode step's input is an id from Python, the next ones draws still on the device: both uint32,
-    so the compiled step is traced once per cache block (int32 ids had made two traces of each shape)."""
-    _, params, config, _ = reference_model(tie=False, hidden_size=48, num_attention_heads=6, num_key_value_heads=2,
-                                           intermediate_size=80, vocab_size=130)  # a config no other test uses
+def test_a_row_alone_traces_its_step_once_for_its_whole_answer_or_once_per_cache_block(monkeypatch, on_cpu):
+    """The first decode step's input is an id from Python, the next ones draws still on the device: both uint32
+    (int32 ids had made two traces of each shape). A row decoding alone holds room for its whole answer from the
+    start (`Engine.reach`), so its step has one shape, traced once (each new capacity was a trace, and on a GPU a
+    graph built, mid-answer); past RESERVED_AHEAD, or where the prompt cache keeps finished rows (rows exact: the
+    CPU's 64-token chunks), the cache grows a block at a time, a trace each."""
     traces = []
     original = q.forward
 
@@ -543,11 +544,23 @@ def test_a_plain_row_traces_its_step_once_per_cache_block(monkeypatch, on_cpu):
 
     monkeypatch.setattr(q, "forward", counting)
     monkeypatch.setattr(q, "CACHE_BLOCK", 32)
-    engine = new_engine(params, config)
-    for sampling in (GREEDY, SAMPLED):
-        assert len(tokens_of(engine.generate(E.Request(prompts()[1], sampling, 70, seed=3)))) == 70
-    steps = [t for t in traces if t[0] == (1, 1)]  # the decode steps' traces (prefill's have the prompt's shape)
-    assert len(steps) == 3 and len(set(steps)) == 3 and {t[1] for t in steps} == {mx.uint32}, steps  # 3 blocks
+
+    def step_traces(intermediate_size, **options):  # a config no other test uses: each of its traces counted here
+        _, params, config, _ = reference_model(tie=False, hidden_size=48, num_attention_heads=6,
+                                               num_key_value_heads=2, intermediate_size=intermediate_size,
+                                               vocab_size=130)
+        traces.clear()
+        engine = E.Engine(params, config, IdTokenizer(), **{"chunk": CHUNK, **options})
+        for sampling in (GREEDY, SAMPLED):
+            assert len(tokens_of(engine.generate(E.Request(prompts()[1], sampling, 70, seed=3)))) == 70
+        steps = [t for t in traces if t[0] == (1, 1)]  # the decode steps' traces (prefill's have the prompt's shape)
+        assert {t[1] for t in steps} == {mx.uint32} and len(set(steps)) == len(steps), steps
+        return [t[2] for t in steps]
+
+    assert step_traces(80) == [96]  # 17 prompt tokens + 70 + 1 reserved: one capacity, three blocks of 32
+    assert step_traces(88, chunk=q.EXACT_ROWS) == [32, 64, 96]  # rows exact: the cache grows as the row does
+    monkeypatch.setattr(E, "RESERVED_AHEAD", 40)
+    assert step_traces(96) == [64, 96]  # 17 + 40 reserved, then grown
 
 
 def penalized_greedy_by_hand(params, config, prompt, n, penalty, context):
