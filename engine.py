@@ -311,8 +311,9 @@ class Draw(NamedTuple):
 
 
 def penalized_draw(logits: mx.array, biased: mx.array | None, window: mx.array | None, key: mx.array,
-                   s: q.Sampling) -> tuple[mx.array, mx.array]:
-    """One row's logits [1, V] -> its token [1] and the token's log-probability [1] in the model's distribution.
+                   s: q.Sampling, top: int = 0) -> tuple[mx.array, mx.array]:
+    """One row's logits [1, V] -> its token [1], then the `top` likeliest tokens: ids [1 + top] and their
+    log-probabilities [1 + top] in the model's distribution.
 
     biased: the logits with the request's bias and grammar mask applied (None: none), which the penalties over
     the window of recent ids [1, n] and then the sampler see. Compiled once per sampling setting
@@ -324,7 +325,10 @@ def penalized_draw(logits: mx.array, biased: mx.array | None, window: mx.array |
     if window is not None and (s.presence_penalty or s.frequency_penalty):
         logits = q.apply_presence_and_frequency(logits, window[0], s.presence_penalty, s.frequency_penalty)
     token = q.sample(logits, s, key)
-    return token, mx.take_along_axis(logits32, token[:, None], axis=-1)[:, 0] - q.logsumexp(logits32)[:, 0]
+    ids = mx.concatenate([token, mx.argsort(-logits32[0])[:top].astype(token.dtype)]) if top else token
+    # one gather and one expression for the token and the list (and greedy_draws' the same): a token listed has
+    # the value it has when drawn (computed apart, eagerly, a GPU's differed in the last bit)
+    return ids, mx.take_along_axis(logits32, ids[None], axis=-1)[0] - q.logsumexp(logits32)[0]
 
 
 compiled_draw = mx.compile(penalized_draw)
@@ -340,13 +344,9 @@ def draw(logits: mx.array, row: Row, window: mx.array | None, position: int) -> 
         biased = logits.at[:, mx.array(ids)].add(mx.array(bias, logits.dtype))
     if row.grammar is not None:
         biased = grammar.mask_logits(logits if biased is None else biased, grammar.allowed(row.grammar)[None])
-    token, logprob = compiled_draw(logits, biased, window, q.sampling_key(row.seed, position), request.sampling)
-    top = None
-    if request.top_logprobs:
-        logits32 = logits[0].astype(mx.float32)
-        ids = mx.argsort(-logits32)[: request.top_logprobs]
-        top = (ids, logits32[ids] - q.logsumexp(logits32))
-    return Draw(token, logprob, top)
+    ids, logprobs = compiled_draw(logits, biased, window, q.sampling_key(row.seed, position), request.sampling,
+                                  request.top_logprobs)
+    return Draw(ids[:1], logprobs[:1], (ids[1:], logprobs[1:]) if request.top_logprobs else None)
 
 
 def plainly_greedy(row: Row) -> bool:

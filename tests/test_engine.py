@@ -394,6 +394,13 @@ def test_logit_bias_moves_the_draws_and_the_events_report_the_model_distribution
     ids = [t for t, _ in first.top_logprobs]
     assert ids == mx.argsort(-expected)[:5].tolist()
     assert all(abs(lp - expected[t].item()) < 1e-5 for t, lp in first.top_logprobs)
+    # a token drawn and listed has one value: in its list, and as greedy rows without a list report it
+    listed = [e for e in new_engine(params, config).generate(E.Request(p, GREEDY, 6, top_logprobs=3))
+              if e.token is not None]
+    plain = [e for e in new_engine(params, config).generate(E.Request(p, GREEDY, 6)) if e.token is not None]
+    assert [(e.token, e.logprob) for e in listed] == [(e.token, e.logprob) for e in plain]
+    assert all(e.logprob == dict(e.top_logprobs)[e.token] for e in listed + events[:-1] if e.token in
+               dict(e.top_logprobs))
     with pytest.raises(ValueError, match="logit_bias"):
         new_engine(params, config).submit(E.Request(p, logit_bias=((config.vocab_size, 1.0),)))
 
