@@ -79,18 +79,27 @@ def lark_literal(tokenizer: GrammarTokenizer, text: str) -> str:
 # of 2,500 refs (100 KB of JSON; 380 links of 8 levels each) overflowed the 8 MB of the main thread: a SIGSEGV, the
 # server gone. 256 leaves room on a 2 MB thread stack; a real schema nests a few dozen levels.
 MAX_SCHEMA_DEPTH = 256
+# How many objects and arrays a schema may hold: llguidance's compile grows with their square (1,000 properties
+# 0.13 s, 4,000 1.2 s, 22,000 over a minute and then a panic of its own), and a request's body may be a megabyte of
+# them. OpenAI's structured outputs allow 5,000 properties in all.
+MAX_SCHEMA_NODES = 10_000
+MAX_SCHEMA_VISITS = 20_000  # nodes check_depth expands again (each path that cut a cycle short expands anew)
 
 
 def check_depth(schema) -> None:
-    """A ValueError if the schema nests past MAX_SCHEMA_DEPTH (objects and arrays, each $ref followed to its target;
-    a ref back to a schema on the path is recursion, which llguidance compiles without recursing). Refs resolved:
+    """A ValueError if the schema holds more than MAX_SCHEMA_NODES objects and arrays, or nests past
+    MAX_SCHEMA_DEPTH (objects and arrays, each $ref followed to its target; a ref back to a schema on the path is
+    recursion, which llguidance compiles without recursing). Refs resolved:
     "#", JSON pointers ("#/$defs/a"), anchors ("#name"); with any other ref (by $id), each ref may add the whole
     document's depth."""
-    anchors, refs, deepest = {}, [], 0
+    anchors, refs, deepest, nodes = {}, [], 0, 0
     stack = [(schema, 1)]
     while stack:  # one pass: the anchors, the refs and the document's own depth (iterative: JSON nests ~1,000 deep)
         node, depth = stack.pop()
         deepest = max(deepest, depth)
+        nodes += isinstance(node, dict | list)
+        if nodes > MAX_SCHEMA_NODES:
+            raise ValueError(f"the JSON schema holds more than {MAX_SCHEMA_NODES} objects and arrays")
         if isinstance(node, dict):
             if isinstance(node.get("$anchor"), str):
                 anchors["#" + node["$anchor"]] = node
@@ -119,24 +128,39 @@ def check_depth(schema) -> None:
         if (len(refs) + 1) * deepest > MAX_SCHEMA_DEPTH:
             raise too_deep from None
         return
-    below, path = {}, set()
+    below, path, expanded, again = {}, {}, set(), [0]  # memoized depths; the path's nodes -> their levels
 
-    def depth(node, level: int) -> int:
-        """node's depth (memoized), level its depth on the path from the root."""
+    def depth(node, level: int) -> tuple[int, int]:
+        """node's depth, and the shallowest level on the path that a ref below it led back to (recursion: no depth
+        there). A depth that such a cut shortened is not memoized: reached by another path, with that ancestor off
+        it, the node may reach deeper (memoized, it had passed schemas nested past the limit). Without a memo a
+        schema of many cycles could be walked in exponential time: MAX_SCHEMA_VISITS bounds the nodes walked again."""
         if level > MAX_SCHEMA_DEPTH:
             raise too_deep
-        if not isinstance(node, dict | list) or id(node) in path:
-            return 0
-        if id(node) not in below:
-            path.add(id(node))
+        if not isinstance(node, dict | list):
+            return 0, level
+        if id(node) in path:
+            return 0, path[id(node)]
+        if id(node) in below:
+            d, low = below[id(node)], level
+        else:
+            if id(node) in expanded:  # once each is the document's size; again, each path a cycle cut short
+                again[0] += 1
+                if again[0] > MAX_SCHEMA_VISITS:
+                    raise ValueError(f"the JSON schema's $refs make more than {MAX_SCHEMA_VISITS} paths to check")
+            expanded.add(id(node))
+            path[id(node)] = level
             children = list(node.values() if isinstance(node, dict) else node)
             if isinstance(node, dict) and isinstance(node.get("$ref"), str):
                 children.append(targets[node["$ref"]])
-            below[id(node)] = 1 + max((depth(c, level + 1) for c in children), default=0)
-            path.discard(id(node))
-        if level + below[id(node)] > MAX_SCHEMA_DEPTH:
+            found = [depth(c, level + 1) for c in children]
+            del path[id(node)]
+            d, low = 1 + max((f[0] for f in found), default=0), min((f[1] for f in found), default=level)
+            if low >= level:  # no ref led above this node: its depth is its own, from any path
+                below[id(node)], low = d, level
+        if level + d > MAX_SCHEMA_DEPTH:
             raise too_deep
-        return below[id(node)]
+        return d, low
 
     depth(schema, 1)
 
@@ -168,7 +192,7 @@ def checked(constraint: Constraint) -> Constraint:
 
 def first_line(message) -> str:
     """An engine's message on one line (a regex error spans several, with a caret under the spot)."""
-    return " ".join(str(message).split()) or "unknown error"
+    return " ".join(str(message).split("<backtrace>")[0].split()) or "unknown error"  # (a panic's: addresses)
 
 
 def from_response_format(response_format) -> Constraint | None:

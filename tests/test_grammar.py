@@ -147,8 +147,8 @@ def test_a_schema_nested_deep_by_its_refs_is_refused_not_a_crash(tiny_grammar_to
     elif shape == "ids":
         schema = {"$defs": {f"d{i}": {"$id": f"http://x/{i}", "$ref": f"http://x/{i + 1}"} for i in range(3000)},
                   "$ref": "http://x/0"}
-    else:
-        schema = ref_chain(3000, CHAINS[shape])
+    else:  # (2,400 links of 4 objects: under MAX_SCHEMA_NODES, refused for its depth, as 3,000 of one)
+        schema = ref_chain(3000 if shape == "refs" else 2400, CHAINS[shape])
     code = ("import json, sys\nfrom qwen2s import grammar\n"
             "try:\n    grammar.json_schema_constraint(json.loads(sys.stdin.read()))\n"
             "except ValueError as e:\n    print(e)\n")
@@ -159,6 +159,31 @@ def test_a_schema_nested_deep_by_its_refs_is_refused_not_a_crash(tiny_grammar_to
             "$ref": "#/$defs/node"}  # recursion is no depth: it compiles without recursing
     for fine in (tree, ref_chain(40, CHAINS["properties"])):
         grammar.start(grammar.json_schema_constraint(fine), tiny_grammar_tokenizer[1])
+
+
+def nested(levels: int, inner: dict) -> dict:
+    """inner inside `levels` levels of arrays (a dict each)."""
+    for _ in range(levels):
+        inner = {"type": "array", "items": inner}
+    return inner
+
+
+def test_a_schemas_depth_counts_every_path_through_its_refs_not_the_first_one_seen():
+    """a's refs lead to x, x's back to a (recursion, no depth there) and a holds 150 levels of its own. Walked from
+    the first property, x's depth is cut where it leads back to a; reached again (the second property, or $defs),
+    with a off the path, x -> a -> 150 levels is 280 levels deep. A memo of x's cut depth had let it pass."""
+    x = nested(120, {"$ref": "#/$defs/a"})
+    a = {"type": "object", "properties": {"loop": {"$ref": "#/$defs/x"}, "deep": nested(150, {"type": "integer"})}}
+    schema = {"type": "object", "properties": {"first": {"$ref": "#/$defs/a"}, "second": {"$ref": "#/$defs/x"}},
+              "$defs": {"a": a, "x": x}}
+    with pytest.raises(ValueError, match="nests more than 256 levels"):
+        grammar.check_depth(schema)
+    a["properties"]["deep"] = nested(100, {"type": "integer"})
+    grammar.check_depth(schema)  # x -> a -> 100 levels: 230
+    many = {"$defs": {f"d{i}": {"anyOf": [{"$ref": f"#/$defs/d{j}"} for j in range(12)]} for i in range(12)},
+            "$ref": "#/$defs/d0"}  # every order of 12 mutually recursive refs: too many paths, refused in time
+    with pytest.raises(ValueError, match="paths to check"):
+        grammar.check_depth(many)
 
 
 def test_text_and_absent_formats_are_unconstrained():

@@ -1228,3 +1228,14 @@ def test_a_megabyte_to_tokenize_does_not_stall_the_other_clients(tiny_served):
     thread.join()
     assert answered[:2] == [200, 400]  # the chat's prompt is over the context
     assert max(waits) < answered[2] / 8, (max(waits), answered[2])  # the two took 4-5 s, /health 0.05 s at most
+
+
+def test_a_schema_of_too_many_parts_is_refused_before_its_compile(tiny_served):
+    """llguidance's compile of a schema grows with the square of its parts: a megabyte of 22,000 properties took it
+    over a minute of a server thread, and ended in a panic (its message a backtrace). More than 10,000 objects and
+    arrays are refused before it (grammar.MAX_SCHEMA_NODES; OpenAI allows 5,000 properties)."""
+    huge = {"type": "object", "properties": {f"p{i}": {"enum": [f"v{i}a", f"v{i}b"]} for i in range(22000)}}
+    response = tiny_served.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "huge", "schema": huge}}})
+    assert response.status_code == 400
+    assert response.json()["error"]["message"] == ("the JSON schema holds more than 10000 objects and arrays")
