@@ -377,7 +377,9 @@ def terminal_restorer():
         sys.stderr.write("\n")
         sys.exit(128 + signum)
 
-    previous = {sig: signal.signal(sig, leave) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    # a signal ignored when the chat began (nohup ignores SIGHUP) stays ignored: the user asked for that
+    previous = {sig: signal.signal(sig, leave) for sig in (signal.SIGTERM, signal.SIGHUP)
+                if signal.getsignal(sig) is not signal.SIG_IGN}
     try:
         yield
     finally:

@@ -1062,8 +1062,12 @@ class Stopping(uvicorn.Server):
     def capture_signals(self):
         """SIGHUP (the terminal closed) stops the server as SIGTERM does, answers ended with the stopping error;
         uvicorn takes only SIGINT and SIGTERM, and SIGHUP had ended the process with the streams cut off. Once
-        stopped, uvicorn raises the signal again: the process ends by it, as by SIGTERM."""
+        stopped, uvicorn raises the signal again: the process ends by it, as by SIGTERM. Unless SIGHUP was ignored
+        when the server started (`nohup qwen2-scratch serve`): then it keeps serving, as asked."""
         with super().capture_signals():
+            if signal.getsignal(signal.SIGHUP) is signal.SIG_IGN:
+                yield
+                return
             previous = signal.signal(signal.SIGHUP, self.handle_exit)
             try:
                 yield

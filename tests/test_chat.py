@@ -129,10 +129,11 @@ def test_chat_end_of_input_and_quit_exit_0(tiny_folder):
 class Terminal:
     """The chat in a pseudo-terminal, as a person runs it."""
 
-    def __init__(self, *args, command=(str(COMMAND),)):
+    def __init__(self, *args, command=(str(COMMAND),), hangup=signal.SIG_DFL):
+        """hangup: SIGHUP's disposition in the chat (SIG_IGN: as under nohup), whatever the tests' own is."""
         self.master, slave = pty.openpty()
-        self.proc = subprocess.Popen([*command, "chat", *args],
-                                     stdin=slave, stdout=slave, stderr=slave, close_fds=True)
+        self.proc = subprocess.Popen([*command, "chat", *args], stdin=slave, stdout=slave, stderr=slave,
+                                     close_fds=True, preexec_fn=lambda: signal.signal(signal.SIGHUP, hangup))
         os.close(slave)
         self.seen = ""
 
@@ -333,6 +334,18 @@ def test_sigterm_or_sighup_at_the_prompt_restores_the_terminal(tiny_folder, sig)
     term.proc.wait(timeout=30)
     assert termios.tcgetattr(term.master)[3] & termios.ECHO == echo != 0
     assert term.close() == 128 + sig and "Traceback" not in term.seen
+
+
+def test_under_nohup_a_hangup_at_the_prompt_leaves_the_chat_running(tiny_folder):
+    term = Terminal("--model", str(tiny_folder), "--max-tokens", "3", "--temp", "0", hangup=signal.SIG_IGN)
+    term.read_until(r"> $")
+    time.sleep(0.3)
+    term.proc.send_signal(signal.SIGHUP)
+    start = len(term.seen)
+    term.type("/help\n")
+    term.read_until(r"Commands:[^$]*\n> $", since=start)
+    term.type("\x04")
+    assert term.close() == 0 and "Traceback" not in term.seen
 
 
 def test_a_block_open_at_end_of_input_is_sent_and_inner_quotes_are_text(tiny_folder):

@@ -244,10 +244,12 @@ class Served:
     """`qwen2-scratch serve --port 0 --api-key KEY` in a subprocess; its stderr is kept, with every thread's stack
     if it crashes (faulthandler: on the H200 a stop under a loaded suite ended the server by SIGSEGV, silently)."""
 
-    def __init__(self, *args, env=None):
+    def __init__(self, *args, env=None, hangup=signal.SIG_DFL):
+        """hangup: SIGHUP's disposition in the server (SIG_IGN: as under nohup), whatever the tests' own is."""
         self.proc = subprocess.Popen([str(COMMAND), "serve", "--port", "0", *args], stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                     env={**os.environ, "PYTHONFAULTHANDLER": "1", **(env or {})})
+                                     env={**os.environ, "PYTHONFAULTHANDLER": "1", **(env or {})},
+                                     preexec_fn=lambda: signal.signal(signal.SIGHUP, hangup))
         self.stderr: list[str] = []
         self.reader = threading.Thread(target=lambda: self.stderr.extend(self.proc.stderr), daemon=True)
         self.reader.start()
@@ -777,6 +779,19 @@ def test_a_request_starts_while_ten_others_stream(tiny_folder):
             t.join(TIMEOUT)
         assert still_streaming == 10, "it waited for the others to end"
         assert len(last) == 11, "a stream did not end once its client left"
+    finally:
+        assert s.stop() == 0, s.stderr
+
+
+def test_under_nohup_a_hangup_leaves_the_server_serving(tiny_folder):
+    """nohup ignores SIGHUP so that a server outlives its terminal: the server's own SIGHUP handling (stop, as on
+    SIGTERM) is for a terminal that closed, not for this. Under nohup it had stopped, and exited 0."""
+    s = Served("--model", str(tiny_folder), "--api-key", KEY, hangup=signal.SIG_IGN)
+    try:
+        s.proc.send_signal(signal.SIGHUP)
+        time.sleep(1)
+        answer = s.client().completions.create(model=str(tiny_folder), prompt="hello", max_tokens=3, temperature=0)
+        assert s.proc.poll() is None and answer.choices[0].finish_reason == "length"
     finally:
         assert s.stop() == 0, s.stderr
 
