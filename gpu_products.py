@@ -3,11 +3,12 @@
 MLX's CUDA backend multiplies one row with its own gemv and more rows with a cuBLAS algorithm chosen by
 the shape, and each rounds differently: a row's result would depend on how many rows stand beside it.
 This kernel computes every output as one dot product in one fixed order, whatever the number of rows:
-a warp per weight row and per block of eight input rows; each lane sums eight elements at a time (one
-16-byte load of bfloat16), from its own offset, with four such loads of the weight row in flight, in
-float32 with one rounding per multiply-add (`__fmaf_rn`, never left to the compiler), and the warp's 32
-partial sums are added in one fixed butterfly. The blocks of input rows that share weight rows are
-launched side by side (blockIdx.x), so that a weight row comes from memory once and from L2 for the others.
+a warp per weight row (or a few) and per block of input rows; each lane sums eight elements at a time (one
+16-byte load of bfloat16), from its own offset, in float32 with one rounding per multiply-add (`__fmaf_rn`, never
+left to the compiler), and the warp's 32 partial sums are added in one fixed butterfly. The blocks of input rows
+that share weight rows are launched side by side (blockIdx.x), so that a weight row comes from memory once and
+from L2 for the others. How many rows a block, weight rows a warp, loads in flight and warps a block (`Plan`) is
+chosen by the product's shape (`plan_for`): no choice changes a bit, since no output's sum changes its order.
 
 What a decode step adds to its products is done in the same kernel, before the one rounding: q, k and v's biases,
 the residual stream that o_proj's and down_proj's outputs join, and SwiGLU's gate (`gated`: silu(x @ gate.T) *
@@ -39,6 +40,7 @@ import importlib.metadata
 import math
 import os
 import tempfile
+from typing import NamedTuple
 
 import mlx.core as mx
 
@@ -107,39 +109,53 @@ __device__ __forceinline__ void dot_rows(const T* x, const T* const* w, int R, i
     }                                                                                                     \
 }
 
-// y [R, N] = x [R, K] @ w [N, K].T (+ a), one warp per weight row n and J rows of x; the addend a (a bias b [N] or a
-// residual b [R, N]) added to each sum before its one rounding. ADDEND_INPUT is `, const T* b` and PLUS_ADDEND
-// `+ from_NAME(b[...])`, or both empty (defined before the kernel's instance). DOT_ROWS with M = 1, LOADS = 4
-#define PRODUCT(NAME, T, J)                                                                               \
+// y [R, N] = x [R, K] @ w [N, K].T (+ a), one warp per M weight rows n0 .. n0 + M - 1 and J rows of x; the addend a
+// (a bias b [N] or a residual b [R, N]) added to each sum before its one rounding. ADDEND_INPUT is `, const T* b` and
+// PLUS_ADDEND `+ from_NAME(b[...])`, or both empty (defined before the kernel's instance). M rows past N repeat the
+// last one and are not written
+#define PRODUCT(NAME, T, J, M)                                                                            \
 extern "C" __global__ void few_rows_product(const T* x, const T* w ADDEND_INPUT, T* y, int R, int K, int N) \
 {                                                                                                         \
     const int lane = threadIdx.x & 31;                                                                    \
-    const int n = blockIdx.y * (blockDim.x >> 5) + (threadIdx.x >> 5);                                    \
+    const int n0 = (blockIdx.y * (blockDim.x >> 5) + (threadIdx.x >> 5)) * M;                             \
     const int r0 = blockIdx.x * J;                                                                        \
-    if (n >= N || r0 >= R) return;                                                                        \
-    const T* rows[1] = {w + (size_t)n * K};                                                               \
-    float acc[1][J];                                                                                      \
+    if (n0 >= N || r0 >= R) return;                                                                       \
+    const T* rows[M];                                                                                     \
+    _Pragma("unroll") for (int m = 0; m < M; m++) rows[m] = w + (size_t)min(n0 + m, N - 1) * K;           \
+    float acc[M][J];                                                                                      \
     dot_rows(x, rows, R, K, r0, lane, acc);                                                               \
-    _Pragma("unroll") for (int j = 0; j < J; j++) {                                                       \
-        if (lane == 0 && r0 + j < R) y[(size_t)(r0 + j) * N + n] = to_##NAME(acc[0][j] PLUS_ADDEND);      \
+    _Pragma("unroll") for (int m = 0; m < M; m++) {                                                       \
+        const int n = n0 + m;                                                                             \
+        _Pragma("unroll") for (int j = 0; j < J; j++) {                                                   \
+            if (lane == (m * J + j) % 32 && r0 + j < R && n < N)                                          \
+                y[(size_t)(r0 + j) * N + n] = to_##NAME(acc[m][j] PLUS_ADDEND);                           \
+        }                                                                                                 \
     }                                                                                                     \
 }
 
-// SwiGLU's gate: y [R, N] = silu(x @ g.T) * (x @ u.T), both sums as in PRODUCT (DOT_ROWS with M = 2, LOADS = 2:
-// the same order), one rounding at the end
-#define GATED(NAME, T, J)                                                                                 \
+// SwiGLU's gate: y [R, N] = silu(x @ g.T) * (x @ u.T), P outputs n0 .. n0 + P - 1 a warp, each sum as in PRODUCT
+// (DOT_ROWS with M = 2P weight rows, gate and up in turn: the same order), one rounding at the end
+#define GATED(NAME, T, J, P)                                                                              \
 extern "C" __global__ void few_rows_gated(const T* x, const T* g, const T* u, T* y, int R, int K, int N)  \
 {                                                                                                         \
     const int lane = threadIdx.x & 31;                                                                    \
-    const int n = blockIdx.y * (blockDim.x >> 5) + (threadIdx.x >> 5);                                    \
+    const int n0 = (blockIdx.y * (blockDim.x >> 5) + (threadIdx.x >> 5)) * P;                             \
     const int r0 = blockIdx.x * J;                                                                        \
-    if (n >= N || r0 >= R) return;                                                                        \
-    const T* rows[2] = {g + (size_t)n * K, u + (size_t)n * K};                                            \
-    float acc[2][J];                                                                                      \
+    if (n0 >= N || r0 >= R) return;                                                                       \
+    const T* rows[2 * P];                                                                                 \
+    _Pragma("unroll") for (int p = 0; p < P; p++) {                                                       \
+        rows[2 * p] = g + (size_t)min(n0 + p, N - 1) * K;                                                 \
+        rows[2 * p + 1] = u + (size_t)min(n0 + p, N - 1) * K;                                             \
+    }                                                                                                     \
+    float acc[2 * P][J];                                                                                  \
     dot_rows(x, rows, R, K, r0, lane, acc);                                                               \
-    _Pragma("unroll") for (int j = 0; j < J; j++) {                                                       \
-        const float silu = __fdiv_rn(acc[0][j], __fadd_rn(1.0f, expf(-acc[0][j])));                       \
-        if (lane == 0 && r0 + j < R) y[(size_t)(r0 + j) * N + n] = to_##NAME(__fmul_rn(silu, acc[1][j])); \
+    _Pragma("unroll") for (int p = 0; p < P; p++) {                                                       \
+        const int n = n0 + p;                                                                             \
+        _Pragma("unroll") for (int j = 0; j < J; j++) {                                                   \
+            const float silu = __fdiv_rn(acc[2 * p][j], __fadd_rn(1.0f, expf(-acc[2 * p][j])));          \
+            if (lane == (p * J + j) % 32 && r0 + j < R && n < N)                                          \
+                y[(size_t)(r0 + j) * N + n] = to_##NAME(__fmul_rn(silu, acc[2 * p + 1][j]));            \
+        }                                                                                                 \
     }                                                                                                     \
 }
 """
@@ -167,15 +183,25 @@ ADDENDS = {"": ("", ""), "bias": (", const {t}* b", "+ from_{name}(b[n])"),
            "residual": (", const {t}* b", "+ from_{name}(b[(size_t)(r0 + j) * N + n])")}
 
 
-def instance(dtype: mx.Dtype, rows_per_block: int, kind: str) -> str:
-    """SOURCE with one kernel for dtype and J = rows_per_block: `few_rows_gated` (kind "gated"), else
-    `few_rows_product` with kind's addend ("", "bias" or "residual")."""
+class Plan(NamedTuple):
+    """How a product's kernel is cut: J rows of x a block, `outputs` weight rows (gated: output pairs) a warp,
+    `loads` 16-byte loads of each weight row in flight, `warps` a block. No choice changes a bit of any output: each
+    is the same dot product in the same order (DOT_ROWS), whatever the plan."""
+    rows_per_block: int
+    outputs: int = 1
+    loads: int = 4
+    warps: int = 8
+
+
+def instance(dtype: mx.Dtype, plan: Plan, kind: str) -> str:
+    """SOURCE with one kernel for dtype and plan: `few_rows_gated` (kind "gated"), else `few_rows_product` with
+    kind's addend ("", "bias" or "residual")."""
     name, t, eight = DTYPES[dtype]
     given, plus = (ADDENDS[""] if kind == "gated" else ADDENDS[kind])
-    weights, loads = (2, 2) if kind == "gated" else (1, 4)  # weight rows a warp, loads of each in flight
+    weights = plan.outputs * (2 if kind == "gated" else 1)  # weight rows a warp
     return (f"{SOURCE}#define ADDEND_INPUT {given.format(t=t)}\n#define PLUS_ADDEND {plus.format(name=name)}\n"
-            f"DOT_ROWS({name}, {t}, {eight}, {rows_per_block}, {weights}, {loads})\n"
-            f"{'GATED' if kind == 'gated' else 'PRODUCT'}({name}, {t}, {rows_per_block})\n")
+            f"DOT_ROWS({name}, {t}, {eight}, {plan.rows_per_block}, {weights}, {plan.loads})\n"
+            f"{'GATED' if kind == 'gated' else 'PRODUCT'}({name}, {t}, {plan.rows_per_block}, {plan.outputs})\n")
 
 
 def compile_for(lib: ctypes.CDLL, arch: str, source: str) -> bytes:
@@ -226,15 +252,15 @@ def is_elf(data: bytes) -> bool:
 
 
 @functools.cache
-def machine_code(dtype: mx.Dtype, rows_per_block: int, kind: str = "") -> bytes:
-    """The kernel's cubin for this GPU, dtype, rows a block and kind (`instance`): from the cache folder, else compiled
+def machine_code(dtype: mx.Dtype, plan: Plan, kind: str = "") -> bytes:
+    """The kernel's cubin for this GPU, dtype, plan and kind (`instance`): from the cache folder, else compiled
     now and kept there (written to a temporary name, then renamed: a concurrent build writes the same file; a broken
     file is built again). One small cubin each, since MLX hashes the whole cubin at every launch (see `product`)."""
     lib = nvrtc()
     arch = mx.device_info()["architecture"]  # "sm_90" on an H200
-    source = instance(dtype, rows_per_block, kind)
+    source = instance(dtype, plan, kind)
     key = hashlib.sha256(f"{source}\0{arch}\0{nvrtc_version(lib)}".encode()).hexdigest()[:16]
-    which = f"{DTYPES[dtype][0]}-{rows_per_block}{'-' * bool(kind)}{kind}"
+    which = f"{DTYPES[dtype][0]}-{'-'.join(map(str, plan[:3]))}{'-' * bool(kind)}{kind}"
     path = blas.cache_folder("cuda") / f"gpu_products-{arch}-{which}-{key}.cubin"
     try:
         data = path.read_bytes()
@@ -266,16 +292,28 @@ def takes(x: mx.array, weight: mx.array) -> bool:
             and weight.shape[1] % 8 == 0)
 
 
-def launch(kernel: str, kind: str, x: mx.array, weights: list[mx.array], addend: list[mx.array]) -> mx.array:
-    """A kernel of ours over x [..., K] and weights [N, K] -> [..., N]."""
+def plan_for(rows: int, N: int, K: int, kind: str) -> Plan:
+    """The plan for rows of x [rows, K] and N weight rows (gated: N output pairs), as `tools/product_plans.py` found
+    fastest on the H200 (benchmarks/README.md, "How our kernel is cut"): one row, two loads in flight (the 7B's
+    q_proj and down_proj 1.15x four); more rows, blocks of eight rows, one load in flight, four warps a block, and
+    four weight rows a warp for the head (32 rows 1.36-1.54x the first plan, eight warps with four loads)."""
+    if rows == 1:
+        return Plan(1, 1, 2, 8)
+    return Plan(8, 4 if N >= 16384 and kind != "gated" else 1, 1, 4)
+
+
+def launch(kernel: str, kind: str, x: mx.array, weights: list[mx.array], addend: list[mx.array],
+           plan: Plan | None = None) -> mx.array:
+    """A kernel of ours over x [..., K] and weights [N, K] -> [..., N], cut by plan (else `plan_for`'s)."""
     *lead, K = x.shape
     rows = math.prod(lead)
     N = weights[0].shape[0]
-    J = 1 if rows == 1 else 8  # rows a block; each row's bits are the same in both (the same sums in order)
+    J, outputs, _, warps = plan = plan or plan_for(rows, N, K, kind)
     y = mx.fast.precompiled_cuda_kernel(
-        name=kernel, compiled_source=machine_code(x.dtype, J, kind), inputs=[x.reshape(rows, K), *weights, *addend],
+        name=kernel, compiled_source=machine_code(x.dtype, plan, kind), inputs=[x.reshape(rows, K), *weights, *addend],
         output_shapes=[(rows, N)], output_dtypes=[x.dtype], scalars=[rows, K, N],
-        grid=((rows + J - 1) // J * 256, (N + 7) // 8, 1), threadgroup=(256, 1, 1), ensure_row_contiguous=True)[0]
+        grid=((rows + J - 1) // J * 32 * warps, -(-N // (outputs * warps)), 1), threadgroup=(32 * warps, 1, 1),
+        ensure_row_contiguous=True)[0]
     return y.reshape(*lead, N)
 
 

@@ -96,28 +96,52 @@ def test_the_kernels_are_compiled_once_per_machine_and_kept(tmp_path, monkeypatc
                         lambda lib, arch, source: compiled.append(arch) or elf(4096, 4096))
     monkeypatch.setattr(gpu_products.mx, "device_info", lambda: {"architecture": "sm_90"})
     gpu_products.machine_code.cache_clear()
+    plan = gpu_products.Plan(8)
     try:
-        assert gpu_products.machine_code(mx.bfloat16, 8) == elf(4096, 4096) and compiled == ["sm_90"]
+        assert gpu_products.machine_code(mx.bfloat16, plan) == elf(4096, 4096) and compiled == ["sm_90"]
         [kept] = (tmp_path / "qwen2-scratch" / "cuda").iterdir()
-        assert kept.name.startswith("gpu_products-sm_90-bfloat16-8-") and kept.read_bytes() == elf(4096, 4096)
+        assert kept.name.startswith("gpu_products-sm_90-bfloat16-8-1-4-") and kept.read_bytes() == elf(4096, 4096)
         gpu_products.machine_code.cache_clear()  # as a new process
-        assert gpu_products.machine_code(mx.bfloat16, 8) == elf(4096, 4096) and compiled == ["sm_90"]
+        assert gpu_products.machine_code(mx.bfloat16, plan) == elf(4096, 4096) and compiled == ["sm_90"]
         kept.write_bytes(elf(4096, 4096)[:1000])  # cut short
         gpu_products.machine_code.cache_clear()
-        assert gpu_products.machine_code(mx.bfloat16, 8) == elf(4096, 4096) and compiled == ["sm_90", "sm_90"]
+        assert gpu_products.machine_code(mx.bfloat16, plan) == elf(4096, 4096) and compiled == ["sm_90", "sm_90"]
         assert kept.read_bytes() == elf(4096, 4096)
     finally:
         gpu_products.machine_code.cache_clear()
 
 
 def test_each_cubin_is_small_since_mlx_hashes_it_at_every_launch():
-    """One kernel a cubin, of one dtype and one number of rows a block: MLX hashes the whole cubin at each launch
-    (about 7 us for the first build's 57 KB of three kernels here). Compiled by the real NVRTC where MLX's CUDA
-    backend runs; elsewhere the kernel is never taken."""
+    """One kernel a cubin, of one dtype and one plan: MLX hashes the whole cubin at each launch (about 7 us for the
+    first build's 57 KB of three kernels here). Compiled by the real NVRTC where MLX's CUDA backend runs;
+    elsewhere the kernel is never taken."""
     if not (mx.default_device() == mx.gpu and mx.cuda.is_available()):
         assert not gpu_products.takes(mx.zeros((1, 16), mx.bfloat16), mx.zeros((8, 16), mx.bfloat16))
         return
     for dtype in gpu_products.DTYPES:
         for kind in ("", "bias", "residual", "gated"):
-            assert len(gpu_products.machine_code(dtype, 1, kind)) < 11_000
-            assert len(gpu_products.machine_code(dtype, 8, kind)) < 28_000
+            for rows, N, most in ((1, 896, 11_000), (8, 896, 24_000), (8, 151936, 33_000)):  # the head's: once a step
+                assert len(gpu_products.machine_code(dtype, gpu_products.plan_for(rows, N, 896, kind), kind)) < most
+
+
+@pytest.mark.parametrize("kind", ["", "residual", "gated"])
+def test_no_plan_changes_a_bit(kind):
+    """Rows a block, weight rows a warp, loads in flight and warps a block change no output's order of sums: each
+    plan gives the default plan's bits (tools/product_plans.py checks 394 plans on the real shapes). Off a CUDA GPU
+    the kernel is never taken."""
+    N, K = 200, 1032  # N not a multiple of any plan's weight rows a block; K not of 256
+    w, u = ((mx.random.normal((N, K), key=mx.random.key(i)) * 0.05).astype(mx.bfloat16) for i in (1, 2))
+    x = mx.random.normal((21, K), key=mx.random.key(3)).astype(mx.bfloat16)
+    r = mx.random.normal((21, N), key=mx.random.key(4)).astype(mx.bfloat16)
+    if not gpu_products.takes(x, w):
+        assert not (mx.default_device() == mx.gpu and mx.cuda.is_available())
+        return
+    kernel = "few_rows_gated" if kind == "gated" else "few_rows_product"
+    weights, addend = ([w, u] if kind == "gated" else [w]), ([r] if kind == "residual" else [])
+    for rows in (1, 21):
+        default = gpu_products.launch(kernel, kind, x[:rows], weights, [a[:rows] for a in addend])
+        for plan in [(1, 1, 4, 8), (1, 3, 8, 4), (8, 1, 1, 4), (8, 4, 2, 8), (16, 2, 1, 4), (32, 1, 4, 2)]:
+            if (rows == 1) == (plan[0] == 1):
+                y = gpu_products.launch(kernel, kind, x[:rows], weights, [a[:rows] for a in addend],
+                                        gpu_products.Plan(*plan))
+                assert np.array_equal(as_float32(y), as_float32(default)), (rows, plan)
