@@ -24,7 +24,7 @@ import time
 
 import mlx.core as mx
 
-from qwen2s import bench
+from qwen2s import bench, gpu_products
 
 PROFILED_STEPS = 2
 
@@ -92,7 +92,13 @@ def main():
     parser.add_argument("rows", nargs="?", type=int, default=1)
     parser.add_argument("--shape", default="qwen2-0.5b", choices=list(bench.SHAPES))
     parser.add_argument("--summary", metavar="CSV", default=None)
+    parser.add_argument("--plans", metavar="JSON", default=None,
+                        help="each product's plan from `tools/product_plans.py --best`, not gpu_products.plan_for's")
     a = parser.parse_args()
+    if a.plans:
+        from product_plans import plans_from  # tools/, this script's folder
+
+        gpu_products.plan_for = plans_from(a.plans)
     if a.summary:
         summary(a.summary)
     else:
