@@ -23,14 +23,15 @@ decode step 0.63x the step whose products are padded to 64 rows. At 64 rows the 
 head product 3.1 ms against cuBLAS's 0.16 ms): `--parallel` defaults to 32 on a GPU.
 
 Built once per machine: NVRTC (CUDA's runtime compiler, which MLX's CUDA backend loads) compiles the source below
-for this GPU, and the machine code is kept in ~/.cache/qwen2-scratch/cuda, as blas.py keeps its adapter; a process
-then loads it in milliseconds. (Through `mx.fast.cuda_kernel`, MLX compiled it again in every process: 1.4-2.4 s
-of a one-shot command's first decode step on the H200, benchmarks/README.md; MLX keeps only its own kernels.)
+for this GPU, in a process of its own (`compile_apart` says why), and the machine code is kept in
+~/.cache/qwen2-scratch/cuda, as blas.py keeps its adapter; a process then loads it in milliseconds. (Through
+`mx.fast.cuda_kernel`, MLX compiled it again in every process: 1.4-2.4 s of a one-shot command's first decode step
+on the H200, benchmarks/README.md; MLX keeps only its own kernels.)
 
-One cubin per dtype and number of rows a block (1 for a one-row product, else 8), each holding one kernel: MLX
-names a precompiled kernel's module by a hash of the whole cubin, computed at every launch (CustomKernel::eval_gpu,
-MLX 0.32.4), and its time is the cubin's size: the first build's one cubin of three kernels (57 KB) cost about
-10 us a product, doubling a one-row decode step on the H200 (benchmarks/README.md, "Our kernel's launch").
+One cubin per dtype, plan and kind, each holding one kernel: MLX names a precompiled kernel's module by a hash of
+the whole cubin, computed at every launch (CustomKernel::eval_gpu, MLX 0.32.4), and its time is the cubin's size:
+the first build's one cubin of three kernels (57 KB) cost about 10 us a product, doubling a one-row decode step on
+the H200 (benchmarks/README.md, "Our kernel's launch").
 """
 
 import ctypes
@@ -39,6 +40,9 @@ import hashlib
 import importlib.metadata
 import math
 import os
+import pathlib
+import subprocess
+import sys
 import tempfile
 from typing import NamedTuple
 
@@ -172,10 +176,28 @@ def nvrtc() -> ctypes.CDLL:
     except OSError:
         for dist in ("nvidia-cuda-nvrtc", "nvidia-cuda-nvrtc-cu13"):
             try:
-                return ctypes.CDLL(str(importlib.metadata.distribution(dist).locate_file(f"nvidia/cu13/lib/{NVRTC}")))
+                return load(str(importlib.metadata.distribution(dist).locate_file(f"nvidia/cu13/lib/{NVRTC}")))
             except (importlib.metadata.PackageNotFoundError, OSError):
                 continue
     raise RuntimeError(f"{NVRTC} (CUDA's runtime compiler, which MLX's CUDA backend needs) cannot be loaded")
+
+
+def load(path: str) -> ctypes.CDLL:
+    """NVRTC from path, with the builtins library beside it loaded first: NVRTC opens that one by its name, which
+    the loader finds only on its search path or already loaded."""
+    for builtins in sorted(pathlib.Path(path).parent.glob("libnvrtc-builtins.so.*")):
+        ctypes.CDLL(str(builtins), mode=ctypes.RTLD_GLOBAL)
+    return ctypes.CDLL(path)
+
+
+def library_path(lib: ctypes.CDLL) -> str:
+    """The file a loaded library came from (dlinfo's link map)."""
+    class LinkMap(ctypes.Structure):
+        _fields_ = [("l_addr", ctypes.c_void_p), ("l_name", ctypes.c_char_p)]
+    link = ctypes.POINTER(LinkMap)()
+    if ctypes.CDLL(None).dlinfo(ctypes.c_void_p(lib._handle), 2, ctypes.byref(link)) != 0:  # 2: RTLD_DI_LINKMAP
+        raise RuntimeError(f"where {lib._name} was loaded from is unknown")
+    return link.contents.l_name.decode()
 
 
 # what a kernel adds to each sum: its ADDEND_INPUT and PLUS_ADDEND (T and NAME filled in)
@@ -202,6 +224,21 @@ def instance(dtype: mx.Dtype, plan: Plan, kind: str) -> str:
     return (f"{SOURCE}#define ADDEND_INPUT {given.format(t=t)}\n#define PLUS_ADDEND {plus.format(name=name)}\n"
             f"DOT_ROWS({name}, {t}, {eight}, {plan.rows_per_block}, {weights}, {plan.loads})\n"
             f"{'GATED' if kind == 'gated' else 'PRODUCT'}({name}, {t}, {plan.rows_per_block}, {plan.outputs})\n")
+
+
+def compile_apart(lib: ctypes.CDLL, arch: str, source: str) -> bytes:
+    """source compiled into a cubin for arch, as `compile_for`, by a process of our own (`main`) in a session of
+    its own. While NVRTC compiles it takes SIGINT and SIGTERM for the whole process, then puts the handlers back
+    (tests/test_gpu_products.py reads them): a Ctrl-C or a server's stop that came during a compile ended the
+    process, with status 4 here and SIGSEGV on the H200, where a first run compiles for seconds (three of the
+    server's stop tests, streams cut off without their error, 2026-12-04). Its own session keeps a terminal's
+    Ctrl-C from the compiling process, which then ends alone."""
+    done = subprocess.run([sys.executable, "-m", "qwen2s.gpu_products", arch, library_path(lib)],
+                          input=source.encode(), capture_output=True, start_new_session=True)
+    if done.returncode != 0:
+        error = done.stderr.decode(errors="replace").strip().splitlines() or [f"exit status {done.returncode}"]
+        raise RuntimeError(f"the kernel's compile failed: {error[-1]}")
+    return done.stdout
 
 
 def compile_for(lib: ctypes.CDLL, arch: str, source: str) -> bytes:
@@ -268,7 +305,7 @@ def machine_code(dtype: mx.Dtype, plan: Plan, kind: str = "") -> bytes:
             return data
     except OSError:
         pass
-    data = compile_for(lib, arch, source)
+    data = compile_apart(lib, arch, source)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -337,3 +374,18 @@ def product(x: mx.array, weight: mx.array, bias: mx.array | None = None,
 def gated(x: mx.array, gate: mx.array, up: mx.array) -> mx.array:
     """SwiGLU's gate, silu(x @ gate.T) * (x @ up.T): [..., in] -> [..., out] in one kernel, each row alone."""
     return launch("few_rows_gated", "gated", x, [gate, up], [])
+
+
+def main() -> None:
+    """`python -m qwen2s.gpu_products ARCH NVRTC_PATH`: the source on stdin compiled, its cubin on stdout
+    (compile_apart's process); a failure is one line on stderr and status 1."""
+    arch, path = sys.argv[1:3]
+    try:
+        cubin = compile_for(load(path), arch, sys.stdin.read())
+    except (OSError, RuntimeError) as e:
+        sys.exit(" ".join(str(e).split()))
+    sys.stdout.buffer.write(cubin)
+
+
+if __name__ == "__main__":
+    main()

@@ -4,6 +4,9 @@ bit for bit the same rows for any number of rows; elsewhere the fixed-shape step
 from qwen2s import qwen2_scratch as q  # first: the fast BLAS before MLX
 
 # isort: split
+import subprocess
+import sys
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -92,7 +95,7 @@ def test_the_kernels_are_compiled_once_per_machine_and_kept(tmp_path, monkeypatc
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(gpu_products, "nvrtc", lambda: None)
     monkeypatch.setattr(gpu_products, "nvrtc_version", lambda lib: "13.0")
-    monkeypatch.setattr(gpu_products, "compile_for",
+    monkeypatch.setattr(gpu_products, "compile_apart",
                         lambda lib, arch, source: compiled.append(arch) or elf(4096, 4096))
     monkeypatch.setattr(gpu_products.mx, "device_info", lambda: {"architecture": "sm_90"})
     gpu_products.machine_code.cache_clear()
@@ -113,15 +116,51 @@ def test_the_kernels_are_compiled_once_per_machine_and_kept(tmp_path, monkeypatc
 
 def test_each_cubin_is_small_since_mlx_hashes_it_at_every_launch():
     """One kernel a cubin, of one dtype and one plan: MLX hashes the whole cubin at each launch (about 7 us for the
-    first build's 57 KB of three kernels here). Compiled by the real NVRTC where MLX's CUDA backend runs;
-    elsewhere the kernel is never taken."""
-    if not (mx.default_device() == mx.gpu and mx.cuda.is_available()):
-        assert not gpu_products.takes(mx.zeros((1, 16), mx.bfloat16), mx.zeros((8, 16), mx.bfloat16))
-        return
+    first build's 57 KB of three kernels here). Every instance the plans make, compiled for the H200 (sm_90) by the
+    real NVRTC, here too (the nvidia-cuda-nvrtc package) where no GPU runs it."""
+    lib = gpu_products.nvrtc()
     for dtype in gpu_products.DTYPES:
         for kind in ("", "bias", "residual", "gated"):
             for rows, N, most in ((1, 896, 11_000), (8, 896, 24_000), (8, 151936, 33_000)):  # the head's: once a step
-                assert len(gpu_products.machine_code(dtype, gpu_products.plan_for(rows, N, 896, kind), kind)) < most
+                plan = gpu_products.plan_for(rows, N, 896, kind)
+                cubin = gpu_products.compile_for(lib, "sm_90", gpu_products.instance(dtype, plan, kind))
+                assert gpu_products.is_elf(cubin) and len(cubin) < most, (dtype, kind, plan, len(cubin))
+
+
+SIGNALS_DURING_COMPILES = """
+import os, signal, sys, threading, time
+import mlx.core as mx
+from qwen2s import gpu_products as g
+caught, done = [], threading.Event()
+for s in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(s, lambda n, frame: caught.append(n))
+def compile_all():
+    try:
+        compile = g.compile_apart if sys.argv[1] == "apart" else g.compile_for
+        for plan in (g.Plan(8, 1, 1, 4), g.Plan(8, 4, 2, 8), g.Plan(1, 2, 4, 8)):
+            assert g.is_elf(compile(g.nvrtc(), "sm_90", g.instance(mx.bfloat16, plan, "residual")))
+    finally:
+        done.set()
+threading.Thread(target=compile_all).start()
+while not done.wait(0.003):
+    os.kill(os.getpid(), (signal.SIGINT, signal.SIGTERM)[len(caught) % 2])
+print("compiled, signals caught:", len(caught))
+"""
+
+
+@pytest.mark.parametrize("where", ["apart", "in the process"])
+def test_a_signal_during_the_kernels_compile_is_the_process_own(where):
+    """While NVRTC compiles it takes SIGINT and SIGTERM for the whole process (its own handlers): a Ctrl-C or a
+    server's stop then ended the process (status 4 here, SIGSEGV on the H200). Compiled apart (compile_apart, what
+    machine_code uses) every signal reaches the process's own handlers, and every compile ends whole; compiled in
+    the process, the same signals end it."""
+    run = subprocess.run([sys.executable, "-c", SIGNALS_DURING_COMPILES, where.split()[0]], capture_output=True,
+                         text=True, timeout=300)
+    if where == "apart":
+        assert run.returncode == 0 and "compiled, signals caught:" in run.stdout, run.stderr[-2000:]
+        assert int(run.stdout.split(":")[-1]) > 10
+    else:
+        assert run.returncode != 0 and "compiled" not in run.stdout
 
 
 @pytest.mark.parametrize("kind", ["", "residual", "gated"])
