@@ -21,6 +21,7 @@ import functools
 import hmac
 import ipaddress
 import json
+import logging
 import math
 import re
 import signal
@@ -921,8 +922,12 @@ def app(engine: Engine, settings: Settings, metrics: Metrics | None = None) -> S
         Route("/metrics", endpoint(metrics_text, ctx), methods=["GET"]),
         Route("/health", endpoint(health, ctx, keyed=False), methods=["GET"]),
     ]
-    return Starlette(routes=routes, exception_handlers={HTTPException: http_error},
-                     middleware=[Middleware(Guard, settings=settings)])
+    served = Starlette(routes=routes, exception_handlers={HTTPException: http_error},
+                       middleware=[Middleware(Guard, settings=settings)])
+    # a path with a trailing slash is a 404, not Starlette's 307 to the path without it (whose client may send a
+    # POST's body again, or not follow at all)
+    served.router.redirect_slashes = False
+    return served
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -1075,12 +1080,37 @@ class Stopping(uvicorn.Server):
                 signal.signal(signal.SIGHUP, previous)
 
 
+class OncePerMinute(logging.Filter):
+    """uvicorn's warning for a request it cannot parse, once a minute at most, with how many came since: a client
+    sending garbage in a loop had written a line to the log for each request."""
+
+    def __init__(self, message: str, seconds: float = 60.0):
+        super().__init__()
+        self.message, self.seconds, self.quiet_until, self.held = message, seconds, -math.inf, 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage() != self.message:
+            return True
+        now = time.monotonic()
+        if now < self.quiet_until:
+            self.held += 1
+            return False
+        if self.held:
+            record.msg, record.args = f"{self.message} (and {self.held} more since the last such line)", ()
+        self.quiet_until, self.held = now + self.seconds, 0
+        return True
+
+
 def serve(engine: Engine, sock: socket.socket, settings: Settings, metrics: Metrics | None = None) -> None:
     """Answer on sock until Ctrl-C; uvicorn's own logging only for warnings and errors."""
     config = uvicorn.Config(app(engine, settings, metrics), log_level="warning", access_log=False, lifespan="off",
                             timeout_graceful_shutdown=STOP_SECONDS, timeout_keep_alive=KEEP_ALIVE_SECONDS,
                             http=type("Deadlines", (HeaderDeadline,), {"write_seconds": settings.write_seconds}))
+    invalid = OncePerMinute("Invalid HTTP request received.")
+    logging.getLogger("uvicorn.error").addFilter(invalid)
     try:
         Stopping(config, engine).run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down: stopping is the normal end
         pass
+    finally:
+        logging.getLogger("uvicorn.error").removeFilter(invalid)

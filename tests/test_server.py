@@ -7,6 +7,7 @@ from qwen2s import qwen2_scratch as q  # noqa: F401  (first: the fast BLAS befor
 
 # isort: split
 import json
+import logging
 import math
 import os
 import re
@@ -497,6 +498,31 @@ def raw_http(url, request: bytes, wait=0.0) -> bytes:
         while chunk := sock.recv(65536):
             answer += chunk
     return answer
+
+
+def test_a_trailing_slash_is_404_and_garbage_is_logged_once_a_minute(tiny_served):
+    """A path with a trailing slash is a 404 in OpenAI's format (Starlette had redirected it, 307); requests that
+    are not HTTP are each a 400, and uvicorn's warning for them a line a minute at most (a line each before)."""
+    for method, path in (("post", "/v1/completions/"), ("post", "/v1/chat/completions/"), ("get", "/health/")):
+        r = getattr(tiny_served, method)(path, {"prompt": "x"}) if method == "post" else tiny_served.get(path)
+        assert error_of(r, 404)["code"] == "not_found", path
+    logged = lambda: "".join(tiny_served.stderr).count("Invalid HTTP request received")  # noqa: E731
+    before = logged()
+    for _ in range(20):
+        assert raw_http(tiny_served.url, b"\x16\x03\x01 not http\r\n\r\n").startswith(b"HTTP/1.1 400")
+    time.sleep(0.5)  # the server's stderr read
+    assert logged() - before <= 1
+
+
+def test_invalid_requests_are_logged_once_a_minute_with_a_count():
+    quiet = server.OncePerMinute("Invalid HTTP request received.", seconds=0.3)
+    record = lambda message: logging.LogRecord("uvicorn.error", logging.WARNING, "", 0, message, (), None)  # noqa: E731
+    assert quiet.filter(record("Invalid HTTP request received."))
+    assert not any(quiet.filter(record("Invalid HTTP request received.")) for _ in range(5))
+    assert quiet.filter(record("something else"))
+    time.sleep(0.35)
+    later = record("Invalid HTTP request received.")
+    assert quiet.filter(later) and later.getMessage().endswith("(and 5 more since the last such line)")
 
 
 def test_hosts_not_this_servers_are_403(tiny_served):
