@@ -14,7 +14,9 @@ What a decode step adds to its products is done in the same kernel, before the o
 the residual stream that o_proj's and down_proj's outputs join, and SwiGLU's gate (`gated`: silu(x @ gate.T) *
 (x @ up.T), both weights in one warp). On a GPU a small model's step is bound by the host sending its nodes off, not
 by the device, so each node saved counts: seven a layer, a one-row 0.5B step 0.85x the time of the step that had them
-as nodes of their own (`python tools/gpu_step_ab.py`, benchmarks/README.md "Fewer nodes a GPU step").
+as nodes of their own (`python tools/gpu_step_ab.py`, benchmarks/README.md "Fewer nodes a GPU step"). And q's, k's
+and v's products are one launch (`qkv`): k's and v's alone are too small to fill the GPU (128 weight rows in the 0.5B;
+at 32 rows 31 us a layer for the two, against 24 us for all three in one launch).
 
 Measured on the H200 (`python tools/gpu_rows.py`, benchmarks/README.md "Each row alone on CUDA"): the same bits
 for 1 to 64 rows of every Qwen2 0.5B and 7B product; one row of the 7B's down_proj and gate_proj 1.65x and 1.47x
@@ -50,7 +52,7 @@ import mlx.core as mx
 
 from qwen2s import blas
 
-__all__ = ["takes", "product", "gated"]
+__all__ = ["takes", "product", "gated", "qkv"]
 
 SOURCE = r"""
 typedef unsigned short u16;
@@ -162,6 +164,29 @@ extern "C" __global__ void few_rows_gated(const T* x, const T* g, const T* u, T*
         }                                                                                                 \
     }                                                                                                     \
 }
+
+// q, k and v's products in one launch, each output as PRODUCT's with a bias (the same sums in the same order, one
+// rounding): yq [R, Nq], yk and yv [R, Nk] from x [R, K], wq [Nq, K], wk and wv [Nk, K]; the first Nq warps of a block
+// row take q's weight rows, the next Nk k's, the last Nk v's. DOT_ROWS with M = 1
+#define QKV(NAME, T, J)                                                                                   \
+extern "C" __global__ void few_rows_qkv(const T* x, const T* wq, const T* wk, const T* wv, const T* bq,   \
+                                        const T* bk, const T* bv, T* yq, T* yk, T* yv, int R, int K,     \
+                                        int Nq, int Nk)                                                   \
+{                                                                                                         \
+    const int lane = threadIdx.x & 31;                                                                    \
+    int n = blockIdx.y * (blockDim.x >> 5) + (threadIdx.x >> 5);                                          \
+    const int r0 = blockIdx.x * J;                                                                        \
+    if (n >= Nq + 2 * Nk || r0 >= R) return;                                                              \
+    const T* w = wq; const T* b = bq; T* y = yq; int N = Nq;                                              \
+    if (n >= Nq + Nk) { w = wv; b = bv; y = yv; N = Nk; n -= Nq + Nk; }                                   \
+    else if (n >= Nq) { w = wk; b = bk; y = yk; N = Nk; n -= Nq; }                                        \
+    const T* rows[1] = {w + (size_t)n * K};                                                               \
+    float acc[1][J];                                                                                      \
+    dot_rows(x, rows, R, K, r0, lane, acc);                                                               \
+    _Pragma("unroll") for (int j = 0; j < J; j++) {                                                       \
+        if (lane == j % 32 && r0 + j < R) y[(size_t)(r0 + j) * N + n] = to_##NAME(acc[0][j] + from_##NAME(b[n])); \
+    }                                                                                                     \
+}
 """
 # the kernel's instance for each dtype: the macro's NAME, T and EIGHT
 DTYPES = {mx.bfloat16: ("bfloat16", "u16", "eight_u16"), mx.float16: ("float16", "u16", "eight_u16"),
@@ -216,14 +241,18 @@ class Plan(NamedTuple):
 
 
 def instance(dtype: mx.Dtype, plan: Plan, kind: str) -> str:
-    """SOURCE with one kernel for dtype and plan: `few_rows_gated` (kind "gated"), else `few_rows_product` with
-    kind's addend ("", "bias" or "residual")."""
+    """SOURCE with one kernel for dtype and plan: `few_rows_gated` (kind "gated"), `few_rows_qkv` (kind "qkv", one
+    weight row a warp), else `few_rows_product` with kind's addend ("", "bias" or "residual")."""
     name, t, eight = DTYPES[dtype]
-    given, plus = (ADDENDS[""] if kind == "gated" else ADDENDS[kind])
+    given, plus = ADDENDS[kind if kind in ADDENDS else ""]
     weights = plan.outputs * (2 if kind == "gated" else 1)  # weight rows a warp
+    if kind == "qkv" and plan.outputs != 1:
+        raise ValueError(f"few_rows_qkv takes one weight row a warp, not {plan.outputs}")
+    kernel = {"gated": f"GATED({name}, {t}, {plan.rows_per_block}, {plan.outputs})",
+              "qkv": f"QKV({name}, {t}, {plan.rows_per_block})"}.get(
+                  kind, f"PRODUCT({name}, {t}, {plan.rows_per_block}, {plan.outputs})")
     return (f"{SOURCE}#define ADDEND_INPUT {given.format(t=t)}\n#define PLUS_ADDEND {plus.format(name=name)}\n"
-            f"DOT_ROWS({name}, {t}, {eight}, {plan.rows_per_block}, {weights}, {plan.loads})\n"
-            f"{'GATED' if kind == 'gated' else 'PRODUCT'}({name}, {t}, {plan.rows_per_block}, {plan.outputs})\n")
+            f"DOT_ROWS({name}, {t}, {eight}, {plan.rows_per_block}, {weights}, {plan.loads})\n{kernel}\n")
 
 
 def compile_apart(lib: ctypes.CDLL, arch: str, source: str) -> bytes:
@@ -336,22 +365,23 @@ def plan_for(rows: int, N: int, K: int, kind: str) -> Plan:
     four weight rows a warp for the head (32 rows 1.36-1.54x the first plan, eight warps with four loads)."""
     if rows == 1:
         return Plan(1, 1, 2, 8)
-    return Plan(8, 4 if N >= 16384 and kind != "gated" else 1, 1, 4)
+    return Plan(8, 4 if N >= 16384 and kind in ADDENDS else 1, 1, 4)
 
 
 def launch(kernel: str, kind: str, x: mx.array, weights: list[mx.array], addend: list[mx.array],
-           plan: Plan | None = None) -> mx.array:
-    """A kernel of ours over x [..., K] and weights [N, K] -> [..., N], cut by plan (else `plan_for`'s)."""
+           plan: Plan | None = None) -> list[mx.array]:
+    """A kernel of ours over x [..., K] and weights [N, K] -> [..., N], cut by plan (else `plan_for`'s): one output,
+    or for kind "qkv" one for each weight (q's, k's and v's)."""
     *lead, K = x.shape
     rows = math.prod(lead)
-    N = weights[0].shape[0]
-    J, outputs, _, warps = plan = plan or plan_for(rows, N, K, kind)
-    y = mx.fast.precompiled_cuda_kernel(
+    Ns = [w.shape[0] for w in weights] if kind == "qkv" else [weights[0].shape[0]]
+    J, outputs, _, warps = plan = plan or plan_for(rows, sum(Ns), K, kind)
+    ys = mx.fast.precompiled_cuda_kernel(
         name=kernel, compiled_source=machine_code(x.dtype, plan, kind), inputs=[x.reshape(rows, K), *weights, *addend],
-        output_shapes=[(rows, N)], output_dtypes=[x.dtype], scalars=[rows, K, N],
-        grid=((rows + J - 1) // J * 32 * warps, -(-N // (outputs * warps)), 1), threadgroup=(32 * warps, 1, 1),
-        ensure_row_contiguous=True)[0]
-    return y.reshape(*lead, N)
+        output_shapes=[(rows, N) for N in Ns], output_dtypes=[x.dtype] * len(Ns), scalars=[rows, K, *Ns[:2]],
+        grid=((rows + J - 1) // J * 32 * warps, -(-sum(Ns) // (outputs * warps)), 1), threadgroup=(32 * warps, 1, 1),
+        ensure_row_contiguous=True)
+    return [y.reshape(*lead, N) for y, N in zip(ys, Ns, strict=True)]
 
 
 def product(x: mx.array, weight: mx.array, bias: mx.array | None = None,
@@ -362,18 +392,30 @@ def product(x: mx.array, weight: mx.array, bias: mx.array | None = None,
     N = weight.shape[0]
     fits = lambda a, shape: a is not None and a.dtype == x.dtype and a.shape == shape  # noqa: E731
     if fits(residual, (*x.shape[:-1], N)) and bias is None:
-        return launch("few_rows_product", "residual", x, [weight], [residual.reshape(-1, N)])
+        return launch("few_rows_product", "residual", x, [weight], [residual.reshape(-1, N)])[0]
     if fits(bias, (N,)):
-        y = launch("few_rows_product", "bias", x, [weight], [bias])
+        y = launch("few_rows_product", "bias", x, [weight], [bias])[0]
     else:
-        y = launch("few_rows_product", "", x, [weight], [])
+        y = launch("few_rows_product", "", x, [weight], [])[0]
         y = y if bias is None else y + bias
     return y if residual is None else residual + y
 
 
 def gated(x: mx.array, gate: mx.array, up: mx.array) -> mx.array:
     """SwiGLU's gate, silu(x @ gate.T) * (x @ up.T): [..., in] -> [..., out] in one kernel, each row alone."""
-    return launch("few_rows_gated", "gated", x, [gate, up], [])
+    return launch("few_rows_gated", "gated", x, [gate, up], [])[0]
+
+
+def qkv(x: mx.array, wq: mx.array, wk: mx.array, wv: mx.array, bq: mx.array, bk: mx.array,
+        bv: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+    """x's queries, keys and values with their biases, [..., in] -> [..., Nq], [..., Nk], [..., Nk]: in one kernel,
+    each output the bits of `product` (the same sums in the same order), each row alone. One launch in place of
+    three: k's and v's products are small (128 weight rows in the 0.5B), so each alone leaves the GPU idle."""
+    Nk = wk.shape[0]
+    if wv.shape == wk.shape and all(b.dtype == x.dtype for b in (bq, bk, bv)) and \
+            (bq.shape, bk.shape, bv.shape) == ((wq.shape[0],), (Nk,), (Nk,)) and wq.shape[1] == wk.shape[1]:
+        return tuple(launch("few_rows_qkv", "qkv", x, [wq, wk, wv], [bq, bk, bv]))
+    return product(x, wq, bq), product(x, wk, bk), product(x, wv, bv)
 
 
 def main() -> None:

@@ -137,6 +137,13 @@ def linear(x: mx.array, weight: mx.array, bias: mx.array | None = None, residual
     return y if residual is None else residual + y
 
 
+def qkv_projections(x: mx.array, q_proj: dict, k_proj: dict, v_proj: dict,
+                    product: Callable = linear) -> tuple[mx.array, mx.array, mx.array]:
+    """Attention's queries, keys and values, each a linear with its bias: [B, L, E] -> [B, L, H * D],
+    [B, L, K * D], [B, L, K * D]."""
+    return product(x, **q_proj), product(x, **k_proj), product(x, **v_proj)
+
+
 def causal_mask(L: int, S: int, offset: mx.array | int | None = None) -> mx.array:
     """[L, S] boolean, True where query i may see key j, aligned bottom-right; [B, 1, L, S] for offsets [B].
 
@@ -285,6 +292,7 @@ class Kernels(NamedTuple):
     linear: Callable = linear
     cached_attention: Callable | None = None
     gate: Callable = silu_gate
+    qkv: Callable = qkv_projections
 
 
 KERNELS = {
@@ -348,9 +356,10 @@ def self_attention(
     B, L, _ = x.shape
     H, K, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     # Qwen2 gives q, k and v a bias (o_proj has none)
-    q = kernels.linear(x, **q_proj).reshape(B, L, H, D).transpose(0, 2, 1, 3)  # [B, H, L, D]
-    k = kernels.linear(x, **k_proj).reshape(B, L, K, D).transpose(0, 2, 1, 3)  # [B, K, L, D]
-    v = kernels.linear(x, **v_proj).reshape(B, L, K, D).transpose(0, 2, 1, 3)  # [B, K, L, D]
+    q, k, v = kernels.qkv(x, q_proj, k_proj, v_proj, kernels.linear)
+    q = q.reshape(B, L, H, D).transpose(0, 2, 1, 3)  # [B, H, L, D]
+    k = k.reshape(B, L, K, D).transpose(0, 2, 1, 3)  # [B, K, L, D]
+    v = v.reshape(B, L, K, D).transpose(0, 2, 1, 3)  # [B, K, L, D]
     q = kernels.rope(q, config.rope_theta, offset)
     k = kernels.rope(k, config.rope_theta, offset)
     out = None
@@ -607,6 +616,15 @@ def gate_alone(x, gate_proj: dict, up_proj: dict, product: Callable) -> mx.array
     return silu_gate(x, gate_proj, up_proj, product)
 
 
+def qkv_alone(x, q_proj: dict, k_proj: dict, v_proj: dict, product: Callable) -> tuple[mx.array, mx.array, mx.array]:
+    """qkv_projections with each row computed alone: in one kernel of gpu_products' where it runs (CUDA), else by the
+    step's product (`rows_alone`)."""
+    projections = (q_proj, k_proj, v_proj)
+    if gpu_products.takes(x, q_proj["weight"]) and all("bias" in p for p in projections):
+        return gpu_products.qkv(x, *(p["weight"] for p in projections), *(p["bias"] for p in projections))
+    return qkv_projections(x, q_proj, k_proj, v_proj, product)
+
+
 def one_query_per_row(attention: Callable) -> Callable:
     """Attention with each of a row's L queries as a row of its own: [B, H, L, D] -> [B, H, L, D].
 
@@ -633,7 +651,8 @@ def fixed_shape_step(params, config, tokens, cache, kernels, rows):
     holds the B real rows only; any padding lives inside the products (`rows_alone`).
     """
     kern = KERNELS[kernels] if isinstance(kernels, str) else kernels
-    kern = kern._replace(linear=rows_alone(rows), gate=gate_alone, attention=one_query_per_row(kern.attention))
+    kern = kern._replace(linear=rows_alone(rows), gate=gate_alone, qkv=qkv_alone,
+                         attention=one_query_per_row(kern.attention))
     return forward(params, config, tokens, cache, kern)
 
 

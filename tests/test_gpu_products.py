@@ -120,8 +120,10 @@ def test_each_cubin_is_small_since_mlx_hashes_it_at_every_launch():
     real NVRTC, here too (the nvidia-cuda-nvrtc package) where no GPU runs it."""
     lib = gpu_products.nvrtc()
     for dtype in gpu_products.DTYPES:
-        for kind in ("", "bias", "residual", "gated"):
+        for kind in ("", "bias", "residual", "gated", "qkv"):
             for rows, N, most in ((1, 896, 11_000), (8, 896, 24_000), (8, 151936, 33_000)):  # the head's: once a step
+                if kind == "qkv" and N > 896 + 2 * 128:
+                    continue
                 plan = gpu_products.plan_for(rows, N, 896, kind)
                 cubin = gpu_products.compile_for(lib, "sm_90", gpu_products.instance(dtype, plan, kind))
                 assert gpu_products.is_elf(cubin) and len(cubin) < most, (dtype, kind, plan, len(cubin))
@@ -178,9 +180,29 @@ def test_no_plan_changes_a_bit(kind):
     kernel = "few_rows_gated" if kind == "gated" else "few_rows_product"
     weights, addend = ([w, u] if kind == "gated" else [w]), ([r] if kind == "residual" else [])
     for rows in (1, 21):
-        default = gpu_products.launch(kernel, kind, x[:rows], weights, [a[:rows] for a in addend])
+        [default] = gpu_products.launch(kernel, kind, x[:rows], weights, [a[:rows] for a in addend])
         for plan in [(1, 1, 4, 8), (1, 3, 8, 4), (8, 1, 1, 4), (8, 4, 2, 8), (16, 2, 1, 4), (32, 1, 4, 2)]:
             if (rows == 1) == (plan[0] == 1):
-                y = gpu_products.launch(kernel, kind, x[:rows], weights, [a[:rows] for a in addend],
-                                        gpu_products.Plan(*plan))
+                [y] = gpu_products.launch(kernel, kind, x[:rows], weights, [a[:rows] for a in addend],
+                                          gpu_products.Plan(*plan))
                 assert np.array_equal(as_float32(y), as_float32(default)), (rows, plan)
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32])
+def test_q_k_and_v_in_one_launch_are_the_products_bits(dtype):
+    """gpu_products.qkv: q's, k's and v's products with their biases in one kernel, each output the bits of
+    `product`'s (the same sums in the same order), at 1, 3 and 21 rows, with k's rows not a multiple of a block's
+    warps. Off a CUDA GPU the kernel is never taken (the CPU's tests compile it: the test above)."""
+    E, Nq, Nk = 1032, 200, 36
+    wq, wk, wv = ((mx.random.normal((n, E), key=mx.random.key(i)) * 0.05).astype(dtype)
+                  for i, n in ((1, Nq), (2, Nk), (3, Nk)))
+    bq, bk, bv = (mx.random.normal((n,), key=mx.random.key(i)).astype(dtype) for i, n in ((4, Nq), (5, Nk), (6, Nk)))
+    x = mx.random.normal((21, E), key=mx.random.key(7)).astype(dtype)
+    if not gpu_products.takes(x, wq):
+        assert not (mx.default_device() == mx.gpu and mx.cuda.is_available())
+        return
+    for rows in (1, 3, 21):
+        fused = gpu_products.qkv(x[:rows], wq, wk, wv, bq, bk, bv)
+        alone = [gpu_products.product(x[:rows], w, b) for w, b in ((wq, bq), (wk, bk), (wv, bv))]
+        for y, z in zip(fused, alone, strict=True):
+            assert y.shape == z.shape and np.array_equal(as_float32(y), as_float32(z)), rows
