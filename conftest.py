@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import mlx.core as mx
@@ -34,6 +35,12 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 # Tests send Ctrl-C to the commands they start. A shell that ran pytest in the background left
 # SIGINT ignored, and children would inherit that; a handled signal is reset to default on exec.
 signal.signal(signal.SIGINT, signal.default_int_handler)
+# MLX's CUDA backend keeps the kernels it compiles in one folder (/tmp/mlx/<version>/ptx), each file written in place
+# (MLX 0.32.4's write_cached_ptx): a process that read a file another was writing failed to load the kernel ("Binary
+# format ... is not recognized"; the H200, 14 test processes on a fresh machine, 2026-12-04). A folder per test
+# process, its commands' too (docs/reliability.md says what a user's processes share).
+WORKER = os.environ.get("PYTEST_XDIST_WORKER", "main")
+os.environ.setdefault("MLX_PTX_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"mlx-ptx-{os.getuid()}-{WORKER}"))
 # The console script and every subprocess import this checkout's modules (not another editable install's).
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parent),
                                                          os.environ.get("PYTHONPATH")]))
